@@ -1,0 +1,1 @@
+"""Stdlib-only code that training, export and serving share."""

@@ -1,0 +1,226 @@
+"""Image-classification datasets decoded once into cached uint8 arrays.
+
+Sources: image-folder trees (`<root>/<split>/<class>/*.jpg|png`), `.tar.gz`
+archives of such trees, CIFAR-10/100 python pickles (directory or archive) and
+SVHN `.mat` files. Every source becomes a `Split`: an (N, H, W, 3) uint8 array
+and int64 labels, cached as `.npz` so JPEG decoding happens once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from common.errors import UserError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+CACHE_VERSION = 1
+DEFAULT_CACHE_DIR = Path(os.environ.get("EE_DATA_CACHE", Path.home() / ".cache" / "early-exit"))
+FORMATS = ("auto", "imagefolder", "cifar", "svhn")
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # (N, H, W, 3) uint8
+    labels: np.ndarray  # (N,) int64
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: np.ndarray) -> Split:
+        return Split(self.images[indices], self.labels[indices], self.classes)
+
+
+def load_split(
+    source: str | Path,
+    split: str,
+    data_format: str = "auto",
+    image_size: int = 32,
+    cache_dir: Path | None = DEFAULT_CACHE_DIR,
+) -> Split:
+    """Load `split` ("train" or "test") of a dataset, decoding at most once."""
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"dataset not found: {path}")
+    if data_format not in FORMATS:
+        raise UserError(f"unknown data format {data_format!r}; known: {', '.join(FORMATS)}")
+    if split not in ("train", "test"):
+        raise UserError(f"unknown split {split!r}; use train or test")
+    data_format = detect_format(path) if data_format == "auto" else data_format
+    cache_file = _cache_path(cache_dir, path, split, data_format, image_size)
+    if cache_file is not None and cache_file.exists():
+        with np.load(cache_file, allow_pickle=False) as cached:
+            return Split(cached["images"], cached["labels"], tuple(cached["classes"].tolist()))
+    loader = {"imagefolder": _load_imagefolder, "cifar": _load_cifar, "svhn": _load_svhn}
+    result = loader[data_format](path, split, image_size)
+    if len(result) == 0:
+        raise UserError(f"no {split} images found in {path} (format {data_format})")
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache_file.with_suffix(".tmp.npz")
+        np.savez(temporary, images=result.images, labels=result.labels,
+                 classes=np.array(result.classes))
+        os.replace(temporary, cache_file)
+    return result
+
+
+def detect_format(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".mat") or (path.is_dir() and any(path.glob("*_32x32.mat"))):
+        return "svhn"
+    if path.is_dir():
+        if (path / "batches.meta").exists() or (path / "meta").exists():
+            return "cifar"
+        for child in ("cifar-10-batches-py", "cifar-100-python"):
+            if (path / child).is_dir():
+                return "cifar"
+        return "imagefolder"
+    if tarfile.is_tarfile(path):
+        with tarfile.open(path) as archive:
+            for member in archive:
+                base = member.name.rsplit("/", 1)[-1]
+                if base in ("batches.meta", "meta", "data_batch_1"):
+                    return "cifar"
+                if base.lower().endswith(IMAGE_SUFFIXES):
+                    return "imagefolder"
+    raise UserError(
+        f"cannot tell the format of {path}: expected an image-folder tree or .tar.gz, "
+        "CIFAR python pickles, or SVHN .mat (pass --data-format)"
+    )
+
+
+def _cache_path(cache_dir, path: Path, split: str, data_format: str, size: int) -> Path | None:
+    if cache_dir is None:
+        return None
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{split}|{data_format}|{size}"
+    digest = hashlib.sha256(f"{CACHE_VERSION}|{key}".encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{path.name}-{split}-{digest}.npz"
+
+
+def _decode_image(data: bytes | Path, image_size: int) -> np.ndarray:
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    with Image.open(source) as image:
+        image = image.convert("RGB")
+        if image.size != (image_size, image_size):
+            image = image.resize((image_size, image_size), Image.BILINEAR)
+        return np.asarray(image, dtype=np.uint8)
+
+
+def _stack(images: list[np.ndarray], labels: list[int], classes) -> Split:
+    if not images:
+        return Split(np.zeros((0, 0, 0, 3), np.uint8), np.zeros(0, np.int64), tuple(classes))
+    return Split(np.stack(images), np.asarray(labels, dtype=np.int64), tuple(classes))
+
+
+def _load_imagefolder(path: Path, split: str, image_size: int) -> Split:
+    """`<root>/<split>/<class>/<image>`; classes are the sorted class folder names."""
+    if path.is_dir():
+        files = [p for p in (path / split).glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES]
+        entries = sorted((p.parent.name, p.name, p) for p in files)
+        classes = sorted({cls for cls, _, _ in entries})
+        index = {cls: i for i, cls in enumerate(classes)}
+        images = [_decode_image(p, image_size) for _, _, p in entries]
+        return _stack(images, [index[cls] for cls, _, _ in entries], classes)
+    entries = []
+    with tarfile.open(path) as archive:
+        for member in archive:
+            parts = member.name.strip("./").split("/")
+            if not member.isfile() or len(parts) < 3 or not parts[-1].lower().endswith(IMAGE_SUFFIXES):
+                continue
+            if parts[-3] != split:
+                continue
+            data = archive.extractfile(member).read()
+            entries.append((parts[-2], parts[-1], _decode_image(data, image_size)))
+    entries.sort(key=lambda entry: entry[:2])
+    classes = sorted({cls for cls, _, _ in entries})
+    index = {cls: i for i, cls in enumerate(classes)}
+    return _stack([e[2] for e in entries], [index[e[0]] for e in entries], classes)
+
+
+def _load_cifar(path: Path, split: str, image_size: int) -> Split:
+    """CIFAR-10 (`data_batch_*`, `test_batch`) or CIFAR-100 (`train`, `test`) pickles."""
+    blobs: dict[str, bytes] = {}
+    if path.is_dir():
+        for file in path.rglob("*"):
+            if file.is_file():
+                blobs[file.name] = file.read_bytes()
+    else:
+        with tarfile.open(path) as archive:
+            for member in archive:
+                if member.isfile():
+                    blobs[member.name.rsplit("/", 1)[-1]] = archive.extractfile(member).read()
+    if "batches.meta" in blobs:  # CIFAR-10
+        classes = _unpickle(blobs["batches.meta"])["label_names"]
+        names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        label_key = "labels"
+    elif "meta" in blobs:  # CIFAR-100
+        classes = _unpickle(blobs["meta"])["fine_label_names"]
+        names, label_key = [split], "fine_labels"
+    else:
+        raise UserError(f"{path} holds no CIFAR batches.meta or meta file")
+    images, labels = [], []
+    for name in names:
+        if name not in blobs:
+            continue
+        batch = _unpickle(blobs[name])
+        images.append(np.asarray(batch["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.extend(batch[label_key])
+    if not images:
+        return _stack([], [], classes)
+    array = np.concatenate(images)
+    if image_size != 32:
+        array = np.stack([_resize(image, image_size) for image in array])
+    return Split(np.ascontiguousarray(array), np.asarray(labels, np.int64), tuple(classes))
+
+
+def _load_svhn(path: Path, split: str, image_size: int) -> Split:
+    """SVHN cropped digits: `train_32x32.mat` / `test_32x32.mat` (label 10 means 0)."""
+    from scipy.io import loadmat
+
+    file = path / f"{split}_32x32.mat" if path.is_dir() else path
+    if path.is_file() and not path.name.startswith(split):
+        sibling = path.with_name(f"{split}_32x32.mat")
+        if not sibling.exists():
+            raise UserError(f"SVHN {split} file not found next to {path}: {sibling.name}")
+        file = sibling
+    if not file.exists():
+        raise UserError(f"SVHN file not found: {file}")
+    content = loadmat(file)
+    images = np.asarray(content["X"], np.uint8).transpose(3, 0, 1, 2)
+    labels = np.asarray(content["y"], np.int64).reshape(-1) % 10
+    if image_size != 32:
+        images = np.stack([_resize(image, image_size) for image in images])
+    return Split(np.ascontiguousarray(images), labels, tuple(str(d) for d in range(10)))
+
+
+def _resize(image: np.ndarray, image_size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR))
+
+
+def _unpickle(blob: bytes) -> dict:
+    content = pickle.loads(blob, encoding="latin1")
+    return {key.decode() if isinstance(key, bytes) else key: value for key, value in content.items()}
+
+
+def heldout_split(num_train: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, held-out) carved from the training set with a fixed seed."""
+    if not 0 <= size < num_train:
+        raise UserError(f"held-out size {size} must be in [0, {num_train})")
+    order = np.random.default_rng(seed).permutation(num_train)
+    return np.sort(order[size:]), np.sort(order[:size])
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images, in the 0..1 range."""
+    scaled = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    return scaled.mean(axis=0).round(4).tolist(), scaled.std(axis=0).round(4).tolist()

@@ -1,0 +1,46 @@
+"""Multi-way back-propagation loss: weighted cross-entropy over every exit,
+optionally plus self-distillation of the early exits from the final one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class MultiExitLoss:
+    exit_weights: tuple[float, ...]
+    distill_weight: float = 0.0  # 0 disables self-distillation
+    temperature: float = 3.0
+
+    def __call__(self, logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        if len(logits) != len(self.exit_weights):
+            raise ValueError(f"{len(logits)} exits but {len(self.exit_weights)} weights")
+        loss = sum(w * F.cross_entropy(out, targets) for w, out in zip(self.exit_weights, logits))
+        if self.distill_weight > 0 and len(logits) > 1:
+            # KL(teacher || student) with temperature, scaled by T^2 (Hinton et al.);
+            # the final exit is the teacher and gets no gradient from it.
+            t = self.temperature
+            teacher = F.softmax(logits[-1].detach() / t, dim=1)
+            for out in logits[:-1]:
+                student = F.log_softmax(out / t, dim=1)
+                loss = loss + self.distill_weight * t * t * F.kl_div(
+                    student, teacher, reduction="batchmean"
+                )
+        return loss
+
+
+def parse_exit_weights(text: str | None, num_exits: int) -> tuple[float, ...]:
+    """"1" or "0.5,0.5,1" -> one weight per exit (a single value is broadcast)."""
+    if not text:
+        return (1.0,) * num_exits
+    values = tuple(float(v) for v in text.split(","))
+    if len(values) == 1:
+        return values * num_exits
+    if len(values) != num_exits:
+        from common.errors import UserError
+
+        raise UserError(f"--exit-weights has {len(values)} values, the model has {num_exits} exits")
+    return values
