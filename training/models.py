@@ -7,8 +7,8 @@ same code serves every registry entry and every exporter.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

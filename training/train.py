@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", type=Path, default=None,
                      help="checkpoint path (default checkpoints/<model>.safetensors)")
     run.add_argument("--resume", action="store_true", help="continue from <output>.resume.pt")
+    run.add_argument("--stop-after", type=int, default=0,
+                     help="stop after this many epochs of the schedule (resume later with --resume)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="auto", help="auto, cpu or cuda")
     run.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
@@ -243,7 +245,8 @@ class Trainer:
             depths = ", ".join(f"{e.depth} ({e.params / 1e6:.3f} M, {e.macs / 1e6:.1f} MMAC)" for e in self.model.exits)
             print(f"{args.model}: {len(self.train_labels)} train / {len(self.heldout_labels)} held-out images "
                   f"on {self.device} x{self.world}; exits {depths}")
-        for epoch in range(self.start_epoch, args.epochs):
+        last_epoch = min(args.epochs, args.stop_after) if args.stop_after else args.epochs
+        for epoch in range(self.start_epoch, last_epoch):
             started = time.time()
             stats = self.train_epoch(epoch)
             if self.rank == 0:

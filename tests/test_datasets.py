@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+import torch
+
+from common.errors import UserError
+from training.datasets import channel_stats, detect_format, heldout_split, load_split
+from training.transforms import augment, to_normalized
+
+from .conftest import CLASSES
+
+
+def test_imagefolder_directory_and_tarball_give_the_same_arrays(imagefolder, imagefolder_tar, tmp_path):
+    from_dir = load_split(imagefolder, "train", cache_dir=tmp_path)
+    from_tar = load_split(imagefolder_tar, "train", cache_dir=tmp_path)
+    assert from_dir.images.shape == (120, 32, 32, 3) and from_dir.images.dtype == np.uint8
+    assert from_dir.classes == CLASSES
+    np.testing.assert_array_equal(from_dir.images, from_tar.images)
+    np.testing.assert_array_equal(from_dir.labels, from_tar.labels)
+    assert np.bincount(from_dir.labels).tolist() == [40, 40, 40]
+    assert len(load_split(imagefolder_tar, "test", cache_dir=tmp_path)) == 30
+
+
+def test_decoded_arrays_are_cached_once(imagefolder_tar, tmp_path):
+    first = load_split(imagefolder_tar, "test", cache_dir=tmp_path)
+    cached = list(tmp_path.glob("*.npz"))
+    assert len(cached) == 1
+    second = load_split(imagefolder_tar, "test", cache_dir=tmp_path)
+    np.testing.assert_array_equal(first.images, second.images)
+    assert second.classes == first.classes
+
+
+def test_cifar_pickles(cifar10_pickles, tmp_path):
+    assert detect_format(cifar10_pickles) == "cifar"
+    train = load_split(cifar10_pickles, "train", cache_dir=tmp_path)
+    test = load_split(cifar10_pickles, "test", cache_dir=tmp_path)
+    assert train.images.shape == (40, 32, 32, 3) and len(test) == 6
+    assert train.classes == CLASSES
+    # The class colour square survives the CHW -> HWC conversion.
+    sample, label = train.images[0], train.labels[0]
+    assert sample[16, 16, label] == 220
+
+
+def test_svhn_mat_maps_label_10_to_0(svhn_mat, tmp_path):
+    train = load_split(svhn_mat, "train", cache_dir=tmp_path)
+    assert train.images.shape == (12, 32, 32, 3)
+    assert set(train.labels.tolist()) <= set(range(10)) and 0 in train.labels
+    assert len(load_split(svhn_mat / "test_32x32.mat", "test", cache_dir=tmp_path)) == 5
+
+
+def test_resizes_to_requested_size(imagefolder, tmp_path):
+    assert load_split(imagefolder, "test", image_size=16, cache_dir=tmp_path).images.shape[1:] == (16, 16, 3)
+
+
+def test_bad_sources_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_split(tmp_path / "missing", "train")
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a dataset")
+    with pytest.raises(UserError, match="cannot tell the format"):
+        load_split(junk, "train")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no train images"):
+        load_split(empty, "train", cache_dir=None)
+
+
+def test_heldout_split_is_fixed_by_seed_and_disjoint():
+    train, held = heldout_split(100, 10, seed=3)
+    again_train, again_held = heldout_split(100, 10, seed=3)
+    np.testing.assert_array_equal(held, again_held)
+    np.testing.assert_array_equal(train, again_train)
+    assert len(held) == 10 and len(train) == 90 and not set(train) & set(held)
+    assert not np.array_equal(held, heldout_split(100, 10, seed=4)[1])
+    with pytest.raises(UserError):
+        heldout_split(10, 10, seed=0)
+
+
+def test_normalisation_and_augmentation():
+    images = np.full((4, 8, 8, 3), 255, np.uint8)
+    batch = to_normalized(images, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])
+    assert batch.shape == (4, 3, 8, 8)
+    torch.testing.assert_close(batch, torch.ones(4, 3, 8, 8))
+    augmented = augment(batch, torch.Generator().manual_seed(0), padding=2)
+    assert augmented.shape == batch.shape
+    # Crops of a constant image only ever let in zero padding.
+    assert set(augmented.unique().tolist()) <= {0.0, 1.0}
+    mean, std = channel_stats(images)
+    assert mean == [1.0, 1.0, 1.0] and std == [0.0, 0.0, 0.0]

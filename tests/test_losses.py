@@ -1,0 +1,43 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.errors import UserError
+from training.losses import MultiExitLoss, parse_exit_weights
+
+
+def test_loss_is_weighted_sum_of_exit_cross_entropies():
+    torch.manual_seed(0)
+    logits = [torch.randn(4, 5) for _ in range(3)]
+    targets = torch.tensor([0, 1, 2, 3])
+    loss = MultiExitLoss((0.5, 1.0, 2.0))(logits, targets)
+    expected = sum(w * F.cross_entropy(out, targets) for w, out in zip((0.5, 1.0, 2.0), logits))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_distillation_adds_kl_from_final_exit_and_vanishes_when_exits_agree():
+    torch.manual_seed(0)
+    targets = torch.tensor([0, 1])
+    final = torch.randn(2, 5)
+    base = MultiExitLoss((1.0, 1.0))
+    distilled = MultiExitLoss((1.0, 1.0), distill_weight=1.0, temperature=2.0)
+    same = [final.clone(), final]
+    torch.testing.assert_close(distilled(same, targets), base(same, targets))
+    different = [torch.randn(2, 5), final]
+    assert distilled(different, targets) > base(different, targets)
+
+
+def test_distillation_sends_no_gradient_to_teacher():
+    final = torch.randn(2, 5, requires_grad=True)
+    early = torch.randn(2, 5, requires_grad=True)
+    MultiExitLoss((0.0, 0.0), distill_weight=1.0)([early, final], torch.tensor([0, 1])).backward()
+    assert early.grad.abs().sum() > 0
+    assert final.grad is None or final.grad.abs().sum() == 0
+
+
+def test_parse_exit_weights():
+    assert parse_exit_weights(None, 3) == (1.0, 1.0, 1.0)
+    assert parse_exit_weights("0.3", 2) == (0.3, 0.3)
+    assert parse_exit_weights("1,2,3", 3) == (1.0, 2.0, 3.0)
+    with pytest.raises(UserError, match="3 exits"):
+        parse_exit_weights("1,2", 3)

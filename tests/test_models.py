@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from common.errors import UserError
+from training.models import create_model, list_models
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_entry_gives_logits_at_every_exit(name):
+    model = create_model(name, num_classes=7).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        outputs = model(x)
+    assert len(outputs) == len(model.exits) >= 2
+    for logits in outputs:
+        assert logits.shape == (2, 7)
+    depths = model.exit_depths
+    assert depths == sorted(depths) and depths[-1] == int(name.removeprefix("mwresnet").split("_")[0])
+    macs = [spec.macs for spec in model.exits]
+    params = [spec.params for spec in model.exits]
+    assert all(a < b for a, b in zip(macs, macs[1:]))
+    assert all(a < b for a, b in zip(params, params[1:]))
+
+
+@pytest.mark.parametrize("name", ["mwresnet8_3", "mwresnet20_3"])
+def test_forward_until_matches_forward(name):
+    model = create_model(name).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        full = model(x)
+        for index in range(len(model.exits)):
+            logits, activations = model.forward_until(index, x)
+            torch.testing.assert_close(logits, full[index])
+            if index + 1 < len(model.exits):
+                next_logits, _ = model.run_segment(index + 1, activations)
+                torch.testing.assert_close(next_logits, full[index + 1])
+
+
+def test_mwresnet56_5_matches_the_multiway_bp_paper():
+    model = create_model("mwresnet56_5")
+    assert model.exit_depths == [15, 25, 35, 45, 56]
+    assert [spec.block for spec in model.exits] == [7, 12, 17, 22, 27]
+    # Multi-way BP reports about 0.03, 0.09, 0.18, 0.48 and 0.85 M cumulative parameters.
+    paper = [0.03, 0.09, 0.18, 0.48, 0.85]
+    for spec, expected in zip(model.exits, paper):
+        assert abs(spec.params / 1e6 - expected) < 0.01, (spec.depth, spec.params)
+    # ResNet-56 on 32x32 costs about 125 M MACs.
+    assert 120e6 < model.exits[-1].macs < 130e6
+
+
+def test_unknown_model_lists_known_ones():
+    with pytest.raises(UserError, match="mwresnet56_5"):
+        create_model("resnet9000")
+
+
+def test_unknown_exit_depth_lists_available_depths():
+    model = create_model("mwresnet8_3")
+    assert model.exit_index(5) == 1
+    with pytest.raises(UserError, match="available depths: 3, 5, 8"):
+        model.exit_index(4)

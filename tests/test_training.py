@@ -1,0 +1,119 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training.checkpoint import load_checkpoint, load_metadata, save_checkpoint
+from training.models import create_model
+
+from .conftest import run_module
+
+TINY = ["--model", "mwresnet8_3", "--width", "4", "--heldout-size", "30", "--batch-size", "45",
+        "--no-progress", "--threads", "1"]
+
+
+def train(data, output, *extra, env=None):
+    result = run_module("training.train", *TINY, "--data", str(data), "--output", str(output), *extra, env=env)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_two_step_training_writes_a_complete_checkpoint(imagefolder, tmp_path):
+    checkpoint = tmp_path / "tiny.safetensors"
+    result = train(imagefolder, checkpoint, "--epochs", "1", "--exit-weights", "0.5,1,1", "--distill-weight", "0.5")
+    assert "epoch 1:" in result.stdout
+    meta = load_metadata(checkpoint)
+    assert meta["model"] == "mwresnet8_3" and meta["classes"] == ["cat", "dog", "ship"]
+    assert meta["input_size"] == [3, 32, 32]
+    assert [e["depth"] for e in meta["exits"]] == [3, 5, 8]
+    assert all(e["macs"] > 0 and e["params"] > 0 for e in meta["exits"])
+    assert meta["heldout"]["seed"] == 0 and meta["heldout"]["size"] == 30
+    assert meta["training"]["exit_weights"] == [0.5, 1.0, 1.0]
+    assert meta["training"]["distill_weight"] == 0.5
+    assert len(meta["normalization"]["mean"]) == 3 and meta["git_commit"] and meta["date"]
+    log = [json.loads(line) for line in checkpoint.with_suffix(".log.jsonl").read_text().splitlines()]
+    assert log[0]["epoch"] == 1 and len(log[0]["heldout_acc"]) == 3
+    model, _ = load_checkpoint(checkpoint)
+    assert not model.training
+
+
+def test_resume_continues_the_same_schedule(imagefolder, tmp_path):
+    straight = tmp_path / "straight" / "m.safetensors"
+    train(imagefolder, straight, "--epochs", "2")
+    resumed = tmp_path / "resumed" / "m.safetensors"
+    first = train(imagefolder, resumed, "--epochs", "2", "--stop-after", "1")
+    assert "epoch 2:" not in first.stdout
+    assert load_metadata(resumed)["epochs_completed"] == 1
+    second = train(imagefolder, resumed, "--epochs", "2", "--resume")
+    assert "resumed" in second.stdout and "epoch 2:" in second.stdout
+    a, b = load_file(str(straight)), load_file(str(resumed))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    assert load_metadata(resumed)["epochs_completed"] == 2
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = create_model("mwresnet8_3", num_classes=3, width=4).eval()
+    meta = {"model": model.name, "num_classes": 3, "training": {"model_kwargs": {"width": 4}}}
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, model, meta)
+    loaded, loaded_meta = load_checkpoint(path)
+    assert loaded_meta == meta
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(model(x), loaded(x)):
+            torch.testing.assert_close(a, b)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_evaluate_writes_per_exit_tables(imagefolder, tmp_path):
+    checkpoint = tmp_path / "tiny.safetensors"
+    train(imagefolder, checkpoint, "--epochs", "3")
+    result = run_module("training.evaluate", "--checkpoint", str(checkpoint), "--data", str(imagefolder))
+    assert result.returncode == 0, result.stderr
+    assert "| exit depth |" in result.stdout
+    report = json.loads((tmp_path / "tiny.eval.json").read_text())
+    assert [row["depth"] for row in report["exits"]] == [3, 5, 8]
+    for row in report["exits"]:
+        assert set(row) >= {"depth", "params", "macs", "heldout_acc", "test_acc"}
+        assert 0.0 <= row["test_acc"] <= 1.0
+    assert report["exits"][-1]["macs_fraction"] == 1.0
+    assert report["heldout"]["size"] == 30 and report["test_size"] == 30
+    # The class squares are easy: three epochs learn them.
+    assert report["exits"][-1]["test_acc"] > 0.5
+    assert (tmp_path / "tiny.eval.md").read_text().startswith("# mwresnet8_3")
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "message"),
+    [
+        ("training.train", ["--model", "nope"], "unknown model 'nope'; known models:"),
+        ("training.train", ["--data", "/does/not/exist"], "dataset not found"),
+        ("training.train", ["--data", "{junk}"], "cannot tell the format"),
+        ("training.train", ["--data", "{folder}", "--exit-weights", "1,2"], "3 exits"),
+        ("training.train", ["--data", "{folder}", "--resume"], "does not exist"),
+        ("training.evaluate", ["--checkpoint", "/no/such.safetensors"], "checkpoint not found"),
+    ],
+)
+def test_bad_input_is_one_line_error(module, args, message, imagefolder, tmp_path):
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"junk")
+    args = [a.format(junk=junk, folder=imagefolder) for a in args]
+    # For train, the case's own arguments come last and win over the tiny defaults.
+    extra = TINY + ["--output", str(tmp_path / "x.safetensors")] if module == "training.train" else []
+    result = run_module(module, *extra, *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_torchrun_two_cpu_processes(imagefolder, tmp_path):
+    checkpoint = tmp_path / "ddp.safetensors"
+    result = run_module("torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "training.train", *TINY, "--data", str(imagefolder),
+                        "--output", str(checkpoint), "--epochs", "1",
+                        env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    meta = load_metadata(checkpoint)
+    assert meta["training"]["world_size"] == 2 and meta["epochs_completed"] == 1

@@ -1,0 +1,109 @@
+"""Per-exit evaluation of a checkpoint on its held-out split and the test split.
+
+    python -m training.evaluate --checkpoint checkpoints/mwresnet56_5.safetensors
+
+Prints a table (depth, params, MACs, % of full MACs, held-out and test accuracy)
+and writes it beside the checkpoint as `<stem>.eval.json` and `<stem>.eval.md`.
+The held-out split is rebuilt from the seed and size recorded in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from common.errors import UserError, run_cli
+from training.checkpoint import git_commit, load_checkpoint, machine_description
+from training.datasets import FORMATS, heldout_split, load_split
+from training.train import DEFAULT_DATA, REPO_ROOT, evaluate_exits
+
+DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "mwresnet56_5.safetensors"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                        help="a .safetensors checkpoint with its .json beside it (default: the reference one)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="dataset (default: the source recorded in the checkpoint, else the shared CIFAR-10)")
+    parser.add_argument("--data-format", choices=FORMATS, default="auto")
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    return parser
+
+
+def evaluate_checkpoint(checkpoint: Path, data: Path | None = None, data_format: str = "auto",
+                        batch_size: int = 500) -> dict:
+    model, metadata = load_checkpoint(checkpoint)
+    heldout = metadata["heldout"]
+    source = Path(data or heldout.get("source") or DEFAULT_DATA)
+    if data is None and not source.exists():
+        source = DEFAULT_DATA
+    train = load_split(source, "train", data_format)
+    test = load_split(source, "test", data_format)
+    if tuple(train.classes) != tuple(metadata["classes"]):
+        raise UserError(f"dataset classes {list(train.classes)[:5]}... differ from the checkpoint's")
+    _, heldout_idx = heldout_split(len(train), heldout["size"], heldout["seed"])
+    mean, std = metadata["normalization"]["mean"], metadata["normalization"]["std"]
+    device = torch.device("cpu")
+    heldout_acc = (evaluate_exits(model, train.images[heldout_idx], train.labels[heldout_idx], mean, std, device,
+                                  batch_size) if len(heldout_idx) else [float("nan")] * len(model.exits))
+    test_acc = evaluate_exits(model, test.images, test.labels, mean, std, device, batch_size)
+    full_macs = model.exits[-1].macs
+    rows = [{"depth": spec.depth, "params": spec.params, "macs": spec.macs,
+             "macs_fraction": round(spec.macs / full_macs, 4),
+             "heldout_acc": round(h, 4), "test_acc": round(t, 4)}
+            for spec, h, t in zip(model.exits, heldout_acc, test_acc)]
+    return {
+        "checkpoint": str(checkpoint), "model": metadata["model"],
+        "epochs_completed": metadata.get("epochs_completed"), "epochs_planned": metadata.get("epochs_planned"),
+        "heldout": {"seed": heldout["seed"], "size": len(heldout_idx)}, "test_size": len(test),
+        "data": str(source), "exits": rows,
+        "command": "python -m training.evaluate " + " ".join(sys.argv[1:]),
+        "commit": git_commit(), "machine": machine_description(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def render_markdown(result: dict) -> str:
+    lines = [
+        f"# {result['model']}: per-exit accuracy",
+        "",
+        f"Checkpoint `{Path(result['checkpoint']).name}` after {result['epochs_completed']} of "
+        f"{result['epochs_planned']} planned epochs; held-out: {result['heldout']['size']} training images "
+        f"(seed {result['heldout']['seed']}); test: {result['test_size']} images.",
+        "",
+        "| exit depth | params (M) | MACs (M) | % of full MACs | held-out acc (%) | test acc (%) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["exits"]:
+        lines.append(f"| {row['depth']} | {row['params'] / 1e6:.3f} | {row['macs'] / 1e6:.1f} | "
+                     f"{row['macs_fraction'] * 100:.1f} | {row['heldout_acc'] * 100:.2f} | "
+                     f"{row['test_acc'] * 100:.2f} |")
+    lines += ["", f"Produced by `{result['command']}` at commit `{result['commit']}` on "
+              f"{result['machine']}, {result['date']}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.data_format, args.batch_size)
+    markdown = render_markdown(result)
+    print(markdown)
+    stem = args.checkpoint.with_suffix("")
+    Path(f"{stem}.eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(f"{stem}.eval.md").write_text(markdown)
+    print(f"wrote {stem}.eval.json and {stem}.eval.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
