@@ -66,7 +66,7 @@ def load_split(
         raise UserError(f"no {split} images found in {path} (format {data_format})")
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        temporary = cache_file.with_suffix(".tmp.npz")
+        temporary = cache_file.with_name(f"{cache_file.stem}.{os.getpid()}.tmp.npz")  # ranks race
         np.savez(temporary, images=result.images, labels=result.labels,
                  classes=np.array(result.classes))
         os.replace(temporary, cache_file)

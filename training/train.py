@@ -118,6 +118,8 @@ class Trainer:
         if self.world > 1:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             torch.distributed.init_process_group(backend=backend)
+        if args.model not in list_models():  # before the data, which takes a while to load
+            create_model(args.model)
         torch.manual_seed(args.seed)
         self.output = args.output or REPO_ROOT / "checkpoints" / f"{args.model}.safetensors"
         self.resume_file = self.output.with_suffix(".resume.pt")

@@ -1,0 +1,160 @@
+"""The model-repository manifest: what export writes and the gateway reads.
+
+Stdlib only, so that export (with torch) and serving (without) share one schema
+and one set of naming rules. The manifest is `manifest.json` at the root of a
+Triton model repository. Bump SCHEMA_VERSION on any incompatible change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+# Tensor names of the exported models.
+IMAGE_INPUT = "images"  # per-exit models and the first segment: normalised NCHW float32
+FEATURES_INPUT = "features_in"  # later segments: the previous segment's activations
+LOGITS_OUTPUT = "logits"
+FEATURES_OUTPUT = "features"  # activations the next segment takes
+
+BACKENDS = ("onnxruntime", "python", "tensorrt")
+
+
+def exit_model_name(model: str, depth: int) -> str:
+    """Triton name of the per-exit model (image -> logits of the exit at `depth`)."""
+    return f"{model}_exit{depth}"
+
+
+def segment_model_name(model: str, from_depth: int, to_depth: int) -> str:
+    """Triton name of the segment from exit `from_depth` (0: the image) to exit `to_depth`.
+
+    It takes the activations after `from_depth` and returns the logits of the exit
+    at `to_depth` and the activations the next segment takes.
+    """
+    return f"{model}_seg{from_depth}to{to_depth}"
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, unreadable or of another schema version."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: list[int]  # without the batch axis
+    dtype: str = "FP32"  # Triton data type name
+
+
+@dataclass(frozen=True)
+class DeployedModel:
+    """One Triton model: its name, version and tensors."""
+
+    name: str
+    version: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def output(self, name: str) -> TensorSpec:
+        return next(spec for spec in self.outputs if spec.name == name)
+
+
+@dataclass(frozen=True)
+class ExitEntry:
+    index: int
+    depth: int
+    params: int
+    macs: int
+    heldout_acc: float | None
+    exit_model: DeployedModel | None  # None when this exit was not exported per exit
+    segment_model: DeployedModel
+    threshold: float | None = None  # filled by calibration
+    # {"exit_model" | "segment_model": {batch size (str): milliseconds}}
+    latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: str
+    classes: list[str]
+    input: TensorSpec
+    mean: list[float]
+    std: list[float]
+    backend: str
+    max_batch_size: int
+    exits: list[ExitEntry]
+    source: dict = field(default_factory=dict)  # checkpoint, commit, date
+    profile: dict = field(default_factory=dict)  # machine, date, provider of latency_ms
+    calibration: dict = field(default_factory=dict)  # target and method of thresholds
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def exit_depths(self) -> list[int]:
+        return [entry.depth for entry in self.exits]
+
+    @property
+    def full_macs(self) -> int:
+        return self.exits[-1].macs
+
+    def exit_by_depth(self, depth: int) -> ExitEntry:
+        for entry in self.exits:
+            if entry.depth == depth:
+                return entry
+        raise KeyError(f"no exit at depth {depth}; available: {', '.join(map(str, self.exit_depths))}")
+
+    def with_exits(self, exits: list[ExitEntry], **changes) -> Manifest:
+        return replace(self, exits=exits, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ManifestError(f"manifest schema version {version} is not the supported {SCHEMA_VERSION}")
+        try:
+            exits = [
+                ExitEntry(
+                    **{
+                        **entry,
+                        "exit_model": _deployed(entry["exit_model"]) if entry.get("exit_model") else None,
+                        "segment_model": _deployed(entry["segment_model"]),
+                    }
+                )
+                for entry in data["exits"]
+            ]
+            fields = {k: v for k, v in data.items() if k not in ("exits", "input")}
+            return cls(**fields, input=TensorSpec(**data["input"]), exits=exits)
+        except (KeyError, TypeError) as error:
+            raise ManifestError(f"manifest does not match schema {SCHEMA_VERSION}: {error}") from None
+
+
+def _deployed(data: dict) -> DeployedModel:
+    return DeployedModel(
+        name=data["name"],
+        version=data["version"],
+        inputs=[TensorSpec(**spec) for spec in data["inputs"]],
+        outputs=[TensorSpec(**spec) for spec in data["outputs"]],
+    )
+
+
+def read_manifest(repository: str | Path) -> Manifest:
+    path = Path(repository) / MANIFEST_FILE
+    if not path.exists():
+        raise ManifestError(f"no {MANIFEST_FILE} in {repository}: export a model there first")
+    try:
+        return Manifest.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as error:
+        raise ManifestError(f"{path} is not valid JSON: {error}") from None
+
+
+def write_manifest(repository: str | Path, manifest: Manifest) -> None:
+    """Atomically replace the manifest (write a temporary file, then rename)."""
+    path = Path(repository) / MANIFEST_FILE
+    temporary = path.with_name(f".{MANIFEST_FILE}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    os.replace(temporary, path)

@@ -1,0 +1,163 @@
+"""Write validated models as a Triton model repository, atomically.
+
+The new repository is built in a staging directory beside the target (existing
+versions are hard-linked in, never rewritten), then swapped in with one rename.
+A crash before the swap leaves the previous repository as it was. Without
+`force`, a model that already exists gets a new version directory, so a server
+that loaded the old version keeps a consistent copy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import datetime as dt
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from common.manifest import (
+    MANIFEST_FILE,
+    DeployedModel,
+    ExitEntry,
+    Manifest,
+    TensorSpec,
+    exit_model_name,
+    segment_model_name,
+    write_manifest,
+)
+from export.onnx_export import ExportedModel
+from export.triton_config import BatchingConfig, model_config, model_file_name
+
+PYTHON_MODEL_TEMPLATE = Path(__file__).with_name("triton_python_model.py")
+# Builds a TensorRT plan from ONNX bytes and the model's input spec.
+PlanBuilder = Callable[[bytes, TensorSpec, str], bytes]
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Replace `path` by rename: a hard-linked original is never modified in place."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def _next_version(model_dir: Path) -> int:
+    versions = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] if model_dir.exists() else []
+    return max(versions, default=0) + 1
+
+
+def _swap_directories(staging: Path, target: Path) -> None:
+    """Put `staging` at `target`; atomic on Linux (renameat2 RENAME_EXCHANGE)."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2 is not None and renameat2(at_fdcwd, os.fsencode(staging), at_fdcwd, os.fsencode(target),
+                                           rename_exchange) == 0:
+        shutil.rmtree(staging)  # now holds the previous repository
+        return
+    backup = target.with_name(f".{target.name}.previous-{os.getpid()}")
+    os.rename(target, backup)
+    os.rename(staging, target)
+    shutil.rmtree(backup)
+
+
+def _clean_stale_staging(target: Path) -> None:
+    for stale in target.parent.glob(f".{target.name}.staging-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _prepare_staging(target: Path, force: bool) -> Path:
+    _clean_stale_staging(target)
+    staging = target.with_name(f".{target.name}.staging-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    if target.exists() and not force:
+        shutil.copytree(target, staging, copy_function=os.link, symlinks=True)
+    else:
+        staging.mkdir(parents=True)
+        if target.exists():  # --force: keep the repository's own files (README), drop models
+            for item in target.iterdir():
+                if item.is_file() and item.name != MANIFEST_FILE:
+                    os.link(item, staging / item.name)
+    return staging
+
+
+def _write_model(staging: Path, name: str, backend: str, exported: ExportedModel, batching: BatchingConfig,
+                 plan_builder: PlanBuilder | None) -> DeployedModel:
+    model_dir = staging / name
+    model_dir.mkdir(exist_ok=True)
+    version = _next_version(model_dir)
+    version_dir = model_dir / str(version)
+    version_dir.mkdir()
+    if backend == "tensorrt":
+        if plan_builder is None:
+            raise ValueError("the tensorrt backend needs a plan builder")
+        _write_file(version_dir / model_file_name(backend), plan_builder(exported.onnx_bytes, exported.inputs[0], name))
+    else:
+        _write_file(version_dir / "model.onnx", exported.onnx_bytes)
+        if backend == "python":
+            _write_file(version_dir / "model.py", PYTHON_MODEL_TEMPLATE.read_bytes())
+    config = model_config(name, backend, exported.inputs, exported.outputs, batching)
+    _write_file(model_dir / "config.pbtxt", config.encode())
+    return DeployedModel(name, version, exported.inputs, exported.outputs)
+
+
+def write_repository(
+    target: Path,
+    exported: list[ExportedModel],
+    checkpoint_meta: dict,
+    backend: str = "python",
+    batching: BatchingConfig | None = None,
+    force: bool = False,
+    source: dict | None = None,
+    plan_builder: PlanBuilder | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> Manifest:
+    """Lay out `exported` models under `target` with a manifest; returns the manifest."""
+    batching = batching or BatchingConfig()
+    target = Path(target).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _prepare_staging(target, force)
+    try:
+        model_name = checkpoint_meta["model"]
+        exits_meta = checkpoint_meta["exits"]
+        heldout_acc = checkpoint_meta.get("heldout_acc") or [None] * len(exits_meta)
+        exit_models, segment_models = {}, {}
+        segments = sorted((m for m in exported if m.kind == "segment"), key=lambda m: m.exit_index)
+        previous_depth = 0
+        for item in segments:
+            depth = exits_meta[item.exit_index]["depth"]
+            name = segment_model_name(model_name, previous_depth, depth)
+            progress(f"writing {name}")
+            segment_models[item.exit_index] = _write_model(staging, name, backend, item, batching, plan_builder)
+            previous_depth = depth
+        for item in (m for m in exported if m.kind == "exit"):
+            name = exit_model_name(model_name, exits_meta[item.exit_index]["depth"])
+            progress(f"writing {name}")
+            exit_models[item.exit_index] = _write_model(staging, name, backend, item, batching, plan_builder)
+        entries = [
+            ExitEntry(index=index, depth=exits_meta[index]["depth"], params=exits_meta[index]["params"],
+                      macs=exits_meta[index]["macs"], heldout_acc=heldout_acc[index],
+                      exit_model=exit_models.get(index), segment_model=segment_models[index])
+            for index in sorted(segment_models)
+        ]
+        norm = checkpoint_meta["normalization"]
+        manifest = Manifest(
+            model=model_name, classes=list(checkpoint_meta["classes"]),
+            input=TensorSpec("images", list(checkpoint_meta["input_size"])),
+            mean=list(norm["mean"]), std=list(norm["std"]), backend=backend,
+            max_batch_size=batching.max_batch_size, exits=entries,
+            source={**(source or {}), "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
+        )
+        write_manifest(staging, manifest)
+        _swap_directories(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
