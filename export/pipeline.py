@@ -69,8 +69,8 @@ def parse_exit_depths(text: str | None, available: list[int]) -> list[int]:
         raise UserError(f"--exits must be comma-separated depths, got {text!r}") from None
     unknown = [d for d in depths if d not in available]
     if unknown or not depths:
-        raise UserError(f"no exit at depth {', '.join(map(str, unknown)) or text!r}; "
-                        f"available depths: {', '.join(map(str, available))}")
+        named = ", ".join(map(str, unknown)) if unknown else repr(text)
+        raise UserError(f"no exit at depth {named}; available depths: {', '.join(map(str, available))}")
     return depths
 
 

@@ -97,3 +97,56 @@ def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(imagefolder, tmp_path_factory) -> Path:
+    """A small mwresnet8_3 with real BatchNorm statistics, saved as a checkpoint."""
+    import torch
+
+    from training.checkpoint import build_metadata, save_checkpoint
+    from training.datasets import channel_stats, load_split
+    from training.models import create_model
+    from training.transforms import to_normalized
+
+    torch.manual_seed(0)
+    model = create_model("mwresnet8_3", num_classes=3, width=4)
+    train = load_split(imagefolder, "train", cache_dir=None)
+    mean, std = channel_stats(train.images)
+    model.train()
+    with torch.no_grad():  # a forward pass in train mode fills the BatchNorm running statistics
+        model(to_normalized(train.images, mean, std))
+    model.eval()
+    meta = build_metadata(model, classes=train.classes, mean=mean, std=std,
+                          heldout={"seed": 0, "size": 30, "source": str(imagefolder), "num_train": len(train)},
+                          training={"model_kwargs": {"width": 4}},
+                          extra={"heldout_acc": [0.4, 0.5, 0.6]})
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny.safetensors"
+    save_checkpoint(path, model, meta)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint exported (python backend, all exits) into a repository."""
+    from export.pipeline import ExportOptions, export_checkpoint
+
+    output = tmp_path_factory.mktemp("repo") / "model_repository"
+    export_checkpoint(ExportOptions(checkpoint=tiny_checkpoint, output=output, validation_images=30),
+                      log=lambda message: None)
+    return output
+
+
+def triton_required() -> bool:
+    return os.environ.get("EE_REQUIRE_TRITON") == "1"
+
+
+@pytest.fixture(scope="session")
+def triton_venv() -> Path:
+    from common.triton_launcher import DEFAULT_VENV
+
+    if not (DEFAULT_VENV / "bin").exists():
+        if triton_required():
+            pytest.fail(f"EE_REQUIRE_TRITON=1 but no Triton virtualenv at {DEFAULT_VENV} (make triton)")
+        pytest.skip(f"no Triton virtualenv at {DEFAULT_VENV}: run `make triton`")
+    return DEFAULT_VENV
