@@ -29,11 +29,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[train,serve,dev]'
 	touch $(STAMP)
 
-# The main job. Until the gateway lands it evaluates the reference checkpoint.
-serve: $(STAMP)
-	$(BIN)/python -m training.evaluate --checkpoint $(CHECKPOINT)
+REPOSITORY ?= model_repository
+HTTP_PORT ?= 8080
+GRPC_PORT ?= 8081
 
-evaluate: serve
+# The main job: the gateway on embedded ONNX Runtime with the reference model.
+# The repository is generated from the committed checkpoint when missing.
+serve: $(STAMP) $(REPOSITORY)/manifest.json
+	$(BIN)/python -m serving --model-repository $(REPOSITORY) --backend onnxruntime \
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT)
+
+$(REPOSITORY)/manifest.json: $(CHECKPOINT)
+	$(BIN)/python export/to_onnx.py --checkpoint $(CHECKPOINT) --output $(REPOSITORY) --backend python --force
+	$(BIN)/python -m export.profile --model-repository $(REPOSITORY) --repeats 10
+
+evaluate: $(STAMP)
+	$(BIN)/python -m training.evaluate --checkpoint $(CHECKPOINT)
 
 # pytest exits 5 when it collects nothing: that is not a failure.
 test: $(STAMP) $(TRITON_STAMP)

@@ -43,8 +43,9 @@ def _write_file(path: Path, data: bytes) -> None:
 
 
 def _next_version(model_dir: Path) -> int:
-    versions = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] if model_dir.exists() else []
-    return max(versions, default=0) + 1
+    if not model_dir.exists():
+        return 1
+    return max((int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), default=0) + 1
 
 
 def _swap_directories(staging: Path, target: Path) -> None:

@@ -83,7 +83,8 @@ def test_manifest_round_trip(tiny_repository):
 
 
 def test_chosen_exits_get_segments_spanning_the_skipped_ones(tiny_checkpoint, tmp_path):
-    manifest = export_checkpoint(ExportOptions(tiny_checkpoint, "3,8", tmp_path / "repo", validation_images=20), **QUIET)
+    options = ExportOptions(tiny_checkpoint, "3,8", tmp_path / "repo", validation_images=20)
+    manifest = export_checkpoint(options, **QUIET)
     assert [e.segment_model.name for e in manifest.exits] == ["mwresnet8_3_seg0to3", "mwresnet8_3_seg3to8"]
     assert sorted(p.name for p in (tmp_path / "repo").iterdir() if p.is_dir()) == [
         "mwresnet8_3_exit3", "mwresnet8_3_exit8", "mwresnet8_3_seg0to3", "mwresnet8_3_seg3to8"]

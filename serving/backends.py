@@ -1,0 +1,133 @@
+"""Backends run one cascade stage (a segment model) on a batch. Blocking calls:
+the cascade runs them on worker threads (ONNX Runtime and gRPC release the GIL).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from common.manifest import FEATURES_OUTPUT, LOGITS_OUTPUT, DeployedModel, Manifest
+from serving.errors import Unavailable
+
+
+class StageBackend(Protocol):
+    name: str
+
+    def run(self, stage: int, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Segment `stage` on a batch: (logits, activations for the next stage or None)."""
+
+    def close(self) -> None: ...
+
+
+def _output_names(model: DeployedModel) -> list[str]:
+    return [LOGITS_OUTPUT] + ([FEATURES_OUTPUT] if len(model.outputs) > 1 else [])
+
+
+class OnnxRuntimeBackend:
+    """Embedded ONNX Runtime: one session per segment, no spinning thread pools.
+
+    Idle intra-op pools that spin starve each other when several sessions share
+    few cores (measured: 0.47x the full model's throughput with spinning, 1.14x
+    without), so spinning is off and threads per session are explicit.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, repository: Path, manifest: Manifest, intra_op_threads: int = 1,
+                 device: str = "auto") -> None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        use_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available)
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+        self.provider = providers[0]
+        self.sessions = []
+        self.outputs = []
+        for entry in manifest.exits:
+            model = entry.segment_model
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = intra_op_threads
+            options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            path = Path(repository) / model.name / str(model.version) / "model.onnx"
+            if not path.exists():
+                raise FileNotFoundError(f"{path} not found: the onnxruntime backend needs the ONNX files")
+            self.sessions.append(ort.InferenceSession(str(path), options, providers=providers))
+            self.outputs.append(_output_names(model))
+        self.input_names = [entry.segment_model.inputs[0].name for entry in manifest.exits]
+
+    def run(self, stage: int, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        results = self.sessions[stage].run(self.outputs[stage], {self.input_names[stage]: inputs})
+        return results[0], (results[1] if len(results) > 1 else None)
+
+    def close(self) -> None:
+        self.sessions.clear()
+
+
+class TritonBackend:
+    """Segments served by a Triton server, called with tritonclient over HTTP or gRPC.
+
+    Triton's own dynamic batcher batches each stage across calls.
+    """
+
+    name = "triton"
+
+    def __init__(self, manifest: Manifest, url: str, protocol: str = "grpc", timeout_s: float = 30.0) -> None:
+        if protocol not in ("http", "grpc"):
+            raise ValueError(f"protocol must be http or grpc, not {protocol!r}")
+        self.manifest, self.url, self.protocol, self.timeout_s = manifest, url, protocol, timeout_s
+        self._local = threading.local()  # tritonclient's HTTP client is not thread-safe
+        if protocol == "grpc":
+            import tritonclient.grpc as module
+        else:
+            import tritonclient.http as module
+        self.module = module
+        self.models = [entry.segment_model for entry in manifest.exits]
+        client = self._client()
+        for model in self.models:
+            try:
+                ready = client.is_model_ready(model.name, str(model.version))
+            except Exception as error:  # tritonclient raises its own exception types
+                raise Unavailable(f"Triton at {url} is not reachable: {error}") from None
+            if not ready:
+                raise Unavailable(f"Triton at {url} has no ready model {model.name} version {model.version}")
+
+    def _client(self):
+        client = getattr(self._local, "client", None)
+        if client is None:
+            if self.protocol == "grpc":
+                client = self.module.InferenceServerClient(self.url)
+            else:
+                client = self.module.InferenceServerClient(self.url, connection_timeout=self.timeout_s,
+                                                           network_timeout=self.timeout_s)
+            self._local.client = client
+        return client
+
+    def run(self, stage: int, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        model = self.models[stage]
+        tensor = self.module.InferInput(model.inputs[0].name, list(inputs.shape), "FP32")
+        names = _output_names(model)
+        if self.protocol == "http":
+            tensor.set_data_from_numpy(inputs, binary_data=True)
+            requested = [self.module.InferRequestedOutput(name, binary_data=True) for name in names]
+            kwargs = {"timeout": int(self.timeout_s * 1e6)}
+        else:
+            tensor.set_data_from_numpy(inputs)
+            requested = [self.module.InferRequestedOutput(name) for name in names]
+            kwargs = {"client_timeout": self.timeout_s}
+        try:
+            result = self._client().infer(model.name, [tensor], model_version=str(model.version),
+                                          outputs=requested, **kwargs)
+        except Exception as error:
+            raise Unavailable(f"Triton call to {model.name} failed: {error}") from None
+        logits = result.as_numpy(LOGITS_OUTPUT)
+        return logits, (result.as_numpy(FEATURES_OUTPUT) if len(names) > 1 else None)
+
+    def close(self) -> None:
+        client = getattr(self._local, "client", None)
+        if client is not None:
+            client.close()

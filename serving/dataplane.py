@@ -1,0 +1,230 @@
+"""Transport-agnostic protocol logic: the HTTP and gRPC front ends translate to and
+from these calls and nothing else.
+
+The gateway serves one model, named as in the manifest (for example
+`mwresnet56_5`). Its input `images` is either the normalised float32 NCHW tensor
+the manifest describes or raw uint8 NHWC images that the gateway normalises.
+Outputs: `logits` or `probabilities` of the exit each sample left at, `exit_depth`
+and `confidence` per sample; `classification` (top-k labels) on either of the first two.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.manifest import Manifest
+from serving.cascade import Cascade
+from serving.errors import InvalidInput, InvalidParameter, ModelNotFound, PayloadTooLarge
+from serving.metrics import GatewayMetrics
+from serving.policy import RequestOptions, resolve_options, softmax
+from serving.tensors import Tensor
+
+SERVER_NAME = "early-exit-gateway"
+SERVER_VERSION = "0.1.0"
+INPUT_NAME = "images"
+OUTPUTS = {"logits": "FP32", "probabilities": "FP32", "exit_depth": "INT32", "confidence": "FP32"}
+DEFAULT_OUTPUTS = ("logits", "exit_depth", "confidence")
+POLICY_PARAMETERS = ("policy", "score", "threshold", "budget_ms", "exit_depth")
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    classification: int = 0  # top-k labels instead of values when > 0
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    model_name: str
+    inputs: list[Tensor]
+    model_version: str = ""
+    id: str = ""
+    outputs: list[RequestedOutput] = field(default_factory=list)
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InferResponse:
+    model_name: str
+    model_version: str
+    id: str
+    outputs: list[Tensor]
+    requested: list[RequestedOutput]
+
+
+def _number(name: str, value, kind=float):
+    if isinstance(value, bool):
+        raise InvalidParameter(f"parameter {name} must be a number, got {value!r}")
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise InvalidParameter(f"parameter {name} must be a number, got {value!r}") from None
+    if kind is float and not math.isfinite(number):
+        raise InvalidParameter(f"parameter {name} must be finite, got {value!r}")
+    return number
+
+
+def options_from_parameters(parameters: dict, default_policy: str = "confidence") -> RequestOptions:
+    """Policy options from request parameters (strings accepted, as gRPC clients send them)."""
+    threshold = parameters.get("threshold")
+    thresholds = None
+    if threshold is not None:
+        values = threshold if isinstance(threshold, list) else str(threshold).split(",") \
+            if isinstance(threshold, str) else [threshold]
+        thresholds = tuple(_number("threshold", value) for value in values)
+        if not thresholds:
+            raise InvalidParameter("parameter threshold is empty")
+    budget = parameters.get("budget_ms")
+    depth = parameters.get("exit_depth")
+    for name in ("policy", "score"):
+        if name in parameters and not isinstance(parameters[name], str):
+            raise InvalidParameter(f"parameter {name} must be a string")
+    return RequestOptions(
+        policy=parameters.get("policy", default_policy),
+        score=parameters.get("score", "max_prob"),
+        thresholds=thresholds,
+        budget_ms=None if budget is None else _number("budget_ms", budget),
+        exit_depth=None if depth is None else _number("exit_depth", depth, int),
+    )
+
+
+class DataPlane:
+    def __init__(self, manifest: Manifest, cascade: Cascade, metrics: GatewayMetrics,
+                 default_policy: str = "confidence", max_request_batch: int = 256) -> None:
+        self.manifest, self.cascade, self.metrics = manifest, cascade, metrics
+        self.default_policy = default_policy
+        self.max_request_batch = max_request_batch
+        self.plan = cascade.plan
+        self.mean = np.asarray(manifest.mean, np.float32).reshape(1, -1, 1, 1)
+        self.std = np.asarray(manifest.std, np.float32).reshape(1, -1, 1, 1)
+
+    # -- health and metadata ------------------------------------------------
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self.cascade.accepting
+
+    def check_model(self, name: str, version: str = "") -> None:
+        if name != self.manifest.model:
+            raise ModelNotFound(f"unknown model {name!r}; this gateway serves {self.manifest.model!r}")
+        if version not in ("", "1"):
+            raise ModelNotFound(f"model {name!r} has no version {version!r}; available: 1")
+
+    def server_metadata(self) -> dict:
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data",
+                                                                               "classification"]}
+
+    def model_metadata(self, name: str, version: str = "") -> dict:
+        self.check_model(name, version)
+        classes = len(self.manifest.classes)
+        return {
+            "name": self.manifest.model, "versions": ["1"], "platform": "early_exit_cascade",
+            "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *self.manifest.input.shape]}],
+            "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, classes]},
+                        {"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
+                        {"name": "exit_depth", "datatype": "INT32", "shape": [-1]},
+                        {"name": "confidence", "datatype": "FP32", "shape": [-1]}],
+            "parameters": {"exit_depths": ",".join(map(str, self.plan.depths)),
+                           "classes": ",".join(self.manifest.classes)},
+        }
+
+    # -- inference ----------------------------------------------------------
+    def normalise(self, name: str, tensor: Tensor) -> np.ndarray:
+        """Float32 NCHW normalised images from either accepted input form."""
+        channels, height, width = self.manifest.input.shape
+        data = tensor.data
+        if tensor.datatype == "FP32" and tensor.shape[1:] == (channels, height, width):
+            array = np.ascontiguousarray(data, dtype=np.float32)
+            if not np.isfinite(array).all():
+                raise InvalidParameter(f"input {name!r} contains NaN or Inf values")
+            return array
+        if tensor.datatype == "UINT8" and tensor.shape[1:] == (height, width, channels):
+            array = data.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+            return np.ascontiguousarray((array - self.mean) / self.std, dtype=np.float32)
+        raise InvalidInput(
+            f"input {name!r} must be FP32 [N, {channels}, {height}, {width}] (normalised) or UINT8 "
+            f"[N, {height}, {width}, {channels}] (raw images); got {tensor.datatype} {list(tensor.shape)}")
+
+    def _images(self, request: InferRequest) -> np.ndarray:
+        if len(request.inputs) != 1 or request.inputs[0].name != INPUT_NAME:
+            names = [t.name for t in request.inputs]
+            raise InvalidInput(f"expected exactly one input named {INPUT_NAME!r}, got {names}")
+        tensor = request.inputs[0]
+        if len(tensor.shape) != 4 or tensor.shape[0] < 1:
+            raise InvalidInput(f"input {INPUT_NAME!r} must be a batch of at least one image with 4 dimensions, "
+                               f"got shape {list(tensor.shape)}")
+        if tensor.shape[0] > self.max_request_batch:
+            raise PayloadTooLarge(f"{tensor.shape[0]} images in one request; the limit is {self.max_request_batch}")
+        return self.normalise(INPUT_NAME, tensor)
+
+    def _check_outputs(self, requested: list[RequestedOutput]) -> list[RequestedOutput]:
+        if not requested:
+            return [RequestedOutput(name) for name in DEFAULT_OUTPUTS]
+        for output in requested:
+            if output.name not in OUTPUTS:
+                raise InvalidInput(f"unknown output {output.name!r}; available: {', '.join(OUTPUTS)}")
+            if output.classification < 0:
+                raise InvalidParameter("classification must be a positive number of classes")
+            if output.classification and output.name not in ("logits", "probabilities"):
+                raise InvalidParameter(f"classification applies to logits or probabilities, not {output.name}")
+        return requested
+
+    async def infer(self, request: InferRequest, protocol: str = "http") -> InferResponse:
+        started = time.perf_counter()
+        self.check_model(request.model_name, request.model_version)
+        images = self._images(request)
+        outputs = self._check_outputs(request.outputs)
+        options = options_from_parameters(
+            {k: v for k, v in request.parameters.items() if k in POLICY_PARAMETERS}, self.default_policy)
+        options = resolve_options(options, self.plan)
+        result = await self.cascade.infer(images, options)
+        tensors = [self._output_tensor(output, result) for output in outputs]
+        self.metrics.samples.inc(len(images))
+        self.metrics.request_latency.labels(protocol=protocol).observe(time.perf_counter() - started)
+        return InferResponse(self.manifest.model, "1", request.id, tensors, outputs)
+
+    def _output_tensor(self, output: RequestedOutput, result) -> Tensor:
+        count = len(result.exit_index)
+        if output.name in ("logits", "probabilities"):
+            values = result.logits if output.name == "logits" else softmax(result.logits).astype(np.float32)
+            if output.classification:
+                return self._classification(output, values)
+            return Tensor(output.name, "FP32", values.shape, values)
+        if output.name == "exit_depth":
+            depths = np.asarray(self.plan.depths, np.int32)[result.exit_index]
+            return Tensor("exit_depth", "INT32", (count,), depths)
+        return Tensor("confidence", "FP32", (count,), result.confidence.astype(np.float32))
+
+    def _classification(self, output: RequestedOutput, values: np.ndarray) -> Tensor:
+        """Triton's classification extension: "value:index:label" strings, best first."""
+        k = min(output.classification, values.shape[1])
+        order = np.argsort(-values, axis=1)[:, :k]
+        labels = [[f"{values[i, j]:f}:{j}:{self.manifest.classes[j]}".encode() for j in row]
+                  for i, row in enumerate(order)]
+        return Tensor(output.name, "BYTES", (len(values), k), np.array(labels, dtype=object))
+
+    async def classify(self, images: np.ndarray, options: RequestOptions, top_k: int = 3) -> list[dict]:
+        """Friendly endpoint: uint8 NHWC images -> label, confidence, exit depth, top-k."""
+        tensor = Tensor(INPUT_NAME, "UINT8", images.shape, images)
+        normalised = self.normalise(INPUT_NAME, tensor)
+        result = await self.cascade.infer(normalised, resolve_options(options, self.plan))
+        probabilities = softmax(result.logits)
+        self.metrics.samples.inc(len(images))
+        answers = []
+        for i in range(len(images)):
+            order = np.argsort(-probabilities[i])[: max(1, min(top_k, len(self.manifest.classes)))]
+            answers.append({
+                "label": self.manifest.classes[order[0]], "class_index": int(order[0]),
+                "probability": float(probabilities[i, order[0]]),
+                "confidence": float(result.confidence[i]),
+                "exit_depth": int(self.plan.depths[result.exit_index[i]]),
+                "top_k": [{"label": self.manifest.classes[j], "probability": float(probabilities[i, j])}
+                          for j in order],
+            })
+        return answers

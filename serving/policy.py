@@ -1,0 +1,124 @@
+"""Exit policies: pure functions from what a stage produced to "stop here" per sample.
+
+No I/O and no clocks: the cascade passes in the scores, the elapsed time and the
+predicted cost of the next stage, so every decision can be tested in isolation.
+
+- confidence: stop at the first exit whose score reaches that exit's threshold;
+- budget: stop when confident, or when the next stage could not finish within the
+  request's latency budget (never continue past that point);
+- fixed: stop at one exit depth; full: run to the final exit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.errors import InvalidParameter
+
+POLICIES = ("confidence", "budget", "fixed", "full")
+SCORES = ("max_prob", "margin", "entropy")
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    policy: str = "confidence"
+    score: str = "max_prob"
+    thresholds: tuple[float, ...] | None = None  # one per exit; None = the manifest's
+    budget_ms: float | None = None
+    exit_depth: int | None = None
+
+
+@dataclass(frozen=True)
+class ExitPlan:
+    """What the policies know about the deployed exits."""
+
+    depths: tuple[int, ...]
+    thresholds: tuple[float, ...]  # calibrated (or default) threshold per exit
+
+
+def exit_plan(manifest, default_threshold: float = 0.9) -> ExitPlan:
+    """The plan of a `common.manifest.Manifest`: calibrated thresholds, else the default."""
+    thresholds = tuple(default_threshold if e.threshold is None else e.threshold for e in manifest.exits)
+    return ExitPlan(tuple(manifest.exit_depths), thresholds)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def confidence_scores(probabilities: np.ndarray, score: str) -> np.ndarray:
+    """Per-sample confidence in [0, 1]: higher means surer."""
+    if score == "max_prob":
+        return probabilities.max(axis=1)
+    if score == "margin":
+        top2 = np.sort(probabilities, axis=1)[:, -2:]
+        return top2[:, 1] - top2[:, 0]
+    if score == "entropy":  # 1 - normalised entropy: 1 for a one-hot, 0 for uniform
+        p = np.clip(probabilities, 1e-12, 1.0)
+        entropy = -(p * np.log(p)).sum(axis=1)
+        return 1.0 - entropy / np.log(probabilities.shape[1])
+    raise InvalidParameter(f"unknown score {score!r}; use one of {', '.join(SCORES)}")
+
+
+def resolve_options(options: RequestOptions, plan: ExitPlan) -> RequestOptions:
+    """Check options against the deployed exits; fill thresholds from the plan."""
+    if options.policy not in POLICIES:
+        raise InvalidParameter(f"unknown policy {options.policy!r}; use one of {', '.join(POLICIES)}")
+    if options.score not in SCORES:
+        raise InvalidParameter(f"unknown score {options.score!r}; use one of {', '.join(SCORES)}")
+    thresholds = options.thresholds
+    if thresholds is None:
+        thresholds = plan.thresholds
+    elif len(thresholds) == 1:
+        thresholds = thresholds * len(plan.depths)
+    elif len(thresholds) != len(plan.depths):
+        raise InvalidParameter(f"got {len(thresholds)} thresholds for {len(plan.depths)} exits "
+                               f"(depths {', '.join(map(str, plan.depths))}); give one or one per exit")
+    if any(not np.isfinite(t) for t in thresholds):
+        raise InvalidParameter("thresholds must be finite numbers")
+    if options.policy == "budget":
+        if options.budget_ms is None:
+            raise InvalidParameter("the budget policy needs budget_ms")
+    if options.budget_ms is not None and not (np.isfinite(options.budget_ms) and options.budget_ms > 0):
+        raise InvalidParameter(f"budget_ms must be a positive number, got {options.budget_ms}")
+    if options.policy == "fixed":
+        if options.exit_depth is None:
+            raise InvalidParameter("the fixed policy needs exit_depth")
+        if options.exit_depth not in plan.depths:
+            raise InvalidParameter(f"no exit at depth {options.exit_depth}; available depths: "
+                                   f"{', '.join(map(str, plan.depths))}")
+    return RequestOptions(options.policy, options.score, tuple(float(t) for t in thresholds),
+                          options.budget_ms, options.exit_depth)
+
+
+def should_stop(
+    stage: int,
+    scores: np.ndarray,
+    options: RequestOptions,
+    plan: ExitPlan,
+    elapsed_ms: float = 0.0,
+    next_stage_ms: float | None = None,
+) -> np.ndarray:
+    """Boolean per sample: stop at exit `stage` (0-based) rather than continue.
+
+    `options` must come from `resolve_options`. `elapsed_ms` is the time the
+    request has spent so far and `next_stage_ms` the predicted time of the next
+    stage (queueing included); both only matter to the budget policy.
+    """
+    count = len(scores)
+    if stage >= len(plan.depths) - 1:
+        return np.ones(count, dtype=bool)
+    if options.policy == "full":
+        return np.zeros(count, dtype=bool)
+    if options.policy == "fixed":
+        return np.full(count, plan.depths[stage] == options.exit_depth)
+    confident = scores >= options.thresholds[stage]
+    if options.policy == "confidence":
+        return confident
+    # budget: continuing is allowed only if the next stage can finish in time.
+    out_of_time = next_stage_ms is None or elapsed_ms + next_stage_ms > options.budget_ms
+    return confident | out_of_time
