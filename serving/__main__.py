@@ -11,13 +11,32 @@ tritonclient works unchanged), POST /v1/classify for image files, and /metrics.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
+import threading
 
 import uvicorn
 
 from common.errors import run_cli
 from serving.app import Gateway, configure_logging
 from serving.settings import add_arguments, load_settings
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn re-raises SIGTERM after a graceful shutdown; we exit 0 instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                             log_config=None, access_log=settings.access_log, timeout_graceful_shutdown=30,
                             log_level=settings.log_level)
     logging.getLogger("uvicorn.error").setLevel(settings.log_level.upper())
-    uvicorn.Server(config).run()  # SIGINT/SIGTERM: stop accepting, finish in-flight requests, then exit
+    GatewayServer(config).run()  # SIGINT/SIGTERM: stop accepting, finish in-flight requests, then exit
     return 0
 
 

@@ -153,7 +153,8 @@ def create_http_app(dataplane: DataPlane, max_body_bytes: int, lifespan=None) ->
         model's input size (bilinear) and normalised with the manifest's mean/std.
         """
         started = time.perf_counter()
-        await read_body(request, max_body_bytes)  # enforces the size limit before parsing
+        # Enforce the size limit while reading, then let starlette parse the cached body.
+        request._body = await read_body(request, max_body_bytes)
         try:
             form = await request.form()
         except Exception as error:  # starlette raises several types for bad multipart
