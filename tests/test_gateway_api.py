@@ -104,7 +104,8 @@ def test_classify_endpoint(gateway):
     rng = np.random.default_rng(3)
     big = rng.integers(0, 255, size=(300, 200, 3), dtype=np.uint8)
     small = rng.integers(0, 255, size=(32, 32, 3), dtype=np.uint8)
-    files = [("files", ("big.png", png_bytes(big), "image/png")), ("files", ("small.png", png_bytes(small), "image/png"))]
+    files = [("files", ("big.png", png_bytes(big), "image/png")),
+             ("files", ("small.png", png_bytes(small), "image/png"))]
     response = httpx.post(f"http://{gateway.http_url}/v1/classify", files=files, params={"top_k": 2}, timeout=30)
     assert response.status_code == 200, response.text
     body = response.json()

@@ -1,0 +1,66 @@
+"""What the Dockerfile runs, checked outside a container (there is no Docker engine here)."""
+
+import ast
+import re
+import shutil
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from common.triton_launcher import free_port
+
+from .conftest import REPO_ROOT
+
+
+def test_serving_never_imports_torch():
+    for path in (REPO_ROOT / "serving").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(name.split(".")[0] in ("torch", "training", "export") for name in names), path
+    code = "import sys, serving.app, serving.__main__; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT).returncode == 0
+
+
+def _dockerfile():
+    text = (REPO_ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    env = dict(re.findall(r"(EE_[A-Z_]+)=(\S+)", text))
+    entrypoint = re.search(r'^ENTRYPOINT \[(.*)\]', text, re.M).group(1)
+    return env, [part.strip().strip('"') for part in entrypoint.split(",")]
+
+
+def test_the_image_entrypoint_serves_with_the_image_environment(tiny_repository):
+    env, entrypoint = _dockerfile()
+    assert entrypoint == ["python", "-m", "serving"] and env["EE_MODEL_REPOSITORY"] == "/models"
+    http_port, grpc_port = free_port(), free_port()
+    # The image's settings, with the repository and loopback ports of this test.
+    env.update(EE_MODEL_REPOSITORY=str(tiny_repository), EE_HOST="127.0.0.1", EE_HTTP_PORT=str(http_port),
+               EE_GRPC_PORT=str(grpc_port))
+    import os
+    import time
+
+    process = subprocess.Popen([sys.executable, *entrypoint[1:]], cwd=REPO_ROOT, env={**os.environ, **env},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{http_port}/v2/health/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert httpx.get(f"http://127.0.0.1:{http_port}/v2/models/mwresnet8_3").status_code == 200
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None and not (REPO_ROOT / ".venv/bin/hadolint").exists(),
+                    reason="hadolint not installed")
+def test_dockerfile_passes_hadolint():
+    binary = shutil.which("hadolint") or str(REPO_ROOT / ".venv/bin/hadolint")
+    result = subprocess.run([binary, str(REPO_ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
