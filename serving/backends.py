@@ -10,15 +10,20 @@ from typing import Protocol
 
 import numpy as np
 
-from common.manifest import FEATURES_OUTPUT, LOGITS_OUTPUT, DeployedModel, Manifest
+from common.manifest import FEATURES_OUTPUT, IMAGE_INPUT, LOGITS_OUTPUT, DeployedModel, Manifest
 from serving.errors import Unavailable
 
 
 class StageBackend(Protocol):
     name: str
 
+    has_exit_models: bool  # whether run_exit works (every exit has a per-exit model)
+
     def run(self, stage: int, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Segment `stage` on a batch: (logits, activations for the next stage or None)."""
+
+    def run_exit(self, index: int, images: np.ndarray) -> np.ndarray:
+        """Exit `index`'s per-exit model (the whole prefix) on images: its logits."""
 
     def close(self) -> None: ...
 
@@ -59,13 +64,23 @@ class OnnxRuntimeBackend:
             self.sessions.append(ort.InferenceSession(str(path), options, providers=providers))
             self.outputs.append(_output_names(model))
         self.input_names = [entry.segment_model.inputs[0].name for entry in manifest.exits]
+        self.has_exit_models = all(entry.exit_model is not None for entry in manifest.exits)
+        self.exit_sessions = []
+        if self.has_exit_models:
+            for entry in manifest.exits:
+                path = Path(repository) / entry.exit_model.name / str(entry.exit_model.version) / "model.onnx"
+                self.exit_sessions.append(ort.InferenceSession(str(path), options, providers=providers))
 
     def run(self, stage: int, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         results = self.sessions[stage].run(self.outputs[stage], {self.input_names[stage]: inputs})
         return results[0], (results[1] if len(results) > 1 else None)
 
+    def run_exit(self, index: int, images: np.ndarray) -> np.ndarray:
+        return self.exit_sessions[index].run([LOGITS_OUTPUT], {IMAGE_INPUT: images})[0]
+
     def close(self) -> None:
         self.sessions.clear()
+        self.exit_sessions.clear()
 
 
 class TritonBackend:
@@ -87,8 +102,10 @@ class TritonBackend:
             import tritonclient.http as module
         self.module = module
         self.models = [entry.segment_model for entry in manifest.exits]
+        self.has_exit_models = all(entry.exit_model is not None for entry in manifest.exits)
+        self.exit_models = [entry.exit_model for entry in manifest.exits] if self.has_exit_models else []
         client = self._client()
-        for model in self.models:
+        for model in self.models + self.exit_models:
             try:
                 ready = client.is_model_ready(model.name, str(model.version))
             except Exception as error:  # tritonclient raises its own exception types
@@ -108,7 +125,14 @@ class TritonBackend:
         return client
 
     def run(self, stage: int, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        model = self.models[stage]
+        result = self._infer(self.models[stage], inputs)
+        logits = result[0]
+        return logits, (result[1] if len(result) > 1 else None)
+
+    def run_exit(self, index: int, images: np.ndarray) -> np.ndarray:
+        return self._infer(self.exit_models[index], images)[0]
+
+    def _infer(self, model: DeployedModel, inputs: np.ndarray) -> list[np.ndarray]:
         tensor = self.module.InferInput(model.inputs[0].name, list(inputs.shape), "FP32")
         names = _output_names(model)
         if self.protocol == "http":
@@ -124,8 +148,7 @@ class TritonBackend:
                                           outputs=requested, **kwargs)
         except Exception as error:
             raise Unavailable(f"Triton call to {model.name} failed: {error}") from None
-        logits = result.as_numpy(LOGITS_OUTPUT)
-        return logits, (result.as_numpy(FEATURES_OUTPUT) if len(names) > 1 else None)
+        return [result.as_numpy(name) for name in names]
 
     def close(self) -> None:
         client = getattr(self._local, "client", None)

@@ -1,5 +1,7 @@
 """The cascade: samples run stage by stage; those that continue, from all concurrent
-requests, are re-batched at every stage.
+requests, are re-batched at every stage. Requests for one fixed exit (policies
+`fixed` and `full`) skip the staging and run that exit's per-exit model in one
+call, batched the same way, when the backend has per-exit models.
 
 Each stage has a queue and one worker task. A worker takes everything queued (up
 to the maximum batch) and runs it at once, so a lone request never waits; under
@@ -72,8 +74,12 @@ class Cascade:
                  metrics: GatewayMetrics | None = None, profiled_ms: list[float | None] | None = None) -> None:
         self.backend, self.plan, self.settings, self.metrics = backend, plan, settings, metrics
         stages = len(plan.depths)
-        self.queues: list[deque[_Group]] = [deque() for _ in range(stages)]
-        self.in_stage = [0] * stages  # samples queued at or running in each stage
+        self.stages = stages
+        # Lanes 0..stages-1 run segments; lanes stages+i run exit i's per-exit model directly.
+        self.direct = bool(getattr(backend, "has_exit_models", False))
+        lanes = 2 * stages if self.direct else stages
+        self.queues: list[deque[_Group]] = [deque() for _ in range(lanes)]
+        self.in_stage = [0] * lanes  # samples queued at or running in each lane
         # Moving average of a group's time at each stage (queueing + run), in ms.
         self.stage_ms: list[float | None] = list(profiled_ms or [None] * stages)
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="stage")
@@ -96,13 +102,16 @@ class Cascade:
         """One batch-1 call per stage: first calls are slow, and it seeds the estimates."""
         loop = asyncio.get_running_loop()
         inputs = sample
-        for stage in range(len(self.queues)):
+        for stage in range(self.stages):
             started = time.monotonic()
             _, features = await loop.run_in_executor(self.executor, self.backend.run, stage, inputs)
             measured = (time.monotonic() - started) * 1000
             if self.stage_ms[stage] is None:
                 self.stage_ms[stage] = measured
             inputs = features
+        if self.direct:
+            for index in range(self.stages):
+                await loop.run_in_executor(self.executor, self.backend.run_exit, index, sample)
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, let in-flight requests finish (up to `timeout`), then stop workers."""
@@ -130,10 +139,14 @@ class Cascade:
         request = _Request(options, len(inputs), time.monotonic(), loop.create_future())
         self._active += 1
         self._idle.clear()
+        lane = 0
+        if self.direct and options.policy in ("fixed", "full"):
+            depth = options.exit_depth if options.policy == "fixed" else self.plan.depths[-1]
+            lane = self.stages + self.plan.depths.index(depth)
         try:
             for start in range(0, len(inputs), self.settings.max_batch_size):
                 stop = min(start + self.settings.max_batch_size, len(inputs))
-                self._enqueue(0, _Group(request, np.arange(start, stop), inputs[start:stop]))
+                self._enqueue(lane, _Group(request, np.arange(start, stop), inputs[start:stop]))
             await request.future
             return CascadeResult(request.logits, request.exit_index, request.confidence)
         finally:
@@ -161,7 +174,13 @@ class Cascade:
     def _queued(self, stage: int) -> int:
         return sum(len(group.samples) for group in self.queues[stage])
 
+    def _run_lane(self, lane: int, batch: np.ndarray):
+        if lane < self.stages:
+            return self.backend.run(lane, batch)
+        return self.backend.run_exit(lane - self.stages, batch), None
+
     async def _stage_worker(self, stage: int) -> None:
+        """Worker of one lane (`stage` counts the direct lanes after the segments)."""
         wakeup, loop = self._wakeups[stage], asyncio.get_running_loop()
         while True:
             while not self.queues[stage]:
@@ -174,7 +193,7 @@ class Cascade:
             batch = groups[0].inputs if len(groups) == 1 else np.concatenate([g.inputs for g in groups])
             started = time.monotonic()
             try:
-                logits, features = await loop.run_in_executor(self.executor, self.backend.run, stage, batch)
+                logits, features = await loop.run_in_executor(self.executor, self._run_lane, stage, batch)
             except Exception as error:  # a failing backend fails this batch's requests, not the worker
                 failure = error if isinstance(error, GatewayError) else Unavailable(f"backend error: {error}")
                 for group in groups:
@@ -182,14 +201,20 @@ class Cascade:
                     if not group.request.future.done():
                         group.request.future.set_exception(failure)
                 continue
+            direct = stage >= self.stages
             if self.metrics:
-                self.metrics.observe_stage(self.plan.depths[stage], len(batch), time.monotonic() - started)
-            self._dispatch(stage, groups, logits, features)
+                depth = self.plan.depths[stage % self.stages]
+                self.metrics.observe_stage(f"{depth}-direct" if direct else str(depth), len(batch),
+                                           time.monotonic() - started)
+            if direct:
+                self._dispatch_direct(stage, groups, logits)
+            else:
+                self._dispatch(stage, groups, logits, features)
 
     async def _maybe_wait_for_more(self, stage: int) -> None:
         """Wait (bounded) for samples still in earlier stages, if the batch is not full."""
         max_wait = self.settings.max_wait_ms / 1000
-        if max_wait <= 0 or stage == 0:
+        if max_wait <= 0 or stage == 0 or stage >= self.stages:
             return
         deadline = time.monotonic() + max_wait
         while (self._queued(stage) < self.settings.max_batch_size and sum(self.in_stage[:stage]) > 0
@@ -203,7 +228,7 @@ class Cascade:
     def _dispatch(self, stage: int, groups: list[_Group], logits: np.ndarray, features: np.ndarray | None) -> None:
         now = time.monotonic()
         probabilities = softmax(logits.astype(np.float64))
-        last = stage == len(self.queues) - 1
+        last = stage == self.stages - 1
         offset = 0
         for group in groups:
             count = len(group.samples)
@@ -230,6 +255,31 @@ class Cascade:
             if not stop.all():
                 self._enqueue(stage + 1, _Group(request, group.samples[~stop], features[rows][~stop]))
             elif request.remaining == 0:
+                request.future.set_result(None)
+        if self.metrics:
+            self.metrics.queue_depth.set(self.queue_depth)
+
+    def _dispatch_direct(self, lane: int, groups: list[_Group], logits: np.ndarray) -> None:
+        """Every sample of a direct lane leaves at that lane's exit."""
+        index = lane - self.stages
+        probabilities = softmax(logits.astype(np.float64))
+        offset = 0
+        for group in groups:
+            rows = slice(offset, offset + len(group.samples))
+            offset += len(group.samples)
+            self.in_stage[lane] -= len(group.samples)
+            request = group.request
+            if request.future.done():
+                continue
+            if request.logits is None:
+                request.logits = np.zeros((request.size, logits.shape[1]), dtype=np.float32)
+            request.logits[group.samples] = logits[rows]
+            request.exit_index[group.samples] = index
+            request.confidence[group.samples] = confidence_scores(probabilities[rows], request.options.score)
+            request.remaining -= len(group.samples)
+            if self.metrics:
+                self.metrics.exits.labels(depth=str(self.plan.depths[index])).inc(len(group.samples))
+            if request.remaining == 0:
                 request.future.set_result(None)
         if self.metrics:
             self.metrics.queue_depth.set(self.queue_depth)

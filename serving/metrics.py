@@ -19,16 +19,18 @@ class GatewayMetrics:
         self.exits = Counter("gateway_exits", "Samples answered per exit depth", ["depth"], registry=self.registry)
         self.request_latency = Histogram("gateway_request_latency_seconds", "End-to-end request latency",
                                          ["protocol"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.stage_batch = Histogram("gateway_stage_batch_size", "Batch size run at each stage", ["depth"],
+        self.stage_batch = Histogram("gateway_stage_batch_size", "Batch size of each stage or per-exit model",
+                                     ["depth"],
                                      buckets=BATCH_BUCKETS, registry=self.registry)
         self.stage_latency = Histogram("gateway_stage_latency_seconds", "Backend time of one stage batch",
                                        ["depth"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.queue_depth = Gauge("gateway_queue_depth", "Samples queued or running in the cascade",
                                  registry=self.registry)
 
-    def observe_stage(self, depth: int, batch_size: int, seconds: float) -> None:
-        self.stage_batch.labels(depth=str(depth)).observe(batch_size)
-        self.stage_latency.labels(depth=str(depth)).observe(seconds)
+    def observe_stage(self, depth: str, batch_size: int, seconds: float) -> None:
+        """`depth` names the stage by its exit depth ("56"), or "56-direct" for a per-exit model."""
+        self.stage_batch.labels(depth=depth).observe(batch_size)
+        self.stage_latency.labels(depth=depth).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

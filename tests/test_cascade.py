@@ -19,8 +19,9 @@ class RecordingBackend:
 
     name = "recording"
 
-    def __init__(self, inner, delay_s: float = 0.0) -> None:
+    def __init__(self, inner, delay_s: float = 0.0, direct: bool = False) -> None:
         self.inner, self.delay_s = inner, delay_s
+        self.has_exit_models = direct
         self.calls: list[tuple[int, int]] = []
         self.lock = threading.Lock()
 
@@ -30,6 +31,11 @@ class RecordingBackend:
         if self.delay_s:
             time.sleep(self.delay_s)
         return self.inner.run(stage, inputs)
+
+    def run_exit(self, index, images):
+        with self.lock:
+            self.calls.append((f"exit{index}", len(images)))
+        return self.inner.run_exit(index, images)
 
     def close(self):
         self.inner.close()
@@ -46,8 +52,8 @@ def images(manifest):
     return rng.standard_normal((24, *manifest.input.shape)).astype(np.float32) * 2
 
 
-def make_cascade(repository, manifest, delay_s=0.0, **settings):
-    backend = RecordingBackend(OnnxRuntimeBackend(repository, manifest), delay_s)
+def make_cascade(repository, manifest, delay_s=0.0, direct=False, **settings):
+    backend = RecordingBackend(OnnxRuntimeBackend(repository, manifest), delay_s, direct)
     cascade = Cascade(backend, exit_plan(manifest), CascadeSettings(**settings), GatewayMetrics())
     return cascade, backend
 
@@ -162,3 +168,22 @@ def test_a_failing_backend_fails_the_request_not_the_cascade(tiny_repository, ma
         return ok
 
     assert len(asyncio.run(run()).exit_index) == 1
+
+
+def test_fixed_and_full_run_the_per_exit_model_in_one_call(tiny_repository, manifest, images):
+    plan = exit_plan(manifest)
+
+    async def run(direct):
+        cascade, backend = make_cascade(tiny_repository, manifest, direct=direct)
+        await cascade.start()
+        full = await cascade.infer(images[:4], resolve_options(RequestOptions(policy="full"), plan))
+        fixed = await cascade.infer(images[:4], resolve_options(RequestOptions(policy="fixed", exit_depth=5), plan))
+        await cascade.stop()
+        return full, fixed, backend.calls
+
+    full, fixed, calls = asyncio.run(run(direct=True))
+    staged_full, staged_fixed, _ = asyncio.run(run(direct=False))
+    assert calls == [("exit2", 4), ("exit1", 4)]
+    np.testing.assert_allclose(full.logits, staged_full.logits, atol=1e-4)
+    np.testing.assert_allclose(fixed.logits, staged_fixed.logits, atol=1e-4)
+    assert (full.exit_index == 2).all() and (fixed.exit_index == 1).all()
