@@ -21,6 +21,7 @@ from serving.cascade import Cascade
 from serving.errors import InvalidInput, InvalidParameter, ModelNotFound, PayloadTooLarge
 from serving.metrics import GatewayMetrics
 from serving.policy import RequestOptions, resolve_options, softmax
+from serving.preprocess import normalise_uint8
 from serving.tensors import Tensor
 
 SERVER_NAME = "early-exit-gateway"
@@ -100,8 +101,6 @@ class DataPlane:
         self.default_policy = default_policy
         self.max_request_batch = max_request_batch
         self.plan = cascade.plan
-        self.mean = np.asarray(manifest.mean, np.float32).reshape(1, -1, 1, 1)
-        self.std = np.asarray(manifest.std, np.float32).reshape(1, -1, 1, 1)
 
     # -- health and metadata ------------------------------------------------
     def live(self) -> bool:
@@ -145,8 +144,7 @@ class DataPlane:
                 raise InvalidParameter(f"input {name!r} contains NaN or Inf values")
             return array
         if tensor.datatype == "UINT8" and tensor.shape[1:] == (height, width, channels):
-            array = data.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-            return np.ascontiguousarray((array - self.mean) / self.std, dtype=np.float32)
+            return normalise_uint8(data, self.manifest.mean, self.manifest.std)
         raise InvalidInput(
             f"input {name!r} must be FP32 [N, {channels}, {height}, {width}] (normalised) or UINT8 "
             f"[N, {height}, {width}, {channels}] (raw images); got {tensor.datatype} {list(tensor.shape)}")

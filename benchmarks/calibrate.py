@@ -1,0 +1,108 @@
+"""Calibrate exit thresholds on the held-out split and write them into the manifest.
+
+    python -m benchmarks.calibrate --model-repository model_repository               # <= 0.5 pt drop
+    python -m benchmarks.calibrate --macs-budget 0.4                                   # mean MACs <= 40%
+    python -m benchmarks.calibrate --max-drop 0.5 --guarantee --delta 0.1              # Learn-then-Test
+
+Scores come from the exported ONNX segments on the checkpoint's held-out split
+(carved from train/ with the seed the checkpoint records); the test split is
+never used here. The gateway reads the thresholds from the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.calibration import (
+    calibrate_accuracy_drop,
+    calibrate_compute_budget,
+    calibrate_with_guarantee,
+    evaluate,
+)
+from benchmarks.exit_outputs import ExitOutputs, compute_exit_outputs, load_images
+from common.errors import UserError, run_cli
+from common.manifest import Manifest, ManifestError, read_manifest, write_manifest
+from serving.policy import SCORES
+
+
+def calibrate(outputs: ExitOutputs, macs, score: str = "max_prob", max_drop: float | None = 0.005,
+              macs_budget: float | None = None, guarantee: bool = False, delta: float = 0.1) -> tuple[np.ndarray, dict]:
+    """Thresholds and a description of how they were chosen (drops and budgets as fractions)."""
+    scores, correct = outputs.scores(score), outputs.correct()
+    macs = np.asarray(macs, np.float64)
+    details: dict = {"score": score}
+    if macs_budget is not None:
+        thresholds = calibrate_compute_budget(scores, correct, macs, macs_budget * macs[-1])
+        details.update(method="compute_budget", macs_budget_fraction=macs_budget)
+    elif guarantee:
+        thresholds, ltt = calibrate_with_guarantee(scores, correct, max_drop, delta)
+        details.update(method="learn_then_test", max_drop=max_drop, delta=delta, ltt=ltt,
+                       guarantee=f"with probability >= {1 - delta:g}, the expected accuracy drop against the final "
+                                 f"exit on new i.i.d. data is at most {max_drop * 100:g} points")
+    else:
+        thresholds = calibrate_accuracy_drop(scores, correct, macs, max_drop)
+        details.update(method="accuracy_drop", max_drop=max_drop)
+    outcome = evaluate(scores, correct, macs, thresholds)
+    details.update(heldout_size=int(scores.shape[1]), heldout_final_acc=float(correct[-1].mean()),
+                   heldout_acc=outcome.accuracy, heldout_macs_fraction=outcome.mean_macs / macs[-1],
+                   heldout_exit_share=list(outcome.exit_share))
+    return thresholds, details
+
+
+def apply_thresholds(manifest: Manifest, thresholds, details: dict) -> Manifest:
+    exits = [replace(entry, threshold=float(t)) for entry, t in zip(manifest.exits, thresholds)]
+    details = {**details, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "command": "python -m benchmarks.calibrate " + " ".join(sys.argv[1:])}
+    return manifest.with_exits(exits, calibration=details)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.calibrate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--max-drop", type=float, default=0.5,
+                        help="largest accuracy drop against the final exit, in points (default 0.5)")
+    target.add_argument("--macs-budget", type=float, default=None,
+                        help="largest mean MACs as a fraction of the full network (e.g. 0.4)")
+    parser.add_argument("--guarantee", action="store_true",
+                        help="Learn-then-Test: the drop holds on new data with probability >= 1 - delta")
+    parser.add_argument("--delta", type=float, default=0.1, help="failure probability of --guarantee")
+    parser.add_argument("--score", choices=SCORES, default="max_prob")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="checkpoint whose held-out split to use (default: the one the manifest names)")
+    parser.add_argument("--data", type=Path, default=None, help="dataset (default: the checkpoint's)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    if not 0 <= args.max_drop <= 100 or not 0 < args.delta < 1:
+        raise UserError("--max-drop must be in [0, 100] points and --delta in (0, 1)")
+    if args.macs_budget is not None and not 0 < args.macs_budget <= 1:
+        raise UserError("--macs-budget is a fraction of the full network's MACs, in (0, 1]")
+    if args.guarantee and args.macs_budget is not None:
+        raise UserError("--guarantee applies to --max-drop, not --macs-budget")
+    try:
+        manifest = read_manifest(args.model_repository)
+    except ManifestError as error:
+        raise UserError(str(error)) from None
+    images, labels = load_images(manifest, "heldout", args.checkpoint, args.data)
+    outputs = compute_exit_outputs(args.model_repository, manifest, images, labels, args.threads)
+    thresholds, details = calibrate(outputs, [e.macs for e in manifest.exits], args.score,
+                                    args.max_drop / 100, args.macs_budget, args.guarantee, args.delta)
+    write_manifest(args.model_repository, apply_thresholds(manifest, thresholds, details))
+    print(f"{details['method']} on {details['heldout_size']} held-out images ({args.score}):")
+    for entry, threshold, share in zip(manifest.exits, thresholds, details["heldout_exit_share"]):
+        print(f"  exit {entry.depth:>3}: threshold {threshold:.4f}  leaves here {share * 100:5.1f}%")
+    print(f"held-out accuracy {details['heldout_acc'] * 100:.2f}% "
+          f"(final exit {details['heldout_final_acc'] * 100:.2f}%), mean MACs {details['heldout_macs_fraction'] * 100:.1f}% of the full network")
+    print(f"wrote thresholds into {args.model_repository / 'manifest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,153 @@
+"""Exit thresholds from per-exit scores on held-out data (pure numpy, no I/O).
+
+Arrays are indexed [exit, sample]: `scores` (confidence, higher = surer) and
+`correct` (whether that exit's prediction is right). A sample leaves at the first
+exit whose score reaches the exit's threshold; the last exit always answers.
+
+- `calibrate_accuracy_drop`: lowest mean MACs with held-out accuracy at most
+  `max_drop` below the final exit's (greedy over per-exit thresholds).
+- `calibrate_compute_budget`: best held-out accuracy with mean MACs within a budget.
+- `calibrate_with_guarantee`: Learn-then-Test (Angelopoulos et al., 2021). For one
+  threshold shared by the early exits, scanned from strict to lax over a grid fixed
+  before seeing data, each candidate is tested with an exact binomial p-value for
+  "the rate of samples the final exit gets right and the cascade gets wrong exceeds
+  `max_drop`"; testing stops at the first candidate not rejected at level `delta`
+  (fixed-sequence testing controls the family-wise error). That rate bounds the
+  accuracy drop from above, so with probability at least 1 - delta over the draw of
+  the held-out set, the expected accuracy drop on new data from the same
+  distribution (i.i.d. or exchangeable with the held-out set) is at most `max_drop`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+NEVER = 2.0  # a threshold no score reaches (scores lie in [0, 1])
+
+
+@dataclass(frozen=True)
+class Outcome:
+    accuracy: float
+    mean_macs: float
+    exit_share: tuple[float, ...]  # fraction of samples leaving at each exit
+    exits: np.ndarray  # exit index per sample
+
+
+def exits_taken(scores: np.ndarray, thresholds) -> np.ndarray:
+    """Index of the exit each sample leaves at."""
+    stops = scores >= np.asarray(thresholds, dtype=np.float64)[:, None]
+    stops[-1] = True
+    return stops.argmax(axis=0)
+
+
+def evaluate(scores: np.ndarray, correct: np.ndarray, macs, thresholds) -> Outcome:
+    exits = exits_taken(scores, thresholds)
+    samples = np.arange(scores.shape[1])
+    accuracy = float(correct[exits, samples].mean())
+    mean_macs = float(np.asarray(macs, np.float64)[exits].mean())
+    share = np.bincount(exits, minlength=scores.shape[0]) / scores.shape[1]
+    return Outcome(accuracy, mean_macs, tuple(float(s) for s in share), exits)
+
+
+def oracle(correct: np.ndarray, macs) -> Outcome:
+    """Each sample leaves at its first correct exit (the last if none is): the bound any policy meets."""
+    any_correct = correct.any(axis=0)
+    exits = np.where(any_correct, correct.argmax(axis=0), correct.shape[0] - 1)
+    share = np.bincount(exits, minlength=correct.shape[0]) / correct.shape[1]
+    mean_macs = float(np.asarray(macs, np.float64)[exits].mean())
+    return Outcome(float(any_correct.mean()), mean_macs, tuple(float(s) for s in share), exits)
+
+
+def _candidates(scores: np.ndarray, count: int) -> list[np.ndarray]:
+    """Per early exit, candidate thresholds from strict (NEVER) to lax, over score quantiles."""
+    grids = []
+    for row in scores[:-1]:
+        quantiles = np.unique(np.quantile(row, np.linspace(1.0, 0.0, count)))[::-1]
+        grids.append(np.concatenate([[NEVER], quantiles]))
+    return grids
+
+
+def _greedy(scores, correct, macs, feasible, better, done, count: int) -> np.ndarray:
+    grids = _candidates(scores, count)
+    position = [0] * len(grids)
+    current = evaluate(scores, correct, macs, [g[0] for g in grids] + [0.0])
+    while not done(current):
+        best = None
+        for exit_index, grid in enumerate(grids):
+            if position[exit_index] + 1 >= len(grid):
+                continue
+            trial = list(position)
+            trial[exit_index] += 1
+            outcome = evaluate(scores, correct, macs, [g[p] for g, p in zip(grids, trial)] + [0.0])
+            if not feasible(outcome):
+                continue
+            key = better(current, outcome)
+            if best is None or key > best[0]:
+                best = (key, trial, outcome)
+        if best is None:
+            break
+        _, position, current = best
+    return np.array([g[p] for g, p in zip(grids, position)] + [0.0])
+
+
+def calibrate_accuracy_drop(scores, correct, macs, max_drop: float, candidates: int = 100) -> np.ndarray:
+    """Thresholds that save the most MACs with accuracy >= final exit's - max_drop."""
+    floor = correct[-1].mean() - max_drop
+
+    def saving_per_loss(current: Outcome, trial: Outcome) -> float:
+        return (current.mean_macs - trial.mean_macs) / max(current.accuracy - trial.accuracy, 1e-9)
+
+    return _greedy(scores, correct, macs, lambda o: o.accuracy >= floor - 1e-12, saving_per_loss,
+                   lambda o: False, candidates)
+
+
+def calibrate_compute_budget(scores, correct, macs, max_mean_macs: float, candidates: int = 100) -> np.ndarray:
+    """Thresholds that keep the most accuracy while lowering mean MACs to the budget."""
+
+    def loss_per_saving(current: Outcome, trial: Outcome) -> float:
+        saved = current.mean_macs - trial.mean_macs
+        return -(current.accuracy - trial.accuracy) / max(saved, 1e-9) if saved > 0 else -math.inf
+
+    return _greedy(scores, correct, macs, lambda o: True, loss_per_saving,
+                   lambda o: o.mean_macs <= max_mean_macs, candidates)
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) <= k), summed in log space."""
+    if k >= n:
+        return 1.0
+    if p <= 0:
+        return 1.0
+    if p >= 1:
+        return 0.0
+    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p)
+                 + (n - i) * math.log1p(-p) for i in range(k + 1)]
+    top = max(log_terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
+
+
+GUARANTEE_GRID = tuple(round(1.0 - i * 0.005, 3) for i in range(201))  # 1.0, 0.995, ..., 0.0
+
+
+def calibrate_with_guarantee(scores, correct, max_drop: float, delta: float,
+                             grid=GUARANTEE_GRID) -> tuple[np.ndarray, dict]:
+    """Learn-then-Test thresholds (see the module docstring); NEVER everywhere if none passes."""
+    n = scores.shape[1]
+    final_right = correct[-1]
+    samples = np.arange(n)
+    chosen, tested = None, []
+    for threshold in grid:
+        thresholds = [threshold] * (scores.shape[0] - 1) + [0.0]
+        exits = exits_taken(scores, thresholds)
+        losses = int((final_right & ~correct[exits, samples]).sum())
+        p_value = binomial_cdf(losses, n, max_drop)
+        tested.append({"threshold": threshold, "losses": losses, "p_value": p_value})
+        if p_value > delta:
+            break
+        chosen = threshold
+    thresholds = np.array([NEVER if chosen is None else chosen] * (scores.shape[0] - 1) + [0.0])
+    return thresholds, {"shared_threshold": chosen, "tested": len(tested), "n": n,
+                        "last_test": tested[-1] if tested else None}

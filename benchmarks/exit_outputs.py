@@ -1,0 +1,78 @@
+"""Every exit's logits on a dataset split, through the exported segments (ONNX Runtime).
+
+What calibration and the offline sweep measure is what the gateway serves: the
+same ONNX segment chain, the same normalisation. No torch needed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from common.errors import UserError
+from common.manifest import Manifest
+from serving.backends import OnnxRuntimeBackend
+from serving.policy import confidence_scores, softmax
+from serving.preprocess import normalise_uint8
+from training.datasets import heldout_split, load_split
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+@dataclass(frozen=True)
+class ExitOutputs:
+    logits: np.ndarray  # (exits, N, classes)
+    labels: np.ndarray  # (N,)
+
+    def scores(self, score: str = "max_prob") -> np.ndarray:
+        return np.stack([confidence_scores(softmax(row.astype(np.float64)), score) for row in self.logits])
+
+    def correct(self) -> np.ndarray:
+        return self.logits.argmax(axis=2) == self.labels[None, :]
+
+
+def checkpoint_metadata(manifest: Manifest, checkpoint: Path | None = None) -> dict:
+    path = Path(checkpoint or manifest.source.get("checkpoint", "")).with_suffix(".json")
+    if not path.exists():
+        raise UserError(f"checkpoint metadata {path} not found (pass --checkpoint): it names the held-out split")
+    return json.loads(path.read_text())
+
+
+def load_images(manifest: Manifest, split: str, checkpoint: Path | None = None, data: Path | None = None,
+                limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images and labels of "heldout" (the checkpoint's) or "test"."""
+    meta = checkpoint_metadata(manifest, checkpoint)
+    source = Path(data or meta["heldout"].get("source") or SHARED_DATA)
+    if data is None and not source.exists():
+        source = SHARED_DATA
+    if split == "heldout":
+        train = load_split(source, "train")
+        _, index = heldout_split(len(train), meta["heldout"]["size"], meta["heldout"]["seed"])
+        images, labels = train.images[index], train.labels[index]
+    elif split == "test":
+        test = load_split(source, "test")
+        images, labels = test.images, test.labels
+    else:
+        raise UserError(f"unknown split {split!r}: use heldout or test")
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels
+
+
+def compute_exit_outputs(repository: Path, manifest: Manifest, images: np.ndarray, labels: np.ndarray,
+                         threads: int = 2, batch_size: int = 250, progress: bool = True) -> ExitOutputs:
+    backend = OnnxRuntimeBackend(repository, manifest, intra_op_threads=threads)
+    stages = len(manifest.exits)
+    logits = np.zeros((stages, len(images), len(manifest.classes)), np.float32)
+    for start in tqdm(range(0, len(images), batch_size), desc="exit outputs", disable=not progress):
+        features = normalise_uint8(images[start:start + batch_size], manifest.mean, manifest.std)
+        for stage in range(stages):
+            stage_logits, features = backend.run(stage, features)
+            logits[stage, start:start + len(stage_logits)] = stage_logits
+    backend.close()
+    return ExitOutputs(logits, np.asarray(labels))

@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+from scipy.stats import binom
+
+from benchmarks.calibration import (
+    NEVER,
+    binomial_cdf,
+    calibrate_accuracy_drop,
+    calibrate_compute_budget,
+    calibrate_with_guarantee,
+    evaluate,
+    exits_taken,
+    oracle,
+)
+
+MACS = np.array([1.0, 2.0, 4.0])
+
+
+def synthetic(n=4000, seed=0):
+    """Exit k is right exactly when its score reaches 0.5 + 0.1k; the final exit is always right."""
+    rng = np.random.default_rng(seed)
+    scores = rng.uniform(0, 1, size=(3, n))
+    correct = np.stack([scores[0] >= 0.5, scores[1] >= 0.6, np.ones(n, bool)])
+    return scores, correct
+
+
+def test_exits_and_evaluation():
+    scores = np.array([[0.9, 0.1, 0.1], [0.0, 0.8, 0.1], [0.0, 0.0, 0.0]])
+    correct = np.array([[True, False, False], [False, True, False], [True, True, True]])
+    assert exits_taken(scores, [0.5, 0.5, 0.0]).tolist() == [0, 1, 2]
+    outcome = evaluate(scores, correct, MACS, [0.5, 0.5, 0.0])
+    assert outcome.accuracy == 1.0 and outcome.mean_macs == pytest.approx(7 / 3)
+    assert outcome.exit_share == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+    best = oracle(np.array([[True, False, False], [True, True, False], [True, True, False]]), MACS)
+    assert best.exits.tolist() == [0, 1, 2] and best.accuracy == pytest.approx(2 / 3)
+
+
+def test_zero_drop_finds_the_thresholds_that_lose_nothing():
+    scores, correct = synthetic()
+    thresholds = calibrate_accuracy_drop(scores, correct, MACS, max_drop=0.0)
+    outcome = evaluate(scores, correct, MACS, thresholds)
+    assert outcome.accuracy == 1.0
+    # The known answer: exit 0 from 0.5 and exit 1 from 0.6 (to the quantile grid's resolution).
+    assert 0.5 <= thresholds[0] < 0.53 and 0.6 <= thresholds[1] < 0.63
+    assert outcome.mean_macs < 0.6 * MACS[-1]
+
+
+def test_larger_drop_allows_fewer_macs():
+    scores, correct = synthetic()
+    strict = evaluate(scores, correct, MACS, calibrate_accuracy_drop(scores, correct, MACS, 0.0))
+    loose = evaluate(scores, correct, MACS, calibrate_accuracy_drop(scores, correct, MACS, 0.05))
+    assert loose.accuracy >= 1.0 - 0.05 and loose.mean_macs < strict.mean_macs
+
+
+def test_compute_budget_is_met_with_the_best_accuracy_available():
+    scores, correct = synthetic()
+    thresholds = calibrate_compute_budget(scores, correct, MACS, max_mean_macs=2.0)
+    outcome = evaluate(scores, correct, MACS, thresholds)
+    assert outcome.mean_macs <= 2.0
+    # Sending only the confident half early costs 2.5 MACs; meeting 2.0 needs some mistakes, but few.
+    assert outcome.accuracy > 0.8
+
+
+def test_binomial_cdf_matches_scipy():
+    for k, n, p in [(0, 10, 0.1), (5, 100, 0.05), (40, 5000, 0.01), (300, 5000, 0.05)]:
+        assert binomial_cdf(k, n, p) == pytest.approx(binom.cdf(k, n, p), rel=1e-9, abs=1e-12)
+
+
+def test_learn_then_test_controls_the_drop():
+    scores, correct = synthetic(n=4000)
+    thresholds, details = calibrate_with_guarantee(scores, correct, max_drop=0.1, delta=0.1)
+    shared = details["shared_threshold"]
+    # Losses at a shared threshold t < 0.5 are the exit-0 samples scoring in [t, 0.5): rate 0.5 - t,
+    # so the test may go no lower than about 0.4, and a margin above it is the price of the guarantee.
+    assert 0.4 <= shared <= 0.5 and thresholds[-1] == 0.0
+    fresh_scores, fresh_correct = synthetic(n=20000, seed=1)
+    drop = 1.0 - evaluate(fresh_scores, fresh_correct, MACS, thresholds).accuracy
+    assert drop <= 0.1
+
+
+def test_learn_then_test_with_an_impossible_target_never_exits_early():
+    scores, correct = synthetic(n=500)
+    correct[0] = ~correct[0]  # exit 0 is now wrong whenever confident
+    thresholds, details = calibrate_with_guarantee(scores, correct, max_drop=0.0, delta=0.05)
+    assert details["shared_threshold"] is None and list(thresholds[:-1]) == [NEVER, NEVER]
