@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     for entry, threshold, share in zip(manifest.exits, thresholds, details["heldout_exit_share"]):
         print(f"  exit {entry.depth:>3}: threshold {threshold:.4f}  leaves here {share * 100:5.1f}%")
     print(f"held-out accuracy {details['heldout_acc'] * 100:.2f}% "
-          f"(final exit {details['heldout_final_acc'] * 100:.2f}%), mean MACs {details['heldout_macs_fraction'] * 100:.1f}% of the full network")
+          f"(final exit {details['heldout_final_acc'] * 100:.2f}%), "
+          f"mean MACs {details['heldout_macs_fraction'] * 100:.1f}% of the full network")
     print(f"wrote thresholds into {args.model_repository / 'manifest.json'}")
     return 0
 

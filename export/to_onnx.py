@@ -8,7 +8,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+# Run as a script: the repository root replaces this directory on the path, whose
+# profile.py would otherwise shadow the standard library's.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from common.errors import run_cli  # noqa: E402
 from export.pipeline import add_export_arguments, export_checkpoint, options_from_args  # noqa: E402
