@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHECKPOINT ?= checkpoints/mwresnet56_5.safetensors
 
-.PHONY: setup triton serve test lint evaluate clean
+.PHONY: setup triton serve test lint evaluate bench clean
 
 TRITON_VENV := .venv-triton
 TRITON_STAMP := $(TRITON_VENV)/.installed
@@ -42,6 +42,10 @@ serve: $(STAMP) $(REPOSITORY)/manifest.json
 $(REPOSITORY)/manifest.json: $(CHECKPOINT)
 	$(BIN)/python export/to_onnx.py --checkpoint $(CHECKPOINT) --output $(REPOSITORY) --backend python --force
 	$(BIN)/python -m export.profile --model-repository $(REPOSITORY) --repeats 10
+
+# The latency-accuracy benchmark (short, a few minutes); BENCH_ARGS=--full for the long one.
+bench: $(STAMP) $(TRITON_STAMP) $(REPOSITORY)/manifest.json
+	$(BIN)/python -m benchmarks.run --model-repository $(REPOSITORY) $(BENCH_ARGS)
 
 evaluate: $(STAMP)
 	$(BIN)/python -m training.evaluate --checkpoint $(CHECKPOINT)
