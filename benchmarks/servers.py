@@ -9,7 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common.triton_launcher import free_port
+from common.triton_launcher import free_port, http_ready
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,22 +21,17 @@ class GatewayServer:
         self.http_port, self.grpc_port = free_port(), free_port()
         command = [sys.executable, "-m", "serving", "--model-repository", str(repository), "--host", "127.0.0.1",
                    "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), *extra]
+        self.log_path = log_path
         self.log = open(log_path, "wb") if log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
                                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
         deadline = time.monotonic() + timeout
-        while not self._ready():
+        while not http_ready(self.http_url):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"gateway did not start (see {log_path})")
-            time.sleep(0.1)
-
-    def _ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/v2/health/ready", timeout=1) as reply:
-                return reply.status == 200
-        except OSError:
-            return False
+                log = log_path.read_text()[-2000:] if log_path else ""
+                raise RuntimeError(f"gateway did not start (exit {self.process.returncode}): {log}")
+            time.sleep(0.1)  # polling the health endpoint, not waiting blindly
 
     @property
     def grpc_url(self) -> str:
@@ -50,15 +45,18 @@ class GatewayServer:
         with urllib.request.urlopen(f"http://{self.http_url}/metrics", timeout=5) as reply:
             return reply.read().decode()
 
-    def stop(self) -> None:
+    def stop(self) -> int:
+        """Terminate gracefully (SIGTERM), kill after 30 s; returns the exit status."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+                self.process.wait()
         if hasattr(self.log, "close"):
             self.log.close()
+        return self.process.returncode
 
     def __enter__(self) -> GatewayServer:
         return self

@@ -31,6 +31,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def http_ready(address: str) -> bool:
+    """Whether a KServe v2 server at host:port answers its readiness endpoint with 200."""
+    try:
+        with urllib.request.urlopen(f"http://{address}/v2/health/ready", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 def _site_packages(venv: Path) -> Path:
     found = glob.glob(str(venv / "lib" / "python3*" / "site-packages"))
     if not found:
@@ -103,12 +112,7 @@ class TritonServer:
         raise RuntimeError(f"tritonserver not ready after {self.startup_timeout:.0f} s")
 
     def ready(self) -> bool:
-        try:
-            url = f"http://{self.http_url}/v2/health/ready"
-            with urllib.request.urlopen(url, timeout=1) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        return http_ready(self.http_url)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -152,54 +152,8 @@ def triton_venv() -> Path:
     return DEFAULT_VENV
 
 
-class GatewayProcess:
-    """`python -m serving` on free loopback ports; ready when /v2/health/ready says so."""
+def GatewayProcess(repository: Path, *extra: str, log_path: Path | None = None):
+    """The gateway as a real process on free loopback ports (ready when it returns)."""
+    from benchmarks.servers import GatewayServer
 
-    def __init__(self, repository: Path, *extra: str, log_path: Path | None = None) -> None:
-        from common.triton_launcher import free_port
-
-        self.http_port, self.grpc_port = free_port(), free_port()
-        self.log_path = log_path
-        command = [sys.executable, "-m", "serving", "--model-repository", str(repository),
-                   "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), *extra]
-        log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-        self.process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-        self._wait_ready()
-
-    @property
-    def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def _wait_ready(self, timeout: float = 60.0) -> None:
-        import time
-        import urllib.request
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                log = self.log_path.read_text() if self.log_path else ""
-                raise RuntimeError(f"gateway exited with {self.process.returncode}: {log[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("gateway not ready in time")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+    return GatewayServer(repository, *extra, log_path=log_path)
