@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 
 import numpy as np
 from fastapi import FastAPI, Request, Response
@@ -30,6 +31,22 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """Undo tritonclient's request compression (gzip or deflate), within the size limit."""
+    if not encoding or encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise InvalidInput(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate")
+    decoder = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        data = decoder.decompress(body, limit + 1)
+    except zlib.error as error:
+        raise InvalidInput(f"body is not valid {encoding} data: {error}") from None
+    if len(data) > limit or decoder.unconsumed_tail:
+        raise PayloadTooLarge(f"decompressed request body exceeds the limit of {limit} bytes")
+    return data
 
 
 def parse_infer_request(model_name: str, version: str, body: bytes, header_length: str | None) -> InferRequest:
@@ -138,7 +155,8 @@ def create_http_app(dataplane: DataPlane, max_body_bytes: int, lifespan=None) ->
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(name: str, request: Request, version: str = ""):
-        body = await read_body(request, max_body_bytes)
+        body = decompress(await read_body(request, max_body_bytes), request.headers.get("content-encoding"),
+                          max_body_bytes)
         parsed = parse_infer_request(name, version, body, request.headers.get(HEADER_LENGTH))
         response = await dataplane.infer(parsed, "http")
         metrics.requests.labels(protocol="http", outcome="ok").inc()

@@ -80,6 +80,18 @@ def test_infer_answers_per_sample_with_exit_depths(gateway, tiny_repository, ima
     assert label in ("cat", "dog", "ship") and int(index) == int(np.argmax(full.as_numpy("logits")[0]))
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_http_requests(gateway, tiny_repository, images, algorithm):
+    client = httpclient.InferenceServerClient(gateway.http_url)
+    tensor = httpclient.InferInput("images", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images)
+    result = client.infer(MODEL, [tensor], parameters={"policy": "full"}, request_compression_algorithm=algorithm)
+    np.testing.assert_allclose(result.as_numpy("logits"), final_exit_logits(tiny_repository, images), atol=1e-4)
+    bad = httpx.post(f"http://{gateway.http_url}/v2/models/{MODEL}/infer", content=b"not gzip",
+                     headers={"Content-Encoding": algorithm})
+    assert bad.status_code == 400 and algorithm in bad.json()["error"]
+
+
 def test_raw_uint8_images_are_normalised_by_the_gateway(gateway, tiny_repository):
     manifest = read_manifest(tiny_repository)
     raw = np.random.default_rng(2).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
