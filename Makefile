@@ -34,7 +34,8 @@ HTTP_PORT ?= 8080
 GRPC_PORT ?= 8081
 
 # The main job: the gateway on embedded ONNX Runtime with the reference model.
-# The repository is generated from the committed checkpoint when missing.
+# The repository is generated from the committed checkpoint when missing: export
+# (validated against PyTorch), latency profile, thresholds calibrated on held-out data.
 serve: $(STAMP) $(REPOSITORY)/manifest.json
 	$(BIN)/python -m serving --model-repository $(REPOSITORY) --backend onnxruntime \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT)
@@ -42,6 +43,7 @@ serve: $(STAMP) $(REPOSITORY)/manifest.json
 $(REPOSITORY)/manifest.json: $(CHECKPOINT)
 	$(BIN)/python export/to_onnx.py --checkpoint $(CHECKPOINT) --output $(REPOSITORY) --backend python --force
 	$(BIN)/python -m export.profile --model-repository $(REPOSITORY) --repeats 10
+	$(BIN)/python -m benchmarks.calibrate --model-repository $(REPOSITORY) --max-drop 0.5
 
 # The latency-accuracy benchmark (short, a few minutes); BENCH_ARGS=--full for the long one.
 bench: $(STAMP) $(TRITON_STAMP) $(REPOSITORY)/manifest.json
