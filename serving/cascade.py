@@ -91,6 +91,8 @@ class Cascade:
 
     async def start(self, warmup_input: np.ndarray | None = None) -> None:
         self._wakeups = [asyncio.Event() for _ in self.queues]
+        self._slots = asyncio.Semaphore(self.settings.workers)
+        self._running: set[asyncio.Task] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         if warmup_input is not None:
@@ -121,9 +123,9 @@ class Cascade:
                 await asyncio.wait_for(self._idle.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
-        for task in self._workers:
+        for task in [*self._workers, *self._running]:
             task.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        await asyncio.gather(*self._workers, *self._running, return_exceptions=True)
         self.executor.shutdown(wait=True)
         self.backend.close()
 
@@ -180,36 +182,53 @@ class Cascade:
         return self.backend.run_exit(lane - self.stages, batch), None
 
     async def _stage_worker(self, stage: int) -> None:
-        """Worker of one lane (`stage` counts the direct lanes after the segments)."""
-        wakeup, loop = self._wakeups[stage], asyncio.get_running_loop()
+        """Worker of one lane (`stage` counts the direct lanes after the segments).
+
+        It takes a backend slot (at most `workers` calls run at once, over all lanes)
+        before it takes its batch, so work queues up while every slot is busy, and a
+        lane under load can have several batches running on several cores.
+        """
+        wakeup = self._wakeups[stage]
         while True:
             while not self.queues[stage]:
                 wakeup.clear()
                 await wakeup.wait()
             await self._maybe_wait_for_more(stage)
+            await self._slots.acquire()
             groups = self._take_batch(stage)
+            if not groups:  # another batch took them meanwhile
+                self._slots.release()
+                continue
             if not self.queues[stage]:
                 wakeup.clear()
-            batch = groups[0].inputs if len(groups) == 1 else np.concatenate([g.inputs for g in groups])
-            started = time.monotonic()
-            try:
-                logits, features = await loop.run_in_executor(self.executor, self._run_lane, stage, batch)
-            except Exception as error:  # a failing backend fails this batch's requests, not the worker
-                failure = error if isinstance(error, GatewayError) else Unavailable(f"backend error: {error}")
-                for group in groups:
-                    self.in_stage[stage] -= len(group.samples)
-                    if not group.request.future.done():
-                        group.request.future.set_exception(failure)
-                continue
-            direct = stage >= self.stages
-            if self.metrics:
-                depth = self.plan.depths[stage % self.stages]
-                self.metrics.observe_stage(f"{depth}-direct" if direct else str(depth), len(batch),
-                                           time.monotonic() - started)
-            if direct:
-                self._dispatch_direct(stage, groups, logits)
-            else:
-                self._dispatch(stage, groups, logits, features)
+            task = asyncio.create_task(self._run_batch(stage, groups))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run_batch(self, stage: int, groups: list[_Group]) -> None:
+        loop = asyncio.get_running_loop()
+        batch = groups[0].inputs if len(groups) == 1 else np.concatenate([g.inputs for g in groups])
+        started = time.monotonic()
+        try:
+            logits, features = await loop.run_in_executor(self.executor, self._run_lane, stage, batch)
+        except Exception as error:  # a failing backend fails this batch's requests, not the worker
+            failure = error if isinstance(error, GatewayError) else Unavailable(f"backend error: {error}")
+            for group in groups:
+                self.in_stage[stage] -= len(group.samples)
+                if not group.request.future.done():
+                    group.request.future.set_exception(failure)
+            return
+        finally:
+            self._slots.release()
+        direct = stage >= self.stages
+        if self.metrics:
+            depth = self.plan.depths[stage % self.stages]
+            self.metrics.observe_stage(f"{depth}-direct" if direct else str(depth), len(batch),
+                                       time.monotonic() - started)
+        if direct:
+            self._dispatch_direct(stage, groups, logits)
+        else:
+            self._dispatch(stage, groups, logits, features)
 
     async def _maybe_wait_for_more(self, stage: int) -> None:
         """Wait (bounded) for samples still in earlier stages, if the batch is not full."""
