@@ -226,3 +226,17 @@ def test_bad_settings_are_one_line_errors(tiny_repository):
     assert result.returncode == 2 and "no manifest.json in /nowhere" in result.stderr
     result = run_module("serving", "--model-repository", str(tiny_repository), env={"EE_BACKEND": "tensorflow"})
     assert result.returncode == 2 and "EE_BACKEND" in result.stderr
+
+
+def test_the_example_client_runs_as_written(gateway, imagefolder):
+    import subprocess
+    import sys
+
+    from .conftest import REPO_ROOT
+
+    result = subprocess.run([sys.executable, "examples/query_gateway.py", "--http", gateway.http_url, "--grpc",
+                             gateway.grpc_url, "--model", MODEL, "--data", str(imagefolder), "--count", "6"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "HTTP: exit depths" in result.stdout and "gRPC: accuracy" in result.stdout
+    assert result.stdout.count("classify: image") == 4
