@@ -9,7 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common.triton_launcher import free_port, http_ready
+from common.triton_launcher import free_port, http_ready, stop_process
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,16 +47,10 @@ class GatewayServer:
 
     def stop(self) -> int:
         """Terminate gracefully (SIGTERM), kill after 30 s; returns the exit status."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        status = stop_process(self.process)
         if hasattr(self.log, "close"):
             self.log.close()
-        return self.process.returncode
+        return status
 
     def __enter__(self) -> GatewayServer:
         return self

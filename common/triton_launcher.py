@@ -40,6 +40,20 @@ def http_ready(address: str) -> bool:
         return False
 
 
+def stop_process(process: subprocess.Popen | None, timeout: float = 30.0) -> int | None:
+    """SIGTERM (a graceful stop), SIGKILL after `timeout` seconds; returns the exit status."""
+    if process is None:
+        return None
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 def _site_packages(venv: Path) -> Path:
     found = glob.glob(str(venv / "lib" / "python3*" / "site-packages"))
     if not found:
@@ -115,13 +129,7 @@ class TritonServer:
         return http_ready(self.http_url)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
     def __enter__(self) -> TritonServer:
         return self.start()
