@@ -117,3 +117,25 @@ def test_torchrun_two_cpu_processes(imagefolder, tmp_path):
     assert result.returncode == 0, result.stderr[:3000]
     meta = load_metadata(checkpoint)
     assert meta["training"]["world_size"] == 2 and meta["epochs_completed"] == 1
+
+
+def test_init_from_starts_a_fresh_schedule_from_trained_weights(imagefolder, tmp_path):
+    first = tmp_path / "first.safetensors"
+    train(imagefolder, first, "--epochs", "1")
+    second = tmp_path / "second.safetensors"
+    result = train(imagefolder, second, "--epochs", "1", "--init-from", str(first), "--amp", "bf16")
+    assert "initialised from" in result.stdout
+    meta = load_metadata(second)
+    assert meta["training"]["init_from"]["epochs_completed"] == 1
+    assert meta["training"]["amp"] == "bf16" and meta["epochs_completed"] == 1
+    # One more epoch moved the weights away from the starting point.
+    a, b = load_file(str(first)), load_file(str(second))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_from_refuses_another_heldout_split(imagefolder, tmp_path):
+    first = tmp_path / "first.safetensors"
+    train(imagefolder, first, "--epochs", "1")
+    result = run_module("training.train", *TINY, "--data", str(imagefolder),
+                        "--output", str(tmp_path / "x.safetensors"), "--init-from", str(first), "--heldout-seed", "1")
+    assert result.returncode == 2 and "held-out split" in result.stderr

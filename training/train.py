@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from common.errors import UserError, run_cli
-from training.checkpoint import build_metadata, save_checkpoint, save_resume_state
+from training.checkpoint import build_metadata, load_checkpoint, save_checkpoint, save_resume_state
 from training.datasets import FORMATS, channel_stats, heldout_split, load_split
 from training.losses import MultiExitLoss, parse_exit_weights
 from training.models import MultiExitNet, create_model, list_models
@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     run.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                      help="channels-last memory format (auto: on for CUDA)")
+    run.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
+                     help="mixed precision (auto: bf16 or fp16 on CUDA, off on CPU; bf16 on a CPU with "
+                          "AVX-512 BF16/AMX trains ~1.6x faster)")
+    run.add_argument("--init-from", type=Path, default=None,
+                     help="start from this checkpoint's weights with a fresh optimiser and schedule "
+                          "(recorded in the checkpoint)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -141,15 +147,29 @@ class Trainer:
             self.optimizer, lambda step: lr_multiplier(args.schedule, step, total))
         self.start_epoch = 0
         self.history: list[dict] = []
+        self.init_meta = None
         if args.resume:
             self._resume()
+        elif args.init_from:
+            self._init_from(args.init_from)
         self.network = self.model
         if self.world > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.network = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-        amp_dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-        self.autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if self.device.type == "cuda" else nullcontext
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and amp_dtype == torch.float16)
+        amp_dtype = self._amp_dtype()
+        device_type = self.device.type
+        self.autocast = (lambda: torch.autocast(device_type, dtype=amp_dtype)) if amp_dtype else nullcontext
+        self.scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        amp = self.args.amp
+        if amp == "auto":
+            if self.device.type != "cuda":
+                return None
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if amp == "fp16" and self.device.type != "cuda":
+            raise UserError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
+        return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
     def _pick_device(self) -> torch.device:
         requested = self.args.device
@@ -192,13 +212,30 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.start_epoch = state["epoch"]
         self.history = state["history"]
+        self.init_meta = state.get("init_from")
         if self.rank == 0:
             print(f"resumed from {self.resume_file} after epoch {self.start_epoch}")
+
+    def _init_from(self, path: Path) -> None:
+        source, meta = load_checkpoint(path)
+        if meta["model"] != self.args.model or meta["num_classes"] != len(self.classes):
+            raise UserError(f"--init-from {path} holds {meta['model']} with {meta['num_classes']} classes, "
+                            f"not {self.args.model} with {len(self.classes)}")
+        held = meta.get("heldout", {})
+        if (held.get("seed"), held.get("size")) != (self.args.heldout_seed, self.args.heldout_size):
+            raise UserError(f"--init-from {path} was trained with another held-out split; "
+                            "its held-out images would not be held out")
+        self.model.load_state_dict(source.state_dict())
+        self.init_meta = {"path": str(path), "epochs_completed": meta.get("epochs_completed"),
+                          "schedule": meta.get("training", {}).get("schedule"), "date": meta.get("date")}
+        if self.rank == 0:
+            print(f"initialised from {path} ({meta.get('epochs_completed')} epochs)")
 
     def training_config(self) -> dict:
         config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.args).items()}
         config.update(exit_weights=list(self.loss.exit_weights), world_size=self.world,
-                      model_kwargs={"width": self.args.width}, device=str(self.device))
+                      model_kwargs={"width": self.args.width}, device=str(self.device),
+                      init_from=self.init_meta)
         return config
 
     def train_epoch(self, epoch: int) -> dict:
@@ -280,7 +317,7 @@ class Trainer:
         save_resume_state(self.resume_file, {
             "model_name": self.args.model, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "epoch": epochs_done, "history": self.history,
+            "epoch": epochs_done, "history": self.history, "init_from": self.init_meta,
         })
         if was_cl:
             self.model.to(memory_format=torch.channels_last)
