@@ -5,8 +5,11 @@ Arrays are indexed [exit, sample]: `scores` (confidence, higher = surer) and
 exit whose score reaches the exit's threshold; the last exit always answers.
 
 - `calibrate_accuracy_drop`: lowest mean MACs with held-out accuracy at most
-  `max_drop` below the final exit's (greedy over per-exit thresholds).
+  `max_drop` below the final exit's.
 - `calibrate_compute_budget`: best held-out accuracy with mean MACs within a budget.
+  Both pick a point on one greedy trade-off path over per-exit thresholds (so the
+  chosen point only gets cheaper as the target loosens), then polish it one exit
+  at a time.
 - `calibrate_with_guarantee`: Learn-then-Test (Angelopoulos et al., 2021). For one
   threshold shared by the early exits, scanned from strict to lax over a grid fixed
   before seeing data, each candidate is tested with an exact binomial p-value for
@@ -70,49 +73,79 @@ def _candidates(scores: np.ndarray, count: int) -> list[np.ndarray]:
     return grids
 
 
-def _greedy(scores, correct, macs, feasible, better, done, count: int) -> np.ndarray:
-    grids = _candidates(scores, count)
+def _thresholds(grids, position) -> np.ndarray:
+    return np.array([g[p] for g, p in zip(grids, position)] + [0.0])
+
+
+def trade_off_path(scores, correct, macs, grids) -> list[tuple[tuple[int, ...], Outcome]]:
+    """Greedy path from every early exit closed to every early exit wide open.
+
+    Each step relaxes one exit by one grid position: a step that loses no accuracy
+    first, else the one that saves the most MACs per accuracy lost. Mean MACs
+    never rise along it, since relaxing a threshold only moves samples earlier.
+    """
     position = [0] * len(grids)
-    current = evaluate(scores, correct, macs, [g[0] for g in grids] + [0.0])
-    while not done(current):
+    current = evaluate(scores, correct, macs, _thresholds(grids, position))
+    path = [(tuple(position), current)]
+    while True:
         best = None
         for exit_index, grid in enumerate(grids):
             if position[exit_index] + 1 >= len(grid):
                 continue
             trial = list(position)
             trial[exit_index] += 1
-            outcome = evaluate(scores, correct, macs, [g[p] for g, p in zip(grids, trial)] + [0.0])
-            if not feasible(outcome):
-                continue
-            key = better(current, outcome)
+            outcome = evaluate(scores, correct, macs, _thresholds(grids, trial))
+            saved, lost = current.mean_macs - outcome.mean_macs, current.accuracy - outcome.accuracy
+            key = (1, -lost, saved) if lost <= 1e-12 else (0, saved / lost, 0.0)
             if best is None or key > best[0]:
                 best = (key, trial, outcome)
         if best is None:
-            break
+            return path
         _, position, current = best
-    return np.array([g[p] for g, p in zip(grids, position)] + [0.0])
+        path.append((tuple(position), current))
+
+
+def _refine(scores, correct, macs, grids, position, current: Outcome, feasible, objective, rounds: int = 3):
+    """Coordinate search around a path point: any single exit's grid value that scores better and stays feasible."""
+    position = list(position)
+    for _ in range(rounds):
+        improved = False
+        for exit_index, grid in enumerate(grids):
+            for value in range(len(grid)):
+                if value == position[exit_index]:
+                    continue
+                trial = list(position)
+                trial[exit_index] = value
+                outcome = evaluate(scores, correct, macs, _thresholds(grids, trial))
+                if feasible(outcome) and objective(outcome) > objective(current):
+                    position, current, improved = trial, outcome, True
+        if not improved:
+            break
+    return _thresholds(grids, position)
 
 
 def calibrate_accuracy_drop(scores, correct, macs, max_drop: float, candidates: int = 100) -> np.ndarray:
     """Thresholds that save the most MACs with accuracy >= final exit's - max_drop."""
-    floor = correct[-1].mean() - max_drop
-
-    def saving_per_loss(current: Outcome, trial: Outcome) -> float:
-        return (current.mean_macs - trial.mean_macs) / max(current.accuracy - trial.accuracy, 1e-9)
-
-    return _greedy(scores, correct, macs, lambda o: o.accuracy >= floor - 1e-12, saving_per_loss,
-                   lambda o: False, candidates)
+    floor = correct[-1].mean() - max_drop - 1e-12
+    grids = _candidates(scores, candidates)
+    path = trade_off_path(scores, correct, macs, grids)
+    feasible = [(pos, out) for pos, out in path if out.accuracy >= floor] or path[:1]
+    position, outcome = min(feasible, key=lambda item: (item[1].mean_macs, -item[1].accuracy))
+    return _refine(scores, correct, macs, grids, position, outcome, lambda o: o.accuracy >= floor,
+                   lambda o: (-o.mean_macs, o.accuracy))
 
 
 def calibrate_compute_budget(scores, correct, macs, max_mean_macs: float, candidates: int = 100) -> np.ndarray:
-    """Thresholds that keep the most accuracy while lowering mean MACs to the budget."""
-
-    def loss_per_saving(current: Outcome, trial: Outcome) -> float:
-        saved = current.mean_macs - trial.mean_macs
-        return -(current.accuracy - trial.accuracy) / max(saved, 1e-9) if saved > 0 else -math.inf
-
-    return _greedy(scores, correct, macs, lambda o: True, loss_per_saving,
-                   lambda o: o.mean_macs <= max_mean_macs, candidates)
+    """Thresholds with the best accuracy whose mean MACs stay within the budget (the cheapest if none do)."""
+    grids = _candidates(scores, candidates)
+    path = trade_off_path(scores, correct, macs, grids)
+    within = [(pos, out) for pos, out in path if out.mean_macs <= max_mean_macs + 1e-9]
+    if not within:
+        position, outcome = min(path, key=lambda item: item[1].mean_macs)
+        return _thresholds(grids, position)
+    position, outcome = max(within, key=lambda item: (item[1].accuracy, -item[1].mean_macs))
+    return _refine(scores, correct, macs, grids, position, outcome, lambda o: o.mean_macs <= max_mean_macs + 1e-9,
+                   lambda o: (o.accuracy, -o.mean_macs))
 
 
 def binomial_cdf(k: int, n: int, p: float) -> float:

@@ -11,6 +11,7 @@ from benchmarks.calibration import (
     evaluate,
     exits_taken,
     oracle,
+    trade_off_path,
 )
 
 MACS = np.array([1.0, 2.0, 4.0])
@@ -83,3 +84,34 @@ def test_learn_then_test_with_an_impossible_target_never_exits_early():
     correct[0] = ~correct[0]  # exit 0 is now wrong whenever confident
     thresholds, details = calibrate_with_guarantee(scores, correct, max_drop=0.0, delta=0.05)
     assert details["shared_threshold"] is None and list(thresholds[:-1]) == [NEVER, NEVER]
+
+
+def noisy(n=5000, seed=0):
+    """Five exits whose correctness only loosely follows their scores, as with a real network."""
+    rng = np.random.default_rng(seed)
+    skill = np.array([0.70, 0.80, 0.84, 0.86, 0.88])
+    scores = rng.beta(2 + 6 * skill[:, None], 2, size=(5, n))
+    correct = rng.uniform(size=(5, n)) < 0.25 + 0.75 * scores ** 2 * skill[:, None] / skill.max()
+    return scores, correct, np.array([1.0, 1.7, 2.4, 3.1, 3.8])
+
+
+def test_path_only_gets_cheaper_and_looser_targets_never_cost_more():
+    scores, correct, macs = noisy()
+    grids = [np.concatenate([[NEVER], np.linspace(1, 0, 21)]) for _ in range(4)]
+    path = trade_off_path(scores, correct, macs, grids)
+    costs = [outcome.mean_macs for _, outcome in path]
+    assert costs[0] == macs[-1] and costs[-1] == macs[0] and all(a >= b for a, b in zip(costs, costs[1:]))
+    drops = [0.0, 0.005, 0.01, 0.02, 0.05]
+    spent = [evaluate(scores, correct, macs, calibrate_accuracy_drop(scores, correct, macs, d)).mean_macs
+             for d in drops]
+    assert all(a >= b - 1e-9 for a, b in zip(spent, spent[1:])), spent
+    budgets = [3.5, 3.0, 2.5, 2.0]
+    kept = [evaluate(scores, correct, macs, calibrate_compute_budget(scores, correct, macs, b)) for b in budgets]
+    assert all(o.mean_macs <= b + 1e-9 for o, b in zip(kept, budgets))
+    assert all(a.accuracy >= b.accuracy - 1e-9 for a, b in zip(kept, kept[1:])), [o.accuracy for o in kept]
+
+
+def test_budget_uses_middle_exits_when_they_pay():
+    scores, correct, macs = noisy()
+    outcome = evaluate(scores, correct, macs, calibrate_compute_budget(scores, correct, macs, 2.4))
+    assert outcome.mean_macs <= 2.4 and sum(outcome.exit_share[1:4]) > 0.05
