@@ -133,9 +133,14 @@ def test_init_from_starts_a_fresh_schedule_from_trained_weights(imagefolder, tmp
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_init_from_refuses_another_heldout_split(imagefolder, tmp_path):
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--heldout-seed", "1"], "held-out split"),
+    (["--width", "8"], "width 4"),
+    (["--amp", "fp16"], "needs CUDA"),
+])
+def test_init_from_and_amp_refuse_what_does_not_fit(imagefolder, tmp_path, extra, message):
     first = tmp_path / "first.safetensors"
     train(imagefolder, first, "--epochs", "1")
     result = run_module("training.train", *TINY, "--data", str(imagefolder),
-                        "--output", str(tmp_path / "x.safetensors"), "--init-from", str(first), "--heldout-seed", "1")
-    assert result.returncode == 2 and "held-out split" in result.stderr
+                        "--output", str(tmp_path / "x.safetensors"), "--init-from", str(first), *extra)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

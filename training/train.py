@@ -126,6 +126,7 @@ class Trainer:
             torch.distributed.init_process_group(backend=backend)
         if args.model not in list_models():  # before the data, which takes a while to load
             create_model(args.model)
+        self.amp_dtype = self._amp_dtype()  # before the data, so a bad --amp fails at once
         torch.manual_seed(args.seed)
         self.output = args.output or REPO_ROOT / "checkpoints" / f"{args.model}.safetensors"
         self.resume_file = self.output.with_suffix(".resume.pt")
@@ -156,7 +157,7 @@ class Trainer:
         if self.world > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.network = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-        amp_dtype = self._amp_dtype()
+        amp_dtype = self.amp_dtype
         device_type = self.device.type
         self.autocast = (lambda: torch.autocast(device_type, dtype=amp_dtype)) if amp_dtype else nullcontext
         self.scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
@@ -218,9 +219,10 @@ class Trainer:
 
     def _init_from(self, path: Path) -> None:
         source, meta = load_checkpoint(path)
-        if meta["model"] != self.args.model or meta["num_classes"] != len(self.classes):
-            raise UserError(f"--init-from {path} holds {meta['model']} with {meta['num_classes']} classes, "
-                            f"not {self.args.model} with {len(self.classes)}")
+        width = meta.get("training", {}).get("model_kwargs", {}).get("width", 16)
+        if (meta["model"], meta["num_classes"], width) != (self.args.model, len(self.classes), self.args.width):
+            raise UserError(f"--init-from {path} holds {meta['model']} (width {width}, {meta['num_classes']} classes), "
+                            f"not {self.args.model} (width {self.args.width}, {len(self.classes)} classes)")
         held = meta.get("heldout", {})
         if (held.get("seed"), held.get("size")) != (self.args.heldout_seed, self.args.heldout_size):
             raise UserError(f"--init-from {path} was trained with another held-out split; "
