@@ -58,3 +58,24 @@ def test_unknown_exit_depth_lists_available_depths():
     assert model.exit_index(5) == 1
     with pytest.raises(UserError, match="available depths: 3, 5, 8"):
         model.exit_index(4)
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.25, 1.0])
+def test_head_grad_scale_scales_what_early_heads_send_into_the_trunk(scale):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    grads, outputs = {}, {}
+    for s in (1.0, scale):
+        model = create_model("mwresnet8_3", num_classes=5).train()
+        torch.manual_seed(1)
+        model.load_state_dict(create_model("mwresnet8_3", num_classes=5).state_dict())
+        model.head_grad_scale = s
+        logits = model(x)
+        logits[0].sum().backward()  # only the first, early exit's loss
+        grad = model.stem.weight.grad  # None when no gradient reaches the trunk
+        grads[s] = torch.zeros_like(model.stem.weight) if grad is None else grad.clone()
+        outputs[s] = [out.detach() for out in logits]
+        assert model.heads[0].fc.weight.grad.abs().sum() > 0  # the head itself always learns
+    for a, b in zip(outputs[1.0], outputs[scale]):
+        torch.testing.assert_close(a, b)  # forward values do not change
+    torch.testing.assert_close(grads[scale], grads[1.0] * scale)

@@ -84,6 +84,10 @@ class MultiExitNet(nn.Module):
         self.exits = list(exits)
         self.num_classes = num_classes
         self.input_size = input_size
+        # Gradient the early heads send into the shared trunk while training
+        # (1 = Multi-way BP; 0 = heads trained on detached features). Forward values
+        # are unchanged, and eval/export never sees it.
+        self.head_grad_scale = 1.0
 
     @property
     def exit_depths(self) -> list[int]:
@@ -104,7 +108,11 @@ class MultiExitNet(nn.Module):
         if index == 0:
             x = self.stem(x)
         features = self.segments[index](x)
-        return self.heads[index](features), features
+        head_input = features
+        scale = self.head_grad_scale
+        if scale != 1.0 and index < len(self.segments) - 1 and self.training and torch.is_grad_enabled():
+            head_input = features.detach() if scale == 0 else features * scale + features.detach() * (1 - scale)
+        return self.heads[index](head_input), features
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         logits = []

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="per-exit cross-entropy weights, e.g. 1,1,1,1,1 (default all 1)")
     loss.add_argument("--distill-weight", type=float, default=0.0,
                       help="self-distillation of early exits from the final exit (0 = off)")
+    loss.add_argument("--head-grad-scale", type=float, default=1.0,
+                      help="scale of the gradient the early exits' heads send into the shared trunk "
+                           "(1 = Multi-way BP, the default; 0 = trunk trained by the final exit only, "
+                           "early heads on detached features)")
     loss.add_argument("--temperature", type=float, default=3.0, help="distillation temperature")
     run = parser.add_argument_group("run")
     run.add_argument("--output", type=Path, default=None,
@@ -133,6 +137,7 @@ class Trainer:
         self.log_file = self.output.with_suffix(".log.jsonl")
         self._load_data()
         self.model = create_model(args.model, num_classes=len(self.classes), width=args.width)
+        self.model.head_grad_scale = args.head_grad_scale
         self.model.to(self.device)
         self.channels_last = args.channels_last == "on" or (
             args.channels_last == "auto" and self.device.type == "cuda")
@@ -331,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1:
         raise UserError("--epochs and --batch-size must be positive")
+    if not 0.0 <= args.head_grad_scale <= 1.0:
+        raise UserError("--head-grad-scale must be between 0 and 1")
     Trainer(args).run()
     return 0
 
