@@ -51,12 +51,17 @@ def profile_shapes(spec: TensorSpec, settings: EngineSettings) -> tuple[tuple[in
 
 
 def require_tensorrt():
-    """Import TensorRT and check for a CUDA device, or raise TensorRTUnavailable."""
+    """Import TensorRT 10 and check for a CUDA device, or raise TensorRTUnavailable."""
     try:
         import tensorrt
     except ImportError:
-        raise TensorRTUnavailable(f"TensorRT is not installed (pip install tensorrt from NVIDIA's index, "
+        raise TensorRTUnavailable(f"TensorRT is not installed (pip install 'tensorrt==10.*' from NVIDIA's index, "
                                   f"on a CUDA machine); {ONNX_INSTEAD}") from None
+    version = getattr(tensorrt, "__version__", "unknown")
+    if not version.startswith("10."):
+        # TensorRT 11 removed BuilderFlag.FP16 and the implicit precision flags this builder uses.
+        raise TensorRTUnavailable(f"TensorRT {version} is installed, but this exporter is written against "
+                                  f"TensorRT 10 (pip install 'tensorrt==10.*'); {ONNX_INSTEAD}")
     try:
         import torch
 
@@ -68,6 +73,11 @@ def require_tensorrt():
     return tensorrt
 
 
+def has_fast_fp16(capability: tuple[int, int]) -> bool:
+    """Native full-rate FP16: sm_53, sm_60, sm_62 and sm_70 onwards (sm_61 runs FP16 at 1/64 rate)."""
+    return tuple(capability) >= (7, 0) or tuple(capability) in ((5, 3), (6, 0), (6, 2))
+
+
 class PlanBuilder:
     """Builds one serialised engine per model, sharing a timing cache."""
 
@@ -77,7 +87,10 @@ class PlanBuilder:
         self.log = log
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
         self.builder = self.trt.Builder(self.logger)
-        self.fp16 = settings.precision == "fp16" and self.builder.platform_has_fast_fp16
+        # Asked of CUDA: Builder.platform_has_fast_fp16 is deprecated since TensorRT 10.5.
+        import torch
+
+        self.fp16 = settings.precision == "fp16" and has_fast_fp16(torch.cuda.get_device_capability())
         if settings.precision == "fp16" and not self.fp16:
             log("this GPU has no fast FP16: building FP32 engines")
         self._cache_bytes = b""

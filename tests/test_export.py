@@ -204,6 +204,24 @@ def test_to_trt_without_tensorrt_stops_before_writing(tiny_checkpoint, tmp_path)
         assert not output.exists()
 
 
+def test_tensorrt_other_than_10_is_refused_with_one_line(monkeypatch):
+    import types
+
+    from export.tensorrt_build import TensorRTUnavailable, require_tensorrt
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="11.0.1"))
+    with pytest.raises(TensorRTUnavailable, match=r"TensorRT 11\.0\.1 is installed.*TensorRT 10"):
+        require_tensorrt()
+
+
+@pytest.mark.parametrize(("capability", "fast"), [((8, 0), True), ((9, 0), True), ((7, 5), True), ((6, 0), True),
+                                                  ((6, 1), False), ((5, 2), False), ((5, 3), True)])
+def test_fast_fp16_by_compute_capability(capability, fast):
+    from export.tensorrt_build import has_fast_fp16
+
+    assert has_fast_fp16(capability) is fast
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--exits", "3,4"], "no exit at depth 4; available depths: 3, 5, 8"),
     (["--exits", "x"], "comma-separated depths"),
