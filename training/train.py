@@ -31,7 +31,7 @@ from training.transforms import augment, to_normalized
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-SCHEDULES = ("step", "cosine", "onecycle")
+SCHEDULES = ("step", "cosine", "onecycle", "constant")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--weight-decay", type=float, default=5e-4)
     optim.add_argument("--schedule", choices=SCHEDULES, default="onecycle",
                        help="step: lr/10 at 50%% and 75%% (the paper's, for long runs); "
-                            "cosine or onecycle (warm-up then cosine) for short runs")
+                            "cosine or onecycle (warm-up then cosine) for short runs; constant: a fixed lr, "
+                            "for weight averaging (--snapshots, then python -m training.average)")
     loss = parser.add_argument_group("loss")
     loss.add_argument("--exit-weights", default=None,
                       help="per-exit cross-entropy weights, e.g. 1,1,1,1,1 (default all 1)")
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--init-from", type=Path, default=None,
                      help="start from this checkpoint's weights with a fresh optimiser and schedule "
                           "(recorded in the checkpoint)")
+    run.add_argument("--snapshots", action="store_true",
+                     help="also keep every epoch's weights in <output stem>.snapshots/ (for training.average)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -95,6 +98,8 @@ def lr_multiplier(schedule: str, step: int, total_steps: int) -> float:
     progress = step / max(1, total_steps)
     if schedule == "step":
         return 1.0 if progress < 0.5 else 0.1 if progress < 0.75 else 0.01
+    if schedule == "constant":
+        return 1.0
     if schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * progress))
     warmup = 0.15  # onecycle: linear warm-up from lr/25, then cosine to ~0
@@ -117,6 +122,10 @@ def evaluate_exits(model: MultiExitNet, images: np.ndarray, labels: np.ndarray, 
                 correct[index] += (logits.argmax(1) == target).sum().cpu()
     model.train(was_training)
     return (correct.double() / max(1, len(labels))).tolist()
+
+
+def snapshot_path(output: Path, epoch: int) -> Path:
+    return output.parent / f"{output.stem}.snapshots" / f"epoch_{epoch:03d}.safetensors"
 
 
 class Trainer:
@@ -321,6 +330,8 @@ class Trainer:
         if was_cl:
             self.model.to(memory_format=torch.contiguous_format)
         save_checkpoint(self.output, self.model, metadata)
+        if self.args.snapshots:
+            save_checkpoint(snapshot_path(self.output, epochs_done), self.model, metadata)
         save_resume_state(self.resume_file, {
             "model_name": self.args.model, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
