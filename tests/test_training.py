@@ -144,3 +144,40 @@ def test_init_from_and_amp_refuse_what_does_not_fit(imagefolder, tmp_path, extra
     result = run_module("training.train", *TINY, "--data", str(imagefolder),
                         "--output", str(tmp_path / "x.safetensors"), "--init-from", str(first), *extra)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_constant_schedule_snapshots_and_weight_averaging(imagefolder, tmp_path):
+    run_dir = tmp_path / "run"
+    train(imagefolder, run_dir / "m.safetensors", "--epochs", "2", "--schedule", "constant",
+          "--lr", "0.03", "--snapshots")
+    log = [json.loads(line) for line in (run_dir / "m.log.jsonl").read_text().splitlines()]
+    assert [round(r["lr"], 6) for r in log] == [0.03, 0.03]
+    snapshots = sorted((run_dir / "m.snapshots").glob("epoch_*.safetensors"))
+    assert [p.name for p in snapshots] == ["epoch_001.safetensors", "epoch_002.safetensors"]
+    averaged = tmp_path / "avg.safetensors"
+    result = run_module("training.average", *map(str, snapshots), "--output", str(averaged),
+                        "--no-progress", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    assert "averaged 2 checkpoints; held-out acc 3:" in result.stdout
+    a, b, avg = (load_file(str(p)) for p in (*snapshots, averaged))
+    weight = "stem.weight" if "stem.weight" in a else next(k for k in a if k.endswith("conv1.weight"))
+    torch.testing.assert_close(avg[weight], (a[weight] + b[weight]) / 2)
+    # Batch-norm statistics come from a fresh pass, not from averaging the snapshots'.
+    running = next(k for k in a if k.endswith("running_var"))
+    assert not torch.allclose(avg[running], (a[running] + b[running]) / 2)
+    meta = load_metadata(averaged)
+    assert [e["epochs_completed"] for e in meta["averaged_from"]] == [1, 2]
+    assert len(meta["heldout_acc"]) == 3 and meta["batchnorm_recomputed_on"]["images"] == 90
+    model, _ = load_checkpoint(averaged)
+    assert not model.training
+
+
+def test_average_refuses_checkpoints_of_different_runs(imagefolder, tmp_path):
+    first, other = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    train(imagefolder, first, "--epochs", "1")
+    train(imagefolder, other, "--epochs", "1", "--heldout-seed", "3")
+    result = run_module("training.average", str(first), str(other), "--output", str(tmp_path / "c.safetensors"))
+    assert result.returncode == 2 and "only checkpoints of one run" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_module("training.average", str(first), "--output", str(first))
+    assert result.returncode == 2 and "must not be one of" in result.stderr

@@ -38,13 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def dataset_source(metadata: dict, data: Path | None) -> Path:
+    """The dataset a checkpoint was trained on, unless the user names another."""
+    if data is not None:
+        return Path(data)
+    recorded = metadata["heldout"].get("source")
+    return Path(recorded) if recorded and Path(recorded).exists() else DEFAULT_DATA
+
+
 def evaluate_checkpoint(checkpoint: Path, data: Path | None = None, data_format: str = "auto",
                         batch_size: int = 500) -> dict:
     model, metadata = load_checkpoint(checkpoint)
     heldout = metadata["heldout"]
-    source = Path(data or heldout.get("source") or DEFAULT_DATA)
-    if data is None and not source.exists():
-        source = DEFAULT_DATA
+    source = dataset_source(metadata, data)
     train = load_split(source, "train", data_format)
     test = load_split(source, "test", data_format)
     if tuple(train.classes) != tuple(metadata["classes"]):
