@@ -181,3 +181,21 @@ def test_average_refuses_checkpoints_of_different_runs(imagefolder, tmp_path):
     assert "Traceback" not in result.stderr
     result = run_module("training.average", str(first), "--output", str(first))
     assert result.returncode == 2 and "must not be one of" in result.stderr
+
+
+def test_freeze_trunk_trains_only_the_early_heads(imagefolder, tmp_path):
+    first = tmp_path / "first.safetensors"
+    train(imagefolder, first, "--epochs", "1")
+    refit = tmp_path / "refit.safetensors"
+    train(imagefolder, refit, "--epochs", "1", "--init-from", str(first), "--freeze-trunk", "--lr", "0.05")
+    a, b = load_file(str(first)), load_file(str(refit))
+    frozen = [k for k in a if not k.startswith(("heads.0.", "heads.1."))]
+    assert any(k.startswith("heads.2.") for k in frozen) and any(k.endswith("running_mean") for k in frozen)
+    for key in frozen:  # trunk and final exit unchanged, batch-norm statistics included
+        assert torch.equal(a[key], b[key]), key
+    assert not torch.equal(a["heads.0.fc.weight"], b["heads.0.fc.weight"])
+    assert not torch.equal(a["heads.1.bn.running_mean"], b["heads.1.bn.running_mean"])
+    assert load_metadata(refit)["training"]["freeze_trunk"] is True
+    result = run_module("training.train", *TINY, "--data", str(imagefolder),
+                        "--output", str(tmp_path / "x.safetensors"), "--freeze-trunk")
+    assert result.returncode == 2 and "needs trained weights" in result.stderr

@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="scale of the gradient the early exits' heads send into the shared trunk "
                            "(1 = Multi-way BP, the default; 0 = trunk trained by the final exit only, "
                            "early heads on detached features)")
+    loss.add_argument("--freeze-trunk", action="store_true",
+                      help="train only the early exits' heads; the trunk and the final exit (weights and "
+                           "batch-norm statistics) stay as loaded. With --init-from: refit the early heads "
+                           "to a trunk that changed, e.g. after weight averaging")
     loss.add_argument("--temperature", type=float, default=3.0, help="distillation temperature")
     run = parser.add_argument_group("run")
     run.add_argument("--output", type=Path, default=None,
@@ -154,7 +158,12 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.loss = MultiExitLoss(parse_exit_weights(args.exit_weights, len(self.model.exits)),
                                   args.distill_weight, args.temperature)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=args.momentum,
+        if args.freeze_trunk:
+            self.model.requires_grad_(False)
+            for head in self.model.heads[:-1]:
+                head.requires_grad_(True)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=args.momentum,
                                          weight_decay=args.weight_decay, nesterov=True)
         self.steps_per_epoch = math.ceil(len(self.train_labels) / (args.batch_size * self.world))
         total = self.steps_per_epoch * args.epochs
@@ -260,6 +269,9 @@ class Trainer:
         order = torch.randperm(len(self.train_labels), generator=generator, device=self.device)
         order = order[self.rank :: self.world]
         self.model.train()
+        if args.freeze_trunk:  # frozen parts keep their batch-norm statistics too
+            for module in (self.model.stem, *self.model.segments, self.model.heads[-1]):
+                module.eval()
         num_exits = len(self.model.exits)
         loss_sum, seen = 0.0, 0
         correct = torch.zeros(num_exits, device=self.device)
@@ -347,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1:
         raise UserError("--epochs and --batch-size must be positive")
+    if args.freeze_trunk and not (args.init_from or args.resume):
+        raise UserError("--freeze-trunk needs trained weights: give --init-from (or --resume)")
     if not 0.0 <= args.head_grad_scale <= 1.0:
         raise UserError("--head-grad-scale must be between 0 and 1")
     Trainer(args).run()
