@@ -4,7 +4,7 @@ import torch
 
 from common.errors import UserError
 from training.datasets import channel_stats, detect_format, heldout_split, load_split
-from training.transforms import augment, to_normalized
+from training.transforms import apply_cutout, augment, to_normalized
 
 from .conftest import CLASSES
 
@@ -86,3 +86,24 @@ def test_normalisation_and_augmentation():
     assert set(augmented.unique().tolist()) <= {0.0, 1.0}
     mean, std = channel_stats(images)
     assert mean == [1.0, 1.0, 1.0] and std == [0.0, 0.0, 0.0]
+
+
+def test_cutout_zeroes_one_clipped_square_per_image_in_every_channel():
+    batch = torch.ones(256, 3, 32, 32)
+    out = apply_cutout(batch, torch.Generator().manual_seed(0), 16)
+    zeroed = out == 0
+    # The same pixels in every channel, and nothing else changed.
+    assert torch.equal(zeroed.all(1), zeroed.any(1))
+    assert set(out.unique().tolist()) <= {0.0, 1.0}
+    for mask in zeroed[:, 0]:
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        assert 1 <= len(rows) <= 16 and 1 <= len(cols) <= 16
+        # A rectangle: every row and column it spans is fully zeroed inside its bounds.
+        assert int(mask.sum()) == len(rows) * len(cols)
+        assert rows.diff().eq(1).all() and cols.diff().eq(1).all()
+    counts = zeroed[:, 0].sum((1, 2))
+    assert counts.max() == 256 and counts.min() < 256  # whole squares inside, clipped at borders
+    # Off by default: augment leaves a constant image to crops of it and padding.
+    plain = augment(batch, torch.Generator().manual_seed(0), padding=0)
+    torch.testing.assert_close(plain, batch)
+    assert (augment(batch, torch.Generator().manual_seed(0), padding=0, cutout=8) == 0).any()

@@ -21,7 +21,8 @@ def train(data, output, *extra, env=None):
 
 def test_two_step_training_writes_a_complete_checkpoint(imagefolder, tmp_path):
     checkpoint = tmp_path / "tiny.safetensors"
-    result = train(imagefolder, checkpoint, "--epochs", "1", "--exit-weights", "0.5,1,1", "--distill-weight", "0.5")
+    result = train(imagefolder, checkpoint, "--epochs", "1", "--exit-weights", "0.5,1,1", "--distill-weight", "0.5",
+                   "--cutout", "8")
     assert "epoch 1:" in result.stdout
     meta = load_metadata(checkpoint)
     assert meta["model"] == "mwresnet8_3" and meta["classes"] == ["cat", "dog", "ship"]
@@ -30,7 +31,7 @@ def test_two_step_training_writes_a_complete_checkpoint(imagefolder, tmp_path):
     assert all(e["macs"] > 0 and e["params"] > 0 for e in meta["exits"])
     assert meta["heldout"]["seed"] == 0 and meta["heldout"]["size"] == 30
     assert meta["training"]["exit_weights"] == [0.5, 1.0, 1.0]
-    assert meta["training"]["distill_weight"] == 0.5
+    assert meta["training"]["distill_weight"] == 0.5 and meta["training"]["cutout"] == 8
     assert len(meta["normalization"]["mean"]) == 3 and meta["git_commit"] and meta["date"]
     log = [json.loads(line) for line in checkpoint.with_suffix(".log.jsonl").read_text().splitlines()]
     assert log[0]["epoch"] == 1 and len(log[0]["heldout_acc"]) == 3
@@ -93,6 +94,7 @@ def test_evaluate_writes_per_exit_tables(imagefolder, tmp_path):
         ("training.train", ["--data", "{junk}"], "cannot tell the format"),
         ("training.train", ["--data", "{folder}", "--exit-weights", "1,2"], "3 exits"),
         ("training.train", ["--data", "{folder}", "--resume"], "does not exist"),
+        ("training.train", ["--data", "{folder}", "--cutout", "-1"], "--cutout must be"),
         ("training.evaluate", ["--checkpoint", "/no/such.safetensors"], "checkpoint not found"),
     ],
 )

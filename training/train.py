@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--heldout-size", type=int, default=5000,
                       help="images carved from train/ for calibration, never trained on (default 5000)")
     data.add_argument("--heldout-seed", type=int, default=0, help="seed of the held-out split (recorded)")
+    data.add_argument("--cutout", type=int, default=0, metavar="PIXELS",
+                      help="Cutout augmentation: zero one PIXELS x PIXELS square per training image "
+                           "(16 is the paper's size for CIFAR-10; default 0 = off)")
     data.add_argument("--limit-train", type=int, default=0, help="train on the first N images only (smoke runs)")
     optim = parser.add_argument_group("optimisation (SGD with Nesterov momentum)")
     optim.add_argument("--epochs", type=int, default=30)
@@ -282,7 +285,7 @@ class Trainer:
             if len(index) == 0:
                 break
             batch = to_normalized(self.train_images[index], self.mean, self.std)
-            batch = augment(batch.to(self.device), generator)
+            batch = augment(batch.to(self.device), generator, cutout=args.cutout)
             if self.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             target = self.train_labels[index]
@@ -359,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1:
         raise UserError("--epochs and --batch-size must be positive")
+    if args.cutout < 0:
+        raise UserError("--cutout must be 0 (off) or a square size in pixels")
     if args.freeze_trunk and not (args.init_from or args.resume):
         raise UserError("--freeze-trunk needs trained weights: give --init-from (or --resume)")
     if not 0.0 <= args.head_grad_scale <= 1.0:
