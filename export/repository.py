@@ -31,7 +31,8 @@ from export.onnx_export import ExportedModel
 from export.triton_config import BatchingConfig, model_config, model_file_name
 
 PYTHON_MODEL_TEMPLATE = Path(__file__).with_name("triton_python_model.py")
-# Builds a TensorRT plan from ONNX bytes and the model's input spec.
+# Builds a TensorRT plan from ONNX bytes, the model's input spec and its name
+# (export.tensorrt_build.TensorRTPlanBuilder is the real one; tests pass a stand-in).
 PlanBuilder = Callable[[bytes, TensorSpec, str], bytes]
 
 

@@ -78,7 +78,7 @@ def has_fast_fp16(capability: tuple[int, int]) -> bool:
     return tuple(capability) >= (7, 0) or tuple(capability) in ((5, 3), (6, 0), (6, 2))
 
 
-class PlanBuilder:
+class TensorRTPlanBuilder:
     """Builds one serialised engine per model, sharing a timing cache."""
 
     def __init__(self, settings: EngineSettings, log=print) -> None:

@@ -16,7 +16,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from common.errors import run_cli  # noqa: E402
 from export.pipeline import add_export_arguments, export_checkpoint, options_from_args  # noqa: E402
-from export.tensorrt_build import DEFAULT_TIMING_CACHE, EngineSettings, PlanBuilder  # noqa: E402
+from export.tensorrt_build import DEFAULT_TIMING_CACHE, EngineSettings, TensorRTPlanBuilder  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     settings = EngineSettings(args.min_batch, args.opt_batch, args.max_batch_size, args.precision,
                               args.workspace_mb, args.timing_cache)
-    builder = PlanBuilder(settings)  # fails here, before any export, without TensorRT or CUDA
+    builder = TensorRTPlanBuilder(settings)  # fails here, before any export, without TensorRT or CUDA
     options = replace(options_from_args(args), backend="tensorrt")
     export_checkpoint(options, plan_builder=builder)
     return 0

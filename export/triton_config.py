@@ -1,15 +1,19 @@
-"""Triton `config.pbtxt` text for exported models (protobuf text format)."""
+"""Triton `config.pbtxt` for exported models: a `ModelConfig` message in protobuf text format."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
 from common.manifest import TensorSpec
 
+# backend -> (ModelConfig field, its value, the model file in a version directory)
 PLATFORMS = {
-    "onnxruntime": ('platform: "onnxruntime_onnx"', "model.onnx"),
-    "tensorrt": ('platform: "tensorrt_plan"', "model.plan"),
-    "python": ('backend: "python"', "model.py"),
+    "onnxruntime": ("platform", "onnxruntime_onnx", "model.onnx"),
+    "tensorrt": ("platform", "tensorrt_plan", "model.plan"),
+    "python": ("backend", "python", "model.py"),
 }
 
 
@@ -21,12 +25,38 @@ class BatchingConfig:
     instance_count: int = 1
 
 
-def _tensor_block(kind: str, specs: list[TensorSpec]) -> str:
-    entries = []
-    for spec in specs:
-        dims = ", ".join(str(d) for d in spec.shape)
-        entries.append(f'  {{\n    name: "{spec.name}"\n    data_type: TYPE_{spec.dtype}\n    dims: [ {dims} ]\n  }}')
-    return f"{kind} [\n" + ",\n".join(entries) + "\n]"
+def _tensor(message, spec: TensorSpec) -> None:
+    message.name = spec.name
+    message.data_type = model_config_pb2.DataType.Value(f"TYPE_{spec.dtype}")
+    message.dims.extend(spec.shape)
+
+
+def build_model_config(
+    name: str,
+    backend: str,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    batching: BatchingConfig,
+) -> model_config_pb2.ModelConfig:
+    if backend not in PLATFORMS:
+        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(PLATFORMS)}")
+    field, value, _ = PLATFORMS[backend]
+    config = model_config_pb2.ModelConfig(name=name, max_batch_size=batching.max_batch_size)
+    setattr(config, field, value)
+    for spec in inputs:
+        _tensor(config.input.add(), spec)
+    for spec in outputs:
+        _tensor(config.output.add(), spec)
+    config.dynamic_batching.preferred_batch_size.extend(
+        b for b in batching.preferred_batch_sizes if b <= batching.max_batch_size)
+    config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
+    kind = model_config_pb2.ModelInstanceGroup.KIND_GPU if backend == "tensorrt" \
+        else model_config_pb2.ModelInstanceGroup.KIND_CPU
+    config.instance_group.add(count=batching.instance_count, kind=kind)
+    if backend == "python":
+        # The stub runs model.py with this venv's onnxruntime; one thread per instance.
+        config.parameters["intra_op_threads"].string_value = "1"
+    return config
 
 
 def model_config(
@@ -36,27 +66,9 @@ def model_config(
     outputs: list[TensorSpec],
     batching: BatchingConfig,
 ) -> str:
-    if backend not in PLATFORMS:
-        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(PLATFORMS)}")
-    platform_line, _ = PLATFORMS[backend]
-    preferred = [b for b in batching.preferred_batch_sizes if b <= batching.max_batch_size]
-    kind = "KIND_GPU" if backend == "tensorrt" else "KIND_CPU"
-    parts = [
-        f'name: "{name}"',
-        platform_line,
-        f"max_batch_size: {batching.max_batch_size}",
-        _tensor_block("input", inputs),
-        _tensor_block("output", outputs),
-        "dynamic_batching {\n"
-        + (f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n" if preferred else "")
-        + f"  max_queue_delay_microseconds: {batching.max_queue_delay_us}\n}}",
-        f"instance_group [\n  {{\n    count: {batching.instance_count}\n    kind: {kind}\n  }}\n]",
-    ]
-    if backend == "python":
-        # The stub runs model.py with this venv's onnxruntime; one thread per instance.
-        parts.append('parameters: {\n  key: "intra_op_threads"\n  value: { string_value: "1" }\n}')
-    return "\n".join(parts) + "\n"
+    """The `config.pbtxt` text of one model."""
+    return text_format.MessageToString(build_model_config(name, backend, inputs, outputs, batching))
 
 
 def model_file_name(backend: str) -> str:
-    return PLATFORMS[backend][1]
+    return PLATFORMS[backend][2]

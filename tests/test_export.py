@@ -189,19 +189,29 @@ def test_tensorrt_profile_shapes_and_settings():
         EngineSettings(precision="int3")
 
 
-def test_to_trt_without_tensorrt_stops_before_writing(tiny_checkpoint, tmp_path):
+def test_to_trt_builds_plans_or_stops_before_writing(tiny_checkpoint, tmp_path):
+    """Without TensorRT or CUDA: one line and nothing written. With both: a plan per model."""
     pytest.importorskip("torch")
+    from export.tensorrt_build import TensorRTUnavailable, require_tensorrt
+
     output = tmp_path / "engines"
     result = subprocess.run([sys.executable, "export/to_trt.py", "--checkpoint", str(tiny_checkpoint),
-                             "--exits", "3,8", "--output", str(output)], cwd=REPO_ROOT, capture_output=True,
-                            text=True, timeout=120)
+                             "--exits", "3,8", "--output", str(output), "--timing-cache", str(tmp_path / "cache")],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     try:
-        import tensorrt  # noqa: F401
-    except ImportError:
+        require_tensorrt()
+    except TensorRTUnavailable as missing:
         assert result.returncode == 2
-        assert result.stderr.count("\n") == 1 and "TensorRT is not installed" in result.stderr
+        assert result.stderr == f"error: {missing}\n"
         assert "export/to_onnx.py" in result.stderr
         assert not output.exists()
+        return
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(output)
+    assert manifest.backend == "tensorrt" and manifest.exit_depths == [3, 8]
+    for entry in manifest.exits:
+        for deployed in (entry.exit_model, entry.segment_model):
+            assert (_version_dir(output, deployed) / "model.plan").stat().st_size > 0
 
 
 def test_tensorrt_other_than_10_is_refused_with_one_line(monkeypatch):
