@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
 
 from common.manifest import FEATURES_INPUT, FEATURES_OUTPUT, IMAGE_INPUT, LOGITS_OUTPUT, TensorSpec
+from common.onnxruntime_session import create_session
 from training.models import MultiExitNet
 
 OPSET = 17
@@ -73,14 +73,7 @@ def _to_onnx(module: nn.Module, example: torch.Tensor, input_name: str, output_n
     return buffer.getvalue()
 
 
-def ort_session(onnx_bytes: bytes | str, threads: int = 1) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
-
-
-def _run_in_batches(session: ort.InferenceSession, inputs: np.ndarray, batch: int = 256) -> list[np.ndarray]:
+def _run_in_batches(session, inputs: np.ndarray, batch: int = 256) -> list[np.ndarray]:
     input_name = session.get_inputs()[0].name
     chunks = [session.run(None, {input_name: inputs[i:i + batch]}) for i in range(0, len(inputs), batch)]
     return [np.concatenate([chunk[k] for chunk in chunks]) for k in range(len(chunks[0]))]
@@ -120,7 +113,7 @@ def export_and_validate(
     input_spec = TensorSpec(IMAGE_INPUT, list(images.shape[1:]))
     for index in sorted(exit_indices):
         onnx_bytes = _to_onnx(_ExitPrefix(model, index), example, IMAGE_INPUT, [LOGITS_OUTPUT])
-        (logits,) = _run_in_batches(ort_session(onnx_bytes, threads=2), images)
+        (logits,) = _run_in_batches(create_session(onnx_bytes, intra_op_threads=2), images)
         error, agreement = _compare(f"exit {model.exits[index].depth}", logits,
                                     reference[index].numpy(), tolerance, min_agreement)
         out_spec = TensorSpec(LOGITS_OUTPUT, [model.num_classes])
@@ -137,7 +130,7 @@ def export_and_validate(
         stage = _Stage(model, start, index, last)
         in_spec = TensorSpec(input_name, list(features.shape[1:]))
         onnx_bytes = _to_onnx(stage, features_torch[:2], input_name, outputs)
-        results = _run_in_batches(ort_session(onnx_bytes, threads=2), features)
+        results = _run_in_batches(create_session(onnx_bytes, intra_op_threads=2), features)
         error, agreement = _compare(f"segment to exit {model.exits[index].depth} (chained)",
                                     results[0], reference[index].numpy(), tolerance, min_agreement)
         out_specs = [TensorSpec(LOGITS_OUTPUT, [model.num_classes])]

@@ -25,18 +25,9 @@ from tqdm import tqdm
 
 from common.errors import UserError, run_cli
 from common.manifest import DeployedModel, ManifestError, read_manifest, write_manifest
+from common.onnxruntime_session import create_session, execution_providers
 
 DEFAULT_BATCH_SIZES = "1,2,4,8,16,32,64"
-
-
-def _session(path: Path, threads: int, provider: str):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=[provider])
 
 
 def measure(session, input_shape: list[int], batch: int, repeats: int, warmup: int = 2) -> float:
@@ -61,8 +52,7 @@ def profile_repository(repository: Path, batch_sizes: list[int], threads: int, r
         manifest = read_manifest(repository)
     except ManifestError as error:
         raise UserError(str(error)) from None
-    provider = "CUDAExecutionProvider" if "CUDAExecutionProvider" in ort.get_available_providers() \
-        else "CPUExecutionProvider"
+    provider = execution_providers("auto")[0]
     jobs: list[tuple[int, str, DeployedModel]] = []
     for position, entry in enumerate(manifest.exits):
         jobs.append((position, "segment_model", entry.segment_model))
@@ -75,7 +65,7 @@ def profile_repository(repository: Path, batch_sizes: list[int], threads: int, r
         if not path.exists():
             raise UserError(f"{path} not found: profiling needs the ONNX files (TensorRT-only repositories "
                             "are not profiled yet)")
-        session = _session(path, threads, provider)
+        session = create_session(path, threads, device="auto")
         per_batch = {}
         for batch in batch_sizes:
             if batch > manifest.max_batch_size:

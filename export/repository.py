@@ -17,6 +17,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from common import onnxruntime_session
 from common.manifest import (
     MANIFEST_FILE,
     DeployedModel,
@@ -31,6 +32,8 @@ from export.onnx_export import ExportedModel
 from export.triton_config import BatchingConfig, model_config, model_file_name
 
 PYTHON_MODEL_TEMPLATE = Path(__file__).with_name("triton_python_model.py")
+# model.py imports the session factory from beside it: copied verbatim, never reimplemented.
+PYTHON_MODEL_FILES = {"model.py": PYTHON_MODEL_TEMPLATE, "onnxruntime_session.py": Path(onnxruntime_session.__file__)}
 # Builds a TensorRT plan from ONNX bytes, the model's input spec and its name
 # (export.tensorrt_build.TensorRTPlanBuilder is the real one; tests pass a stand-in).
 PlanBuilder = Callable[[bytes, TensorSpec, str], bytes]
@@ -104,7 +107,8 @@ def _write_model(staging: Path, name: str, backend: str, exported: ExportedModel
     else:
         _write_file(version_dir / "model.onnx", exported.onnx_bytes)
         if backend == "python":
-            _write_file(version_dir / "model.py", PYTHON_MODEL_TEMPLATE.read_bytes())
+            for file_name, source in PYTHON_MODEL_FILES.items():
+                _write_file(version_dir / file_name, source.read_bytes())
     config = model_config(name, backend, exported.inputs, exported.outputs, batching)
     _write_file(model_dir / "config.pbtxt", config.encode())
     return DeployedModel(name, version, exported.inputs, exported.outputs)

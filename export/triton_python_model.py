@@ -2,15 +2,17 @@
 
 Copied as `model.py` into every version directory of a `backend: "python"`
 repository: the form that the CPU-only `tritonserver` of nvidia-pytriton can
-load. Inputs and outputs are taken from the model's config.pbtxt.
+load. Inputs and outputs are taken from the model's config.pbtxt. The session
+comes from the project's one factory, `common/onnxruntime_session.py`, which the
+repository writer copies verbatim beside this file (the stub imports it from there).
 """
 
 import json
 import os
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+from onnxruntime_session import create_session
 
 
 class TritonPythonModel:
@@ -19,12 +21,8 @@ class TritonPythonModel:
         self.input_names = [spec["name"] for spec in config["input"]]
         self.output_names = [spec["name"] for spec in config["output"]]
         threads = int(config.get("parameters", {}).get("intra_op_threads", {}).get("string_value", "1"))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.session = create_session(path, threads, device="cpu")
 
     def execute(self, requests):
         # Triton's dynamic batcher hands over several requests: run them as one batch.

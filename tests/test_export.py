@@ -12,8 +12,9 @@ from tritonclient.grpc import model_config_pb2
 
 from common.errors import UserError
 from common.manifest import MANIFEST_FILE, Manifest, read_manifest
+from common.onnxruntime_session import create_session
 from export import repository as repository_module
-from export.onnx_export import export_and_validate, ort_session, validation_images
+from export.onnx_export import export_and_validate, validation_images
 from export.pipeline import ExportOptions, export_checkpoint, parse_exit_depths
 from export.tensorrt_build import EngineSettings, profile_shapes
 from export.triton_config import BatchingConfig
@@ -35,9 +36,9 @@ def test_both_forms_match_pytorch_and_the_segment_chain_matches_per_exit_models(
     assert manifest.exit_depths == [3, 5, 8]
     features = images
     for entry in manifest.exits:
-        per_exit = ort_session(str(_version_dir(tiny_repository, entry.exit_model) / "model.onnx"))
+        per_exit = create_session(str(_version_dir(tiny_repository, entry.exit_model) / "model.onnx"))
         (exit_logits,) = per_exit.run(None, {"images": images})
-        segment = ort_session(str(_version_dir(tiny_repository, entry.segment_model) / "model.onnx"))
+        segment = create_session(str(_version_dir(tiny_repository, entry.segment_model) / "model.onnx"))
         outputs = segment.run(None, {entry.segment_model.inputs[0].name: features})
         np.testing.assert_allclose(outputs[0], exit_logits, atol=1e-4)
         if len(outputs) > 1:
@@ -143,7 +144,7 @@ def test_export_killed_halfway_leaves_the_old_repository_loadable(tiny_checkpoin
     assert (output / MANIFEST_FILE).read_text() == manifest_before
     manifest = read_manifest(output)
     for entry in manifest.exits:
-        ort_session(str(_version_dir(output, entry.segment_model) / "model.onnx"))
+        create_session(str(_version_dir(output, entry.segment_model) / "model.onnx"))
         assert not (output / entry.segment_model.name / "2").exists()
     # The next export clears the dead process's staging directory.
     export_checkpoint(ExportOptions(tiny_checkpoint, "3", output, validation_images=20), **QUIET)

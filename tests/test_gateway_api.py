@@ -12,7 +12,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from common.manifest import read_manifest
-from export.onnx_export import ort_session
+from common.onnxruntime_session import create_session
 
 from .conftest import GatewayProcess, png_bytes
 
@@ -36,7 +36,7 @@ def images(tiny_repository):
 
 def final_exit_logits(repository, images):
     entry = read_manifest(repository).exits[-1].exit_model
-    session = ort_session(str(repository / entry.name / str(entry.version) / "model.onnx"))
+    session = create_session(str(repository / entry.name / str(entry.version) / "model.onnx"))
     return session.run(None, {"images": images})[0]
 
 

@@ -6,8 +6,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from common.manifest import read_manifest
+from common.onnxruntime_session import create_session
 from common.triton_launcher import TritonServer
-from export.onnx_export import ort_session
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,8 @@ def test_every_exit_and_segment_matches_onnx_runtime(triton, tiny_repository, pr
         for deployed in (entry.exit_model, entry.segment_model):
             assert client.is_model_ready(deployed.name, str(deployed.version))
         (exit_logits,) = _infer(client, module, entry.exit_model, {"images": images}, ["logits"])
-        session = ort_session(str(tiny_repository / entry.exit_model.name / str(entry.exit_model.version)
-                                  / "model.onnx"))
+        session = create_session(tiny_repository / entry.exit_model.name / str(entry.exit_model.version)
+                                 / "model.onnx")
         np.testing.assert_allclose(exit_logits, session.run(None, {"images": images})[0], atol=1e-5)
         names = [spec.name for spec in entry.segment_model.outputs]
         outputs = _infer(client, module, entry.segment_model, {entry.segment_model.inputs[0].name: features}, names)
