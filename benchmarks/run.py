@@ -35,9 +35,9 @@ from benchmarks.loadgen import LevelResult, Target, closed_loop, open_loop
 from benchmarks.report import write_report
 from benchmarks.servers import GatewayServer
 from benchmarks.sweep import offline_sweep
+from benchmarks.triton_launcher import DEFAULT_VENV, TritonServer, triton_installed
 from common.errors import UserError, run_cli
 from common.manifest import Manifest, ManifestError, read_manifest, write_manifest
-from common.triton_launcher import TritonServer, TritonUnavailable
 from serving.preprocess import normalise_uint8
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -255,13 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep = benchmark.calibrate_and_sweep()
     triton_venv = None
     if not args.no_triton:
-        from common.triton_launcher import DEFAULT_VENV, _site_packages
-
-        try:
-            _site_packages(DEFAULT_VENV)
-            triton_venv = DEFAULT_VENV
-        except TritonUnavailable:
-            triton_venv = None
+        triton_venv = DEFAULT_VENV if triton_installed(DEFAULT_VENV) else None
     benchmark.online(triton_venv)
     summary = benchmark.summary(sweep, command)
     benchmark._write_json("summary.json", summary)

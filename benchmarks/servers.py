@@ -9,7 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common.triton_launcher import free_port, http_ready, stop_process
+from benchmarks.triton_launcher import free_port, http_ready, stop_process
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

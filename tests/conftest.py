@@ -143,7 +143,7 @@ def triton_required() -> bool:
 
 @pytest.fixture(scope="session")
 def triton_venv() -> Path:
-    from common.triton_launcher import DEFAULT_VENV
+    from benchmarks.triton_launcher import DEFAULT_VENV
 
     if not (DEFAULT_VENV / "bin").exists():
         if triton_required():

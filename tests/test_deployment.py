@@ -9,7 +9,7 @@ import sys
 import httpx
 import pytest
 
-from common.triton_launcher import free_port
+from benchmarks.triton_launcher import free_port
 
 from .conftest import REPO_ROOT
 

@@ -5,7 +5,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from common.triton_launcher import TritonServer
+from benchmarks.triton_launcher import TritonServer
 
 from .conftest import GatewayProcess
 
@@ -47,7 +47,7 @@ def test_triton_backend_gives_the_same_answers_as_onnx_runtime(triton, tiny_repo
 
 
 def test_unreachable_triton_is_a_one_line_error(tiny_repository):
-    from common.triton_launcher import free_port
+    from benchmarks.triton_launcher import free_port
 
     from .conftest import run_module
 

@@ -5,9 +5,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from benchmarks.triton_launcher import TritonServer
 from common.manifest import read_manifest
 from common.onnxruntime_session import create_session
-from common.triton_launcher import TritonServer
 
 
 @pytest.fixture(scope="module")

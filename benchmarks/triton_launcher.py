@@ -1,4 +1,5 @@
-"""Start and stop a real `tritonserver` from the nvidia-pytriton wheel (stdlib only).
+"""Start and stop a real `tritonserver` from the nvidia-pytriton wheel: the harness of
+the Triton benchmarks and integration tests (stdlib only).
 
 The wheel ships a CPU `tritonserver` 2.51 with the Python backend only. It lives
 in its own virtualenv (`.venv-triton`, numpy<2) so that it cannot disturb the
@@ -52,6 +53,15 @@ def stop_process(process: subprocess.Popen | None, timeout: float = 30.0) -> int
             process.kill()
             process.wait()
     return process.returncode
+
+
+def triton_installed(venv: Path = DEFAULT_VENV) -> bool:
+    """Whether `venv` is a Triton virtualenv (`make triton` creates one)."""
+    try:
+        _site_packages(venv)
+    except TritonUnavailable:
+        return False
+    return True
 
 
 def _site_packages(venv: Path) -> Path:
