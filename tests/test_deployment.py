@@ -1,6 +1,5 @@
 """What the Dockerfile runs, checked outside a container (there is no Docker engine here)."""
 
-import ast
 import re
 import shutil
 import subprocess
@@ -12,17 +11,6 @@ import pytest
 from benchmarks.triton_launcher import free_port
 
 from .conftest import REPO_ROOT
-
-
-def test_serving_never_imports_torch():
-    for path in (REPO_ROOT / "serving").rglob("*.py"):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            assert not any(name.split(".")[0] in ("torch", "training", "export") for name in names), path
-    code = "import sys, serving.app, serving.__main__; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT).returncode == 0
 
 
 def _dockerfile():
