@@ -55,10 +55,11 @@ def calibrate(outputs: ExitOutputs, macs, score: str = "max_prob", max_drop: flo
     return thresholds, details
 
 
-def apply_thresholds(manifest: Manifest, thresholds, details: dict) -> Manifest:
+def apply_thresholds(manifest: Manifest, thresholds, details: dict, command: str | None = None) -> Manifest:
+    """`manifest` with these thresholds and how they were chosen (writing it is the caller's choice)."""
     exits = [replace(entry, threshold=float(t)) for entry, t in zip(manifest.exits, thresholds)]
     details = {**details, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "command": "python -m benchmarks.calibrate " + " ".join(sys.argv[1:])}
+               "command": command or "python -m benchmarks.calibrate " + " ".join(sys.argv[1:])}
     return manifest.with_exits(exits, calibration=details)
 
 

@@ -14,12 +14,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-# What we aim for (issue 6): (summary key, comparison, target, description)
+# What we aim for (issue 6): (summary key, comparison, target, description); {c} is the
+# headline concurrency of the run.
 AIMS = [
     ("acc_drop_pt", "<=", 0.5, "accuracy drop against the final exit (points)"),
     ("mean_macs_fraction", "<=", 0.40, "mean MACs / full network"),
-    ("throughput_ratio_c16", ">=", 2.0, "throughput, early exit / full network (embedded, c=16)"),
-    ("p99_ratio_c16", "<=", 1.0, "p99 latency, early exit / full network (embedded, c=16)"),
+    ("throughput_ratio_c{c}", ">=", 2.0, "throughput, early exit / full network (embedded, c={c})"),
+    ("p99_ratio_c{c}", "<=", 1.0, "p99 latency, early exit / full network (embedded, c={c})"),
     ("triton_throughput_ratio", ">=", 1.6, "throughput, early exit via Triton backend / full network on Triton"),
     ("gateway_overhead_ratio", ">=", 0.85, "throughput, full network through gateway on Triton / Triton direct"),
     ("budget_attainment", ">=", 0.99, "share of budget requests answered within budget"),
@@ -97,7 +98,9 @@ def render(summary: dict, sweep: list[dict], scenarios: dict) -> str:
              f"Run `{summary['command']}` at commit `{summary['commit']}` on {summary['machine']}, "
              f"{summary['date']}. Checkpoint: `{summary.get('checkpoint')}`.", "",
              "## Headline (summary.json)", "", "| measure | value | aim | met |", "|---|---:|---:|:---:|"]
+    concurrency = summary.get("headline_concurrency", 16)
     for key, op, target, description in AIMS:
+        key, description = key.format(c=concurrency), description.format(c=concurrency)
         value = summary.get(key)
         met = "n/a" if value is None else "yes" if (value <= target if op == "<=" else value >= target) else "**no**"
         lines.append(f"| {description} (`{key}`) | {_fmt(value)} | {op} {target} | {met} |")

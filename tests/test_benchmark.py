@@ -8,11 +8,11 @@ import pytest
 
 from benchmarks.exit_outputs import compute_exit_outputs, load_images
 from benchmarks.loadgen import Target, closed_loop, open_loop
-from benchmarks.run import Benchmark, Plan
+from benchmarks.run import Plan, run_benchmark
 from benchmarks.servers import GatewayServer
 from benchmarks.sweep import offline_sweep
 from common.errors import UserError
-from common.manifest import read_manifest
+from common.manifest import MANIFEST_FILE, read_manifest
 from serving.preprocess import normalise_uint8
 
 
@@ -96,35 +96,31 @@ def test_only_loopback_targets():
         Target("grpc", "10.1.2.3:8001", "m")
 
 
-def test_the_runner_writes_every_file(tiny_repository, triton_venv, tmp_path):
-    import shutil
-
-    repository = tmp_path / "repo"
-    shutil.copytree(tiny_repository, repository)
+def test_the_runner_writes_every_file_and_leaves_the_repository_as_it_was(tiny_repository, triton_venv, tmp_path):
+    manifest_before = (tiny_repository / MANIFEST_FILE).read_text()
     plan = Plan(concurrency=(1, 2), headline_concurrency=2, requests=20, seconds=3.0, rates=(20.0,),
                 budget_factors=(1.0, 2.0), images=30)
-    benchmark = Benchmark(repository, tmp_path / "out", plan, log=lambda message: None)
-    (tmp_path / "out").mkdir()
-    sweep = benchmark.calibrate_and_sweep()
-    assert read_manifest(repository).exits[0].threshold is not None  # calibration was written
-    benchmark.online(triton_venv)
-    summary = benchmark.summary(sweep, "test")
-    benchmark._write_json("summary.json", summary)
-    from benchmarks.report import write_report
-
-    write_report(tmp_path / "out")
+    output = tmp_path / "out"
+    summary = run_benchmark(tiny_repository, output, plan, triton_venv, "test", log=lambda message: None)
+    assert (tiny_repository / MANIFEST_FILE).read_text() == manifest_before  # calibrated in a copy
+    calibration = json.loads((output / "calibration.json").read_text())
+    assert calibration["exit_depths"] == [3, 5, 8] and calibration["method"] == "accuracy_drop"
+    assert len(calibration["thresholds"]) == 3 and all(t is not None for t in calibration["thresholds"])
+    # Ratios are named after the plan's headline concurrency (c16 in the default plans).
     for key in ("final_exit_test_acc", "early_exit_test_acc", "acc_drop_pt", "mean_macs_fraction",
-                "oracle_macs_fraction", "throughput_ratio_c16", "p99_ratio_c16", "triton_throughput_ratio",
+                "oracle_macs_fraction", "throughput_ratio_c2", "p99_ratio_c2", "triton_throughput_ratio",
                 "gateway_overhead_ratio", "budget_attainment", "command", "commit", "machine", "date"):
         assert summary[key] is not None, key
-    names = {p.name for p in (tmp_path / "out").iterdir()}
-    assert {"sweep.csv", "sweep.json", "summary.json", "REPORT.md", "accuracy_vs_macs.png",
+    assert json.loads((output / "summary.json").read_text()) == summary
+    names = {p.name for p in output.iterdir()}
+    assert {"sweep.csv", "sweep.json", "summary.json", "calibration.json", "REPORT.md", "accuracy_vs_macs.png",
             "throughput_vs_concurrency.png", "p99_vs_throughput.png"} <= names
     for scenario in ("full_gateway_onnxruntime", "early_gateway_onnxruntime", "full_triton_direct",
                      "full_gateway_triton", "early_gateway_triton", "fixed3_gateway_onnxruntime",
                      "budget1x_gateway_onnxruntime"):
-        rows = json.loads((tmp_path / "out" / f"scenario_{scenario}.json").read_text())
+        rows = json.loads((output / f"scenario_{scenario}.json").read_text())
         for row in rows:
             assert row["completed"] + row["errors"] == row["sent"] and row["errors"] == 0
-    assert "| scenario | mode |" in (tmp_path / "out" / "REPORT.md").read_text()
+    report = (output / "REPORT.md").read_text()
+    assert "| scenario | mode |" in report and "(`throughput_ratio_c2`)" in report
     assert np.isfinite(summary["acc_drop_pt"])
