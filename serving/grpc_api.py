@@ -9,7 +9,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from serving.dataplane import DataPlane, InferRequest, RequestedOutput
 from serving.errors import GatewayError, InvalidInput, InvalidParameter
-from serving.tensors import NUMPY_TYPES, Tensor, check_shape, from_list, from_raw, to_raw
+from serving.tensors import Tensor, check_shape, from_list, from_raw, to_raw
 
 # InferTensorContents field holding each datatype when raw_input_contents is not used.
 CONTENT_FIELDS = {
@@ -31,8 +31,6 @@ def parse_model_infer(request: service_pb2.ModelInferRequest) -> InferRequest:
     inputs = []
     for position, spec in enumerate(request.inputs):
         shape = check_shape(spec.name, list(spec.shape))
-        if spec.datatype not in NUMPY_TYPES and spec.datatype != "BYTES":
-            raise InvalidInput(f"input {spec.name!r}: unsupported datatype {spec.datatype!r}")
         if raw:
             data = from_raw(spec.name, spec.datatype, shape, raw[position])
         else:
