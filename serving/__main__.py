@@ -3,9 +3,10 @@
     python -m serving --model-repository model_repository --backend onnxruntime \\
         --http-port 8080 --grpc-port 8081
 
-Every flag can also be set with an EE_* environment variable (shown in each
-help line); flags win. The gateway serves KServe v2 over HTTP and gRPC (so
-tritonclient works unchanged), POST /v1/classify for image files, and /metrics.
+Every flag can also be set with an environment variable, EE_ and the flag's
+name in capitals (--http-port: EE_HTTP_PORT; all are listed below); flags win.
+The gateway serves KServe v2 over HTTP and gRPC (so tritonclient works
+unchanged), POST /v1/classify for image files, and /metrics.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import uvicorn
 
 from common.errors import run_cli
 from serving.app import Gateway, configure_logging
-from serving.settings import add_arguments, load_settings
+from serving.settings import load_settings, settings_parser
 
 
-class GatewayServer(uvicorn.Server):
+class GracefulUvicornServer(uvicorn.Server):
     """uvicorn re-raises SIGTERM after a graceful shutdown; we exit 0 instead."""
 
     @contextlib.contextmanager
@@ -40,17 +41,16 @@ class GatewayServer(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    settings = load_settings(parser.parse_args(argv))
+    parser = settings_parser(prog="python -m serving", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    settings = load_settings(argv, parser)
     configure_logging(settings.log_level)
     gateway = Gateway(settings)
     config = uvicorn.Config(gateway.http_app, host=settings.host, port=settings.http_port,
                             log_config=None, access_log=settings.access_log, timeout_graceful_shutdown=30,
                             log_level=settings.log_level)
     logging.getLogger("uvicorn.error").setLevel(settings.log_level.upper())
-    GatewayServer(config).run()  # SIGINT/SIGTERM: stop accepting, finish in-flight requests, then exit
+    GracefulUvicornServer(config).run()  # SIGINT/SIGTERM: stop accepting, finish in-flight requests, then exit
     return 0
 
 

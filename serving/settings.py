@@ -1,22 +1,30 @@
 """Gateway settings from command-line flags and `EE_*` environment variables.
 
-Precedence: flag, then environment variable, then default. Every value is
-validated; a bad one stops the gateway with one line naming the setting.
+pydantic-settings reads them: flag, then environment variable (`EE_` and the
+setting's name in capitals: `--http-port` is `EE_HTTP_PORT`), then default. Every
+value is validated; a bad one stops the gateway with one line naming the setting.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import sys
+import textwrap
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
 
 from common.errors import UserError
 
+ENV_PREFIX = "EE_"
 
-class Settings(BaseModel, extra="forbid"):
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", cli_kebab_case=True,
+                                      cli_implicit_flags=True)
+
     model_repository: Path = Field(Path("model_repository"), description="repository with manifest.json")
     backend: Literal["onnxruntime", "triton"] = Field("onnxruntime", description="where the stages run")
     triton_url: str = Field("127.0.0.1:8001", description="Triton address for --backend triton")
@@ -39,30 +47,28 @@ class Settings(BaseModel, extra="forbid"):
 
 
 def env_name(field: str) -> str:
-    return f"EE_{field.upper()}"
+    return f"{ENV_PREFIX}{field.upper()}"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_text = f"{field.description} (env {env_name(name)}, default {field.default})"
-        if field.annotation is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, default=None, help=help_text)
+class _OneLineErrors(argparse.ArgumentParser):
+    """Flag errors (unknown flag, value not among the choices) as one line, like validation errors."""
+
+    def error(self, message: str):
+        raise UserError(message)
 
 
-def load_settings(args: argparse.Namespace | None = None, environ: dict | None = None) -> Settings:
-    environ = os.environ if environ is None else environ
-    values = {}
-    for name in Settings.model_fields:
-        flag_value = getattr(args, name, None) if args is not None else None
-        if flag_value is not None:
-            values[name] = flag_value
-        elif env_name(name) in environ:
-            values[name] = environ[env_name(name)]
+def settings_parser(**kwargs) -> argparse.ArgumentParser:
+    """An argument parser whose help lists every setting, its default and its environment variable."""
+    environment = ", ".join(env_name(name) for name in Settings.model_fields)
+    epilog = textwrap.fill(f"Environment variables, used for flags not given: {environment}.", width=79)
+    return _OneLineErrors(epilog=epilog, **kwargs)
+
+
+def load_settings(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> Settings:
+    """Settings from `argv` (default: the command line) parsed by `parser`, the environment and defaults."""
+    flags = CliSettingsSource(Settings, root_parser=parser or settings_parser())
     try:
-        return Settings(**values)
+        return Settings(_cli_settings_source=flags(args=sys.argv[1:] if argv is None else argv))
     except ValidationError as error:
         first = error.errors()[0]
         name = ".".join(str(part) for part in first["loc"])

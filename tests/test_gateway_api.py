@@ -1,7 +1,10 @@
 """The gateway as a real process, called by real tritonclient and HTTP clients."""
 
 import json
+import re
 import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import httpx
@@ -208,13 +211,50 @@ def test_bad_grpc_input_gets_the_matching_code(gateway, images, model, parameter
         client.infer(MODEL, [wrong])
 
 
-def test_graceful_shutdown(tiny_repository, tmp_path):
+def _queue_depth(gateway) -> float:
+    match = re.search(r"^gateway_queue_depth (\S+)$", gateway.metrics(), re.M)
+    return float(match.group(1))
+
+
+def test_graceful_shutdown_finishes_requests_in_flight(tiny_repository, images, tmp_path):
+    """SIGTERM while requests over HTTP and gRPC are in the cascade: all answer, then exit 0.
+
+    One sample per backend call on one worker, and every sample through all three
+    stages, keeps each request in flight for many calls, so the state where every
+    request has entered the cascade and none has finished lasts long enough to see.
+    """
     log = tmp_path / "gateway.log"
-    process = GatewayProcess(tiny_repository, log_path=log)
-    process.process.send_signal(signal.SIGTERM)
-    assert process.process.wait(timeout=30) == 0
+    process = GatewayProcess(tiny_repository, "--workers", "1", "--max-batch-size", "1", "--max-wait-ms", "0",
+                             log_path=log)
+    batch = np.resize(images, (128, *images.shape[1:]))
+    requests = 8
+    try:
+        depths = _send_then_terminate(process, batch, requests)
+    finally:
+        status = process.stop()  # already exited unless the test failed
+    assert status == 0
+    assert all(d.tolist() == [8] * len(batch) for d in depths)
     text = log.read_text()
     assert "finishing in-flight requests" in text and "stopped" in text
+
+
+def _send_then_terminate(process, batch, requests):
+    """Send `requests` concurrent requests, SIGTERM once all are in the cascade; their exit depths."""
+
+    def call(position):
+        module = httpclient if position % 2 else grpcclient
+        client = module.InferenceServerClient(process.http_url if module is httpclient else process.grpc_url)
+        result = infer(module, client, batch, {"threshold": 2.0})  # never confident: every stage runs
+        return result.as_numpy("exit_depth")
+
+    with ThreadPoolExecutor(requests) as pool:
+        futures = [pool.submit(call, position) for position in range(requests)]
+        # More samples queued than all requests but one could hold: every request is in the cascade.
+        deadline = time.monotonic() + 60
+        while _queue_depth(process) <= (requests - 1) * len(batch):
+            assert time.monotonic() < deadline and not any(f.done() for f in futures), "requests never all in flight"
+        process.process.send_signal(signal.SIGTERM)
+        return [future.result(timeout=60) for future in futures]
 
 
 def test_bad_settings_are_one_line_errors(tiny_repository):
@@ -226,6 +266,17 @@ def test_bad_settings_are_one_line_errors(tiny_repository):
     assert result.returncode == 2 and "no manifest.json in /nowhere" in result.stderr
     result = run_module("serving", "--model-repository", str(tiny_repository), env={"EE_BACKEND": "tensorflow"})
     assert result.returncode == 2 and "EE_BACKEND" in result.stderr
+
+
+def test_settings_take_flags_then_environment_then_defaults(monkeypatch):
+    from serving.settings import load_settings
+
+    monkeypatch.setenv("EE_WORKERS", "5")
+    monkeypatch.setenv("EE_HTTP_PORT", "9000")
+    monkeypatch.setenv("EE_ACCESS_LOG", "true")
+    settings = load_settings(["--workers", "3", "--no-access-log", "--grpc-port", "-1"])
+    assert (settings.workers, settings.http_port, settings.grpc_port) == (3, 9000, -1)
+    assert settings.access_log is False and settings.max_batch_size == 64
 
 
 def test_the_example_client_runs_as_written(gateway, imagefolder):
