@@ -6,22 +6,19 @@ same ONNX segment chain, the same normalisation. No torch needed.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from common.checkpoint_meta import CheckpointMeta, metadata_path, read_checkpoint_meta
 from common.errors import UserError
 from common.manifest import Manifest
 from serving.backends import OnnxRuntimeBackend
 from serving.policy import confidence_scores, softmax
 from serving.preprocess import normalise_uint8
 from training.datasets import heldout_split, load_split
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
 @dataclass(frozen=True)
@@ -36,23 +33,21 @@ class ExitOutputs:
         return self.logits.argmax(axis=2) == self.labels[None, :]
 
 
-def checkpoint_metadata(manifest: Manifest, checkpoint: Path | None = None) -> dict:
-    path = Path(checkpoint or manifest.source.get("checkpoint", "")).with_suffix(".json")
+def checkpoint_metadata(manifest: Manifest, checkpoint: Path | None = None) -> CheckpointMeta:
+    path = metadata_path(checkpoint or manifest.source.get("checkpoint", ""))
     if not path.exists():
         raise UserError(f"checkpoint metadata {path} not found (pass --checkpoint): it names the held-out split")
-    return json.loads(path.read_text())
+    return read_checkpoint_meta(path)
 
 
 def load_images(manifest: Manifest, split: str, checkpoint: Path | None = None, data: Path | None = None,
                 limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images and labels of "heldout" (the checkpoint's) or "test"."""
     meta = checkpoint_metadata(manifest, checkpoint)
-    source = Path(data or meta["heldout"].get("source") or SHARED_DATA)
-    if data is None and not source.exists():
-        source = SHARED_DATA
+    source = meta.dataset_source(data)
     if split == "heldout":
         train = load_split(source, "train")
-        _, index = heldout_split(len(train), meta["heldout"]["size"], meta["heldout"]["seed"])
+        _, index = heldout_split(len(train), meta.heldout.size, meta.heldout.seed)
         images, labels = train.images[index], train.labels[index]
     elif split == "test":
         test = load_split(source, "test")

@@ -10,8 +10,7 @@ import urllib.request
 from pathlib import Path
 
 from benchmarks.triton_launcher import free_port, http_ready, stop_process
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from common.paths import REPO_ROOT
 
 
 class GatewayServer:

@@ -18,7 +18,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from common.paths import REPO_ROOT
+
 DEFAULT_VENV = Path(os.environ.get("EE_TRITON_VENV", REPO_ROOT / ".venv-triton"))
 
 

@@ -18,10 +18,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from PIL import Image
 
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository root: run as a plain script
+from common.paths import DEFAULT_DATA  # noqa: E402
 from training.datasets import load_split  # noqa: E402
-
-DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
 def main() -> int:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.checkpoint_meta import CheckpointMeta
 from common.manifest import FEATURES_INPUT, FEATURES_OUTPUT, IMAGE_INPUT, LOGITS_OUTPUT, TensorSpec
 from common.onnxruntime_session import create_session
 from training.models import MultiExitNet
@@ -143,20 +144,15 @@ def export_and_validate(
     return exported
 
 
-def validation_images(checkpoint_meta: dict, data: Path | None, count: int) -> np.ndarray:
+def validation_images(checkpoint_meta: CheckpointMeta, data: Path | None, count: int) -> np.ndarray:
     """`count` normalised held-out images of the checkpoint's dataset (never test)."""
     from training.datasets import heldout_split, load_split
-    from training.train import DEFAULT_DATA
     from training.transforms import to_normalized
 
-    heldout = checkpoint_meta["heldout"]
-    source = Path(data or heldout.get("source") or DEFAULT_DATA)
-    if data is None and not source.exists():
-        source = DEFAULT_DATA
-    train = load_split(source, "train")
-    _, heldout_idx = heldout_split(len(train), heldout["size"], heldout["seed"])
+    train = load_split(checkpoint_meta.dataset_source(data), "train")
+    _, heldout_idx = heldout_split(len(train), checkpoint_meta.heldout.size, checkpoint_meta.heldout.seed)
     if len(heldout_idx) == 0:
         heldout_idx = np.arange(len(train))
     chosen = heldout_idx[:count]
-    norm = checkpoint_meta["normalization"]
-    return to_normalized(train.images[chosen], norm["mean"], norm["std"]).numpy()
+    norm = checkpoint_meta.normalization
+    return to_normalized(train.images[chosen], norm.mean, norm.std).numpy()

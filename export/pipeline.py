@@ -9,10 +9,10 @@ from pathlib import Path
 
 from common.errors import UserError
 from common.manifest import BACKENDS, Manifest
+from common.paths import DEFAULT_CHECKPOINT, REPO_ROOT
+from common.provenance import git_commit
 from export.triton_config import BatchingConfig
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "mwresnet56_5.safetensors"
 DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
 
 
@@ -78,13 +78,13 @@ def export_checkpoint(options: ExportOptions, plan_builder=None, log=print) -> M
     """Export, validate and write the repository; returns its manifest."""
     from export.onnx_export import ExportValidationError, export_and_validate, validation_images
     from export.repository import write_repository
-    from training.checkpoint import git_commit, load_checkpoint
+    from training.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(options.checkpoint)
     depths = parse_exit_depths(options.exits, model.exit_depths)
     indices = [model.exit_index(depth) for depth in depths]
     images = validation_images(meta, options.data, options.validation_images)
-    log(f"exporting {meta['model']} exits {depths} ({len(images)} held-out validation images)")
+    log(f"exporting {meta.model} exits {depths} ({len(images)} held-out validation images)")
     try:
         exported = export_and_validate(model, images, indices, options.tolerance)
     except ExportValidationError as error:
@@ -93,7 +93,7 @@ def export_checkpoint(options: ExportOptions, plan_builder=None, log=print) -> M
         kind = "exit" if item.kind == "exit" else "segment to exit"
         log(f"  {kind} {model.exits[item.exit_index].depth}: max abs error {item.max_abs_error:.2e}, "
             f"top-1 agreement {item.top1_agreement * 100:.2f}%")
-    source = {"checkpoint": str(options.checkpoint), "checkpoint_commit": meta.get("git_commit"),
+    source = {"checkpoint": str(options.checkpoint), "checkpoint_commit": meta.git_commit,
               "export_commit": git_commit(), "command": " ".join(sys.argv),
               "validation": {"images": len(images), "tolerance": options.tolerance,
                              "max_abs_error": max(item.max_abs_error for item in exported)}}

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +24,7 @@ from tqdm import tqdm
 from common.errors import UserError, run_cli
 from common.manifest import DeployedModel, ManifestError, read_manifest, write_manifest
 from common.onnxruntime_session import create_session, execution_providers
+from common.provenance import machine_description
 
 DEFAULT_BATCH_SIZES = "1,2,4,8,16,32,64"
 
@@ -77,7 +76,7 @@ def profile_repository(repository: Path, batch_sizes: list[int], threads: int, r
     exits = [replace(entry, latency_ms=latency) for entry, latency in zip(manifest.exits, latencies)]
     profile = {
         "runtime": f"onnxruntime {ort.__version__}", "provider": provider, "intra_op_threads": threads,
-        "repeats": repeats, "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPU cores)",
+        "repeats": repeats, "machine": machine_description(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m export.profile " + " ".join(sys.argv[1:]),
     }

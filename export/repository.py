@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import datetime as dt
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from common import onnxruntime_session
+from common.checkpoint_meta import CheckpointMeta
 from common.manifest import (
     MANIFEST_FILE,
     DeployedModel,
@@ -28,6 +28,7 @@ from common.manifest import (
     segment_model_name,
     write_manifest,
 )
+from common.provenance import utc_timestamp
 from export.onnx_export import ExportedModel
 from export.triton_config import BatchingConfig, model_config, model_file_name
 
@@ -117,7 +118,7 @@ def _write_model(staging: Path, name: str, backend: str, exported: ExportedModel
 def write_repository(
     target: Path,
     exported: list[ExportedModel],
-    checkpoint_meta: dict,
+    checkpoint_meta: CheckpointMeta,
     backend: str = "python",
     batching: BatchingConfig | None = None,
     force: bool = False,
@@ -131,35 +132,35 @@ def write_repository(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = _prepare_staging(target, force)
     try:
-        model_name = checkpoint_meta["model"]
-        exits_meta = checkpoint_meta["exits"]
-        heldout_acc = checkpoint_meta.get("heldout_acc") or [None] * len(exits_meta)
+        model_name = checkpoint_meta.model
+        exits_meta = checkpoint_meta.exits
+        heldout_acc = checkpoint_meta.heldout_acc or [None] * len(exits_meta)
         exit_models, segment_models = {}, {}
         segments = sorted((m for m in exported if m.kind == "segment"), key=lambda m: m.exit_index)
         previous_depth = 0
         for item in segments:
-            depth = exits_meta[item.exit_index]["depth"]
+            depth = exits_meta[item.exit_index].depth
             name = segment_model_name(model_name, previous_depth, depth)
             progress(f"writing {name}")
             segment_models[item.exit_index] = _write_model(staging, name, backend, item, batching, plan_builder)
             previous_depth = depth
         for item in (m for m in exported if m.kind == "exit"):
-            name = exit_model_name(model_name, exits_meta[item.exit_index]["depth"])
+            name = exit_model_name(model_name, exits_meta[item.exit_index].depth)
             progress(f"writing {name}")
             exit_models[item.exit_index] = _write_model(staging, name, backend, item, batching, plan_builder)
         entries = [
-            ExitEntry(index=index, depth=exits_meta[index]["depth"], params=exits_meta[index]["params"],
-                      macs=exits_meta[index]["macs"], heldout_acc=heldout_acc[index],
+            ExitEntry(index=index, depth=exits_meta[index].depth, params=exits_meta[index].params,
+                      macs=exits_meta[index].macs, heldout_acc=heldout_acc[index],
                       exit_model=exit_models.get(index), segment_model=segment_models[index])
             for index in sorted(segment_models)
         ]
-        norm = checkpoint_meta["normalization"]
+        norm = checkpoint_meta.normalization
         manifest = Manifest(
-            model=model_name, classes=list(checkpoint_meta["classes"]),
-            input=TensorSpec("images", list(checkpoint_meta["input_size"])),
-            mean=list(norm["mean"]), std=list(norm["std"]), backend=backend,
+            model=model_name, classes=list(checkpoint_meta.classes),
+            input=TensorSpec("images", list(checkpoint_meta.input_size)),
+            mean=list(norm.mean), std=list(norm.std), backend=backend,
             max_batch_size=batching.max_batch_size, exits=entries,
-            source={**(source or {}), "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
+            source={**(source or {}), "exported": utc_timestamp()},
         )
         write_manifest(staging, manifest)
         _swap_directories(staging, target)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from common.paths import REPO_ROOT
+
 CLASSES = ("cat", "dog", "ship")
 
 
@@ -79,11 +80,18 @@ def svhn_mat(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_session_cache(tmp_path_factory):
+    """Keep the dataset caches of session fixtures out of the user's cache directory."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EE_DATA_CACHE", str(tmp_path_factory.mktemp("data-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
-    """Keep dataset caches of tests out of the user's cache directory."""
+    """Each test (and the processes it starts) caches decoded datasets in its own directory."""
     monkeypatch.setenv("EE_DATA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("training.datasets.DEFAULT_CACHE_DIR", tmp_path / "cache")
 
 
 def run_module(module: str, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -119,8 +127,7 @@ def tiny_checkpoint(imagefolder, tmp_path_factory) -> Path:
     model.eval()
     meta = build_metadata(model, classes=train.classes, mean=mean, std=std,
                           heldout={"seed": 0, "size": 30, "source": str(imagefolder), "num_train": len(train)},
-                          training={"model_kwargs": {"width": 4}},
-                          extra={"heldout_acc": [0.4, 0.5, 0.6]})
+                          training={"model_kwargs": {"width": 4}}, heldout_acc=[0.4, 0.5, 0.6])
     path = tmp_path_factory.mktemp("checkpoint") / "tiny.safetensors"
     save_checkpoint(path, model, meta)
     return path

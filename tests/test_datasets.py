@@ -29,6 +29,13 @@ def test_decoded_arrays_are_cached_once(imagefolder_tar, tmp_path):
     assert second.classes == first.classes
 
 
+def test_the_default_cache_is_the_one_ee_data_cache_names_at_call_time(imagefolder_tar, tmp_path, monkeypatch):
+    for name in ("first", "second"):
+        monkeypatch.setenv("EE_DATA_CACHE", str(tmp_path / name))
+        load_split(imagefolder_tar, "test")
+        assert len(list((tmp_path / name).glob("*.npz"))) == 1
+
+
 def test_cifar_pickles(cifar10_pickles, tmp_path):
     assert detect_format(cifar10_pickles) == "cifar"
     train = load_split(cifar10_pickles, "train", cache_dir=tmp_path)

@@ -4,7 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.checkpoint import load_checkpoint, load_metadata, save_checkpoint
+from common.checkpoint_meta import FORMAT_VERSION, CheckpointMeta, CheckpointMetaError
+from common.paths import REPO_ROOT
+from training.checkpoint import build_metadata, load_checkpoint, load_metadata, save_checkpoint
 from training.models import create_model
 
 from .conftest import run_module
@@ -25,14 +27,18 @@ def test_two_step_training_writes_a_complete_checkpoint(imagefolder, tmp_path):
                    "--cutout", "8")
     assert "epoch 1:" in result.stdout
     meta = load_metadata(checkpoint)
-    assert meta["model"] == "mwresnet8_3" and meta["classes"] == ["cat", "dog", "ship"]
-    assert meta["input_size"] == [3, 32, 32]
-    assert [e["depth"] for e in meta["exits"]] == [3, 5, 8]
-    assert all(e["macs"] > 0 and e["params"] > 0 for e in meta["exits"])
-    assert meta["heldout"]["seed"] == 0 and meta["heldout"]["size"] == 30
-    assert meta["training"]["exit_weights"] == [0.5, 1.0, 1.0]
-    assert meta["training"]["distill_weight"] == 0.5 and meta["training"]["cutout"] == 8
-    assert len(meta["normalization"]["mean"]) == 3 and meta["git_commit"] and meta["date"]
+    assert meta.model == "mwresnet8_3" and meta.classes == ["cat", "dog", "ship"]
+    assert meta.input_size == [3, 32, 32]
+    assert meta.exit_depths == [3, 5, 8]
+    assert all(e.macs > 0 and e.params > 0 for e in meta.exits)
+    assert meta.heldout.seed == 0 and meta.heldout.size == 30
+    assert meta.training["exit_weights"] == [0.5, 1.0, 1.0]
+    assert meta.training["distill_weight"] == 0.5 and meta.training["cutout"] == 8
+    assert len(meta.normalization.mean) == 3 and meta.git_commit and meta.date
+    on_disk = json.loads(checkpoint.with_suffix(".json").read_text())
+    assert on_disk["format_version"] == 1 and on_disk["epochs_completed"] == 1
+    assert set(on_disk["training"]) >= {"model", "width", "data", "schedule", "lr", "exit_weights", "world_size",
+                                        "model_kwargs", "device", "init_from", "amp", "freeze_trunk"}
     log = [json.loads(line) for line in checkpoint.with_suffix(".log.jsonl").read_text().splitlines()]
     assert log[0]["epoch"] == 1 and len(log[0]["heldout_acc"]) == 3
     model, _ = load_checkpoint(checkpoint)
@@ -45,27 +51,52 @@ def test_resume_continues_the_same_schedule(imagefolder, tmp_path):
     resumed = tmp_path / "resumed" / "m.safetensors"
     first = train(imagefolder, resumed, "--epochs", "2", "--stop-after", "1")
     assert "epoch 2:" not in first.stdout
-    assert load_metadata(resumed)["epochs_completed"] == 1
+    assert load_metadata(resumed).epochs_completed == 1
     second = train(imagefolder, resumed, "--epochs", "2", "--resume")
     assert "resumed" in second.stdout and "epoch 2:" in second.stdout
     a, b = load_file(str(straight)), load_file(str(resumed))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
-    assert load_metadata(resumed)["epochs_completed"] == 2
+    assert load_metadata(resumed).epochs_completed == 2
 
 
 def test_checkpoint_round_trip(tmp_path):
     model = create_model("mwresnet8_3", num_classes=3, width=4).eval()
-    meta = {"model": model.name, "num_classes": 3, "training": {"model_kwargs": {"width": 4}}}
+    meta = build_metadata(model, classes=["a", "b", "c"], mean=[0.5] * 3, std=[0.25] * 3,
+                          heldout={"seed": 0, "size": 10}, training={"model_kwargs": {"width": 4}},
+                          epochs_completed=3)
+    meta = meta.updated(extra={"averaged_from": [{"path": "x", "epochs_completed": 1}]})
     path = tmp_path / "m.safetensors"
     save_checkpoint(path, model, meta)
     loaded, loaded_meta = load_checkpoint(path)
     assert loaded_meta == meta
+    assert json.loads(path.with_suffix(".json").read_text())["averaged_from"] == [{"path": "x", "epochs_completed": 1}]
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         for a, b in zip(model(x), loaded(x)):
             torch.testing.assert_close(a, b)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_reference_metadata_loads_and_round_trips_with_its_keys():
+    on_disk = json.loads((REPO_ROOT / "checkpoints" / "mwresnet56_5.json").read_text())
+    meta = CheckpointMeta.from_dict(on_disk)
+    assert meta.exit_depths == [15, 25, 35, 45, 56] and meta.model_kwargs == {"width": 16}
+    assert meta.to_dict() == on_disk and list(meta.to_dict()) == list(on_disk)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"format_version": FORMAT_VERSION + 1}, "format_version"),
+    ({"format_version": None}, "format_version"),
+    ({"normalization": None}, "normalization"),
+    ({"model": None}, "model"),
+])
+def test_checkpoint_metadata_of_another_format_is_a_clear_error(change, message):
+    data = json.loads((REPO_ROOT / "checkpoints" / "mwresnet56_5.json").read_text())
+    data = {**data, **change}
+    data = {key: value for key, value in data.items() if value is not None}
+    with pytest.raises(CheckpointMetaError, match=message):
+        CheckpointMeta.from_dict(data)
 
 
 def test_evaluate_writes_per_exit_tables(imagefolder, tmp_path):
@@ -118,7 +149,7 @@ def test_torchrun_two_cpu_processes(imagefolder, tmp_path):
                         env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[:3000]
     meta = load_metadata(checkpoint)
-    assert meta["training"]["world_size"] == 2 and meta["epochs_completed"] == 1
+    assert meta.training["world_size"] == 2 and meta.epochs_completed == 1
 
 
 def test_init_from_starts_a_fresh_schedule_from_trained_weights(imagefolder, tmp_path):
@@ -128,8 +159,8 @@ def test_init_from_starts_a_fresh_schedule_from_trained_weights(imagefolder, tmp
     result = train(imagefolder, second, "--epochs", "1", "--init-from", str(first), "--amp", "bf16")
     assert "initialised from" in result.stdout
     meta = load_metadata(second)
-    assert meta["training"]["init_from"]["epochs_completed"] == 1
-    assert meta["training"]["amp"] == "bf16" and meta["epochs_completed"] == 1
+    assert meta.training["init_from"]["epochs_completed"] == 1
+    assert meta.training["amp"] == "bf16" and meta.epochs_completed == 1
     # One more epoch moved the weights away from the starting point.
     a, b = load_file(str(first)), load_file(str(second))
     assert any(not torch.equal(a[k], b[k]) for k in a)
@@ -168,8 +199,8 @@ def test_constant_schedule_snapshots_and_weight_averaging(imagefolder, tmp_path)
     running = next(k for k in a if k.endswith("running_var"))
     assert not torch.allclose(avg[running], (a[running] + b[running]) / 2)
     meta = load_metadata(averaged)
-    assert [e["epochs_completed"] for e in meta["averaged_from"]] == [1, 2]
-    assert len(meta["heldout_acc"]) == 3 and meta["batchnorm_recomputed_on"]["images"] == 90
+    assert [e["epochs_completed"] for e in meta.extra["averaged_from"]] == [1, 2]
+    assert len(meta.heldout_acc) == 3 and meta.extra["batchnorm_recomputed_on"]["images"] == 90
     model, _ = load_checkpoint(averaged)
     assert not model.training
 
@@ -197,7 +228,7 @@ def test_freeze_trunk_trains_only_the_early_heads(imagefolder, tmp_path):
         assert torch.equal(a[key], b[key]), key
     assert not torch.equal(a["heads.0.fc.weight"], b["heads.0.fc.weight"])
     assert not torch.equal(a["heads.1.bn.running_mean"], b["heads.1.bn.running_mean"])
-    assert load_metadata(refit)["training"]["freeze_trunk"] is True
+    assert load_metadata(refit).training["freeze_trunk"] is True
     result = run_module("training.train", *TINY, "--data", str(imagefolder),
                         "--output", str(tmp_path / "x.safetensors"), "--freeze-trunk")
     assert result.returncode == 2 and "needs trained weights" in result.stderr

@@ -14,19 +14,21 @@ average can be chosen without touching the test split.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm import tqdm
 
+from common.checkpoint_meta import CheckpointMeta
 from common.errors import UserError, run_cli
-from training.checkpoint import git_commit, load_checkpoint, machine_description, save_checkpoint
+from common.provenance import git_commit, utc_timestamp
+from training.checkpoint import load_checkpoint, save_checkpoint, this_machine
 from training.datasets import FORMATS, heldout_split, load_split
-from training.evaluate import dataset_source
+from training.evaluate import evaluate_exits
 from training.models import MultiExitNet
-from training.train import evaluate_exits
 from training.transforms import augment, to_normalized
 
 
@@ -45,42 +47,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _identity(metadata: dict) -> tuple:
-    held = metadata.get("heldout", {})
-    return (metadata["model"], metadata["num_classes"], metadata.get("training", {}).get("model_kwargs"),
-            held.get("seed"), held.get("size"), tuple(metadata["normalization"]["mean"]))
+def _identity(metadata: CheckpointMeta) -> tuple:
+    return (metadata.model, metadata.num_classes, metadata.model_kwargs,
+            metadata.heldout.seed, metadata.heldout.size, tuple(metadata.normalization.mean))
 
 
 def average_weights(models: list[MultiExitNet]) -> MultiExitNet:
-    """Mean of every floating-point parameter and buffer, into the first model."""
-    target = models[0]
-    states = [m.state_dict() for m in models]
-    averaged = {}
-    for name, value in states[0].items():
-        if value.is_floating_point():
-            averaged[name] = torch.stack([s[name] for s in states]).mean(0)
-        else:
-            averaged[name] = value
-    target.load_state_dict(averaged)
-    return target
+    """The mean of the models' parameters (buffers as in the last model: recompute batch norm)."""
+    averaged = AveragedModel(models[0])
+    for model in models:
+        averaged.update_parameters(model)
+    return averaged.module
+
+
+def augmented_batches(images: np.ndarray, mean, std, batch_size: int, seed: int,
+                      progress: bool = True) -> Iterator[torch.Tensor]:
+    """One pass over `images` in a seeded random order, normalised and augmented as in training."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(images), generator=generator).numpy()
+    for start in tqdm(range(0, len(order), batch_size), desc="batch-norm statistics", disable=not progress):
+        index = np.sort(order[start:start + batch_size])
+        yield augment(to_normalized(images[index], mean, std), generator)
 
 
 @torch.no_grad()
 def recompute_batchnorm(model: MultiExitNet, images: np.ndarray, mean, std, batch_size: int,
                         seed: int, progress: bool = True) -> None:
     """Exact (cumulative) batch-norm statistics of `model` over augmented `images`."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average over the pass
-    model.train()
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(images), generator=generator).numpy()
-    for start in tqdm(range(0, len(order), batch_size), desc="batch-norm statistics", disable=not progress):
-        index = np.sort(order[start:start + batch_size])
-        model(augment(to_normalized(images[index], mean, std), generator))
-    for norm in norms:
-        norm.momentum = 0.1
+    update_bn(augmented_batches(images, mean, std, batch_size, seed, progress), model)
     model.eval()
 
 
@@ -98,26 +92,24 @@ def main(argv: list[str] | None = None) -> int:
                             f"{args.checkpoints[0]}; only checkpoints of one run can be averaged")
     model = average_weights([m for m, _ in loaded])
 
-    source = dataset_source(first_meta, args.data)
-    train = load_split(source, "train", args.data_format)
-    if tuple(train.classes) != tuple(first_meta["classes"]):
+    train = load_split(first_meta.dataset_source(args.data), "train", args.data_format)
+    if tuple(train.classes) != tuple(first_meta.classes):
         raise UserError(f"dataset classes {list(train.classes)[:5]}... differ from the checkpoints'")
-    held = first_meta["heldout"]
-    train_idx, heldout_idx = heldout_split(len(train), held["size"], held["seed"])
-    mean, std = first_meta["normalization"]["mean"], first_meta["normalization"]["std"]
+    train_idx, heldout_idx = heldout_split(len(train), first_meta.heldout.size, first_meta.heldout.seed)
+    mean, std = first_meta.normalization.mean, first_meta.normalization.std
     recompute_batchnorm(model, train.images[train_idx], mean, std, args.batch_size, args.seed,
                         progress=not args.no_progress)
     heldout_acc = evaluate_exits(model, train.images[heldout_idx], train.labels[heldout_idx], mean, std,
                                  torch.device("cpu"))
 
-    metadata = dict(loaded[-1][1])
-    metadata.update(
-        heldout_acc=heldout_acc, git_commit=git_commit(), machine=machine_description(),
-        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        averaged_from=[{"path": str(path), "epochs_completed": meta.get("epochs_completed"),
-                        "heldout_acc": meta.get("heldout_acc")}
-                       for path, (_, meta) in zip(args.checkpoints, loaded)],
-        batchnorm_recomputed_on={"images": len(train_idx), "augmented": True, "seed": args.seed},
+    last_meta = loaded[-1][1]
+    metadata = last_meta.updated(
+        heldout_acc=heldout_acc, git_commit=git_commit(), machine=this_machine(), date=utc_timestamp(),
+        extra={**last_meta.extra,
+               "averaged_from": [{"path": str(path), "epochs_completed": meta.epochs_completed,
+                                  "heldout_acc": meta.heldout_acc}
+                                 for path, (_, meta) in zip(args.checkpoints, loaded)],
+               "batchnorm_recomputed_on": {"images": len(train_idx), "augmented": True, "seed": args.seed}},
     )
     save_checkpoint(args.output, model, metadata)
     print(f"averaged {len(loaded)} checkpoints; held-out acc "

@@ -15,6 +15,7 @@ import pickle
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -23,8 +24,12 @@ from common.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CACHE_VERSION = 1
-DEFAULT_CACHE_DIR = Path(os.environ.get("EE_DATA_CACHE", Path.home() / ".cache" / "early-exit"))
 FORMATS = ("auto", "imagefolder", "cifar", "svhn")
+
+
+def default_cache_dir() -> Path:
+    """`EE_DATA_CACHE` as it is set now, else `~/.cache/early-exit`."""
+    return Path(os.environ.get("EE_DATA_CACHE") or Path.home() / ".cache" / "early-exit")
 
 
 @dataclass(frozen=True)
@@ -45,9 +50,13 @@ def load_split(
     split: str,
     data_format: str = "auto",
     image_size: int = 32,
-    cache_dir: Path | None = DEFAULT_CACHE_DIR,
+    cache_dir: Path | None | Literal["default"] = "default",
 ) -> Split:
-    """Load `split` ("train" or "test") of a dataset, decoding at most once."""
+    """Load `split` ("train" or "test") of a dataset, decoding at most once.
+
+    Decoded arrays are cached in `cache_dir`: by default `default_cache_dir()`,
+    read at each call; None turns the cache off.
+    """
     path = Path(source)
     if not path.exists():
         raise UserError(f"dataset not found: {path}")
@@ -56,6 +65,8 @@ def load_split(
     if split not in ("train", "test"):
         raise UserError(f"unknown split {split!r}; use train or test")
     data_format = detect_format(path) if data_format == "auto" else data_format
+    if cache_dir == "default":
+        cache_dir = default_cache_dir()
     cache_file = _cache_path(cache_dir, path, split, data_format, image_size)
     if cache_file is not None and cache_file.exists():
         with np.load(cache_file, allow_pickle=False) as cached:

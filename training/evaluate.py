@@ -10,19 +10,20 @@ The held-out split is rebuilt from the seed and size recorded in the checkpoint.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common.errors import UserError, run_cli
-from training.checkpoint import git_commit, load_checkpoint, machine_description
+from common.paths import DEFAULT_CHECKPOINT
+from common.provenance import git_commit, utc_timestamp
+from training.checkpoint import load_checkpoint, this_machine
 from training.datasets import FORMATS, heldout_split, load_split
-from training.train import DEFAULT_DATA, REPO_ROOT, evaluate_exits
-
-DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "mwresnet56_5.safetensors"
+from training.models import MultiExitNet
+from training.transforms import to_normalized
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,25 +39,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def dataset_source(metadata: dict, data: Path | None) -> Path:
-    """The dataset a checkpoint was trained on, unless the user names another."""
-    if data is not None:
-        return Path(data)
-    recorded = metadata["heldout"].get("source")
-    return Path(recorded) if recorded and Path(recorded).exists() else DEFAULT_DATA
+def evaluate_exits(model: MultiExitNet, images: np.ndarray, labels: np.ndarray, mean, std,
+                   device: torch.device, batch_size: int = 500) -> list[float]:
+    """Top-1 accuracy of every exit on uint8 images."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros(len(model.exits), dtype=torch.long)
+    with torch.no_grad():
+        for start in range(0, len(labels), batch_size):
+            batch = to_normalized(images[start:start + batch_size], mean, std).to(device)
+            target = torch.as_tensor(labels[start:start + batch_size]).to(device)
+            for index, logits in enumerate(model(batch)):
+                correct[index] += (logits.argmax(1) == target).sum().cpu()
+    model.train(was_training)
+    return (correct.double() / max(1, len(labels))).tolist()
 
 
 def evaluate_checkpoint(checkpoint: Path, data: Path | None = None, data_format: str = "auto",
                         batch_size: int = 500) -> dict:
     model, metadata = load_checkpoint(checkpoint)
-    heldout = metadata["heldout"]
-    source = dataset_source(metadata, data)
+    heldout = metadata.heldout
+    source = metadata.dataset_source(data)
     train = load_split(source, "train", data_format)
     test = load_split(source, "test", data_format)
-    if tuple(train.classes) != tuple(metadata["classes"]):
+    if tuple(train.classes) != tuple(metadata.classes):
         raise UserError(f"dataset classes {list(train.classes)[:5]}... differ from the checkpoint's")
-    _, heldout_idx = heldout_split(len(train), heldout["size"], heldout["seed"])
-    mean, std = metadata["normalization"]["mean"], metadata["normalization"]["std"]
+    _, heldout_idx = heldout_split(len(train), heldout.size, heldout.seed)
+    mean, std = metadata.normalization.mean, metadata.normalization.std
     device = torch.device("cpu")
     heldout_acc = (evaluate_exits(model, train.images[heldout_idx], train.labels[heldout_idx], mean, std, device,
                                   batch_size) if len(heldout_idx) else [float("nan")] * len(model.exits))
@@ -67,13 +76,12 @@ def evaluate_checkpoint(checkpoint: Path, data: Path | None = None, data_format:
              "heldout_acc": round(h, 4), "test_acc": round(t, 4)}
             for spec, h, t in zip(model.exits, heldout_acc, test_acc)]
     return {
-        "checkpoint": str(checkpoint), "model": metadata["model"],
-        "epochs_completed": metadata.get("epochs_completed"), "epochs_planned": metadata.get("epochs_planned"),
-        "heldout": {"seed": heldout["seed"], "size": len(heldout_idx)}, "test_size": len(test),
+        "checkpoint": str(checkpoint), "model": metadata.model,
+        "epochs_completed": metadata.epochs_completed, "epochs_planned": metadata.epochs_planned,
+        "heldout": {"seed": heldout.seed, "size": len(heldout_idx)}, "test_size": len(test),
         "data": str(source), "exits": rows,
         "command": "python -m training.evaluate " + " ".join(sys.argv[1:]),
-        "commit": git_commit(), "machine": machine_description(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(), "machine": this_machine(), "date": utc_timestamp(),
     }
 
 

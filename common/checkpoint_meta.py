@@ -1,0 +1,151 @@
+"""Checkpoint metadata: what training writes beside the weights and export reads.
+
+Stdlib only, so that training (which writes it) and export and benchmarks (which
+read it) share one typed, versioned schema. On disk it is `<stem>.json` beside
+`<stem>.safetensors`. Bump FORMAT_VERSION on any incompatible change.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from common.errors import UserError
+from common.paths import DEFAULT_DATA
+
+FORMAT_VERSION = 1
+
+
+class CheckpointMetaError(UserError):
+    """Checkpoint metadata that is missing, unreadable or of another format version."""
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel statistics: the network takes (uint8 / 255 - mean) / std."""
+
+    mean: list[float]
+    std: list[float]
+    scale: str = "uint8 / 255"
+
+
+@dataclass(frozen=True)
+class HeldoutSplit:
+    """Training images carved out for calibration, rebuilt from `seed` and `size`."""
+
+    seed: int
+    size: int
+    source: str | None = None  # the dataset trained on
+    num_train: int | None = None  # images in its training split, held-out included
+
+
+@dataclass(frozen=True)
+class CheckpointExit:
+    """One exit as measured when the checkpoint was written (cumulative cost)."""
+
+    index: int
+    depth: int
+    params: int
+    macs: int
+    block: int | None = None
+    standalone_macs: int | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    model: str
+    num_classes: int
+    classes: list[str]
+    input_size: list[int]  # C, H, W
+    normalization: Normalization
+    exits: list[CheckpointExit]
+    heldout: HeldoutSplit
+    training: dict = field(default_factory=dict)  # the recorded training configuration
+    git_commit: str | None = None
+    machine: str | None = None
+    date: str | None = None
+    epochs_completed: int | None = None
+    epochs_planned: int | None = None
+    heldout_acc: list[float] | None = None  # per exit
+    extra: dict = field(default_factory=dict)  # any other top-level keys (averaged_from, ...)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def exit_depths(self) -> list[int]:
+        return [entry.depth for entry in self.exits]
+
+    @property
+    def model_kwargs(self) -> dict:
+        """Keyword arguments of `create_model` beyond the name and class count."""
+        return dict(self.training.get("model_kwargs") or {})
+
+    def dataset_source(self, data: str | Path | None = None) -> Path:
+        """The dataset to use: `data` if given, else the one trained on if it is here, else the default."""
+        if data is not None:
+            return Path(data)
+        recorded = self.heldout.source
+        return Path(recorded) if recorded and Path(recorded).exists() else DEFAULT_DATA
+
+    def updated(self, **changes) -> CheckpointMeta:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """The JSON form: the typed fields, then the extra keys, at the top level."""
+        data = {"format_version": self.format_version}
+        for item in fields(self):
+            if item.name in ("format_version", "extra"):
+                continue
+            value = getattr(self, item.name)
+            if item.name in ("epochs_completed", "epochs_planned", "heldout_acc") and value is None:
+                continue
+            data[item.name] = value
+        data["normalization"] = asdict(self.normalization)
+        data["heldout"] = _without_none(asdict(self.heldout))
+        data["exits"] = [_without_none(asdict(entry)) for entry in self.exits]
+        return {**data, **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CheckpointMeta:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CheckpointMetaError(f"checkpoint metadata format_version {version} is not the supported "
+                                      f"{FORMAT_VERSION}")
+        known = {item.name for item in fields(cls)} - {"extra"}
+        try:
+            values = {key: value for key, value in data.items() if key in known}
+            values.update(normalization=Normalization(**data["normalization"]),
+                          heldout=HeldoutSplit(**data["heldout"]),
+                          exits=[CheckpointExit(**entry) for entry in data["exits"]])
+            return cls(**values, extra={key: value for key, value in data.items() if key not in known})
+        except KeyError as error:
+            problem = f"no {error} field"
+        except TypeError as error:
+            problem = str(error)
+        raise CheckpointMetaError(f"checkpoint metadata does not match format {FORMAT_VERSION}: {problem}")
+
+
+def _without_none(data: dict) -> dict:
+    return {key: value for key, value in data.items() if value is not None}
+
+
+def metadata_path(checkpoint: str | Path) -> Path:
+    """`<stem>.json` beside `<stem>.safetensors`."""
+    return Path(checkpoint).with_suffix(".json")
+
+
+def read_checkpoint_meta(checkpoint: str | Path) -> CheckpointMeta:
+    """The metadata of `checkpoint` (the .safetensors path or the .json beside it)."""
+    path = metadata_path(checkpoint)
+    if not path.exists():
+        raise CheckpointMetaError(f"checkpoint metadata not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointMetaError(f"checkpoint metadata {path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise CheckpointMetaError(f"checkpoint metadata {path} is not a JSON object")
+    try:
+        return CheckpointMeta.from_dict(data)
+    except CheckpointMetaError as error:
+        raise CheckpointMetaError(f"{path}: {error}") from None
