@@ -72,10 +72,6 @@ class CheckpointMeta:
     format_version: int = FORMAT_VERSION
 
     @property
-    def exit_depths(self) -> list[int]:
-        return [entry.depth for entry in self.exits]
-
-    @property
     def model_kwargs(self) -> dict:
         """Keyword arguments of `create_model` beyond the name and class count."""
         return dict(self.training.get("model_kwargs") or {})
