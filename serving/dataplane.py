@@ -10,17 +10,23 @@ and `confidence` per sample; `classification` (top-k labels) on either of the fi
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from common.manifest import Manifest
+from serving import policy
 from serving.cascade import Cascade
-from serving.errors import InvalidInput, InvalidParameter, ModelNotFound, PayloadTooLarge
+from serving.errors import (
+    InvalidInput,
+    InvalidParameter,
+    ModelNotFound,
+    PayloadTooLarge,
+    invalid_parameter_on_policy_error,
+)
 from serving.metrics import GatewayMetrics
-from serving.policy import RequestOptions, resolve_options, softmax
+from serving.policy import POLICY_PARAMETERS, RequestOptions, softmax
 from serving.preprocess import normalise_uint8
 from serving.tensors import Tensor
 
@@ -29,7 +35,6 @@ SERVER_VERSION = "0.1.0"
 INPUT_NAME = "images"
 OUTPUTS = {"logits": "FP32", "probabilities": "FP32", "exit_depth": "INT32", "confidence": "FP32"}
 DEFAULT_OUTPUTS = ("logits", "exit_depth", "confidence")
-POLICY_PARAMETERS = ("policy", "score", "threshold", "budget_ms", "exit_depth")
 
 
 @dataclass(frozen=True)
@@ -58,40 +63,10 @@ class InferResponse:
     requested: list[RequestedOutput]
 
 
-def _number(name: str, value, kind=float):
-    if isinstance(value, bool):
-        raise InvalidParameter(f"parameter {name} must be a number, got {value!r}")
-    try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        raise InvalidParameter(f"parameter {name} must be a number, got {value!r}") from None
-    if kind is float and not math.isfinite(number):
-        raise InvalidParameter(f"parameter {name} must be finite, got {value!r}")
-    return number
-
-
-def options_from_parameters(parameters: dict, default_policy: str = "confidence") -> RequestOptions:
-    """Policy options from request parameters (strings accepted, as gRPC clients send them)."""
-    threshold = parameters.get("threshold")
-    thresholds = None
-    if threshold is not None:
-        values = threshold if isinstance(threshold, list) else str(threshold).split(",") \
-            if isinstance(threshold, str) else [threshold]
-        thresholds = tuple(_number("threshold", value) for value in values)
-        if not thresholds:
-            raise InvalidParameter("parameter threshold is empty")
-    budget = parameters.get("budget_ms")
-    depth = parameters.get("exit_depth")
-    for name in ("policy", "score"):
-        if name in parameters and not isinstance(parameters[name], str):
-            raise InvalidParameter(f"parameter {name} must be a string")
-    return RequestOptions(
-        policy=parameters.get("policy", default_policy),
-        score=parameters.get("score", "max_prob"),
-        thresholds=thresholds,
-        budget_ms=None if budget is None else _number("budget_ms", budget),
-        exit_depth=None if depth is None else _number("exit_depth", depth, int),
-    )
+# The policy module is shared with the Triton cascade model, so it raises its own
+# PolicyError; the gateway's entry points to it answer InvalidParameter instead.
+options_from_parameters = invalid_parameter_on_policy_error(policy.options_from_parameters)
+resolve_options = invalid_parameter_on_policy_error(policy.resolve_options)
 
 
 class DataPlane:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import grpc
+
+from serving.policy import PolicyError
 
 
 class GatewayError(Exception):
@@ -46,3 +50,17 @@ class Unavailable(GatewayError):
 
     http_status = 503
     grpc_code = grpc.StatusCode.UNAVAILABLE
+
+
+def invalid_parameter_on_policy_error(function):
+    """`function` of serving.policy (shared with the Triton cascade model, so serving-agnostic)
+    with its PolicyError raised as InvalidParameter."""
+
+    @functools.wraps(function)
+    def mapped(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except PolicyError as error:
+            raise InvalidParameter(str(error)) from None
+
+    return mapped

@@ -7,18 +7,30 @@ predicted cost of the next stage, so every decision can be tested in isolation.
 - budget: stop when confident, or when the next stage could not finish within the
   request's latency budget (never continue past that point);
 - fixed: stop at one exit depth; full: run to the final exit.
+
+This file is the one implementation of the policies, used in two places: the
+gateway imports it, and the repository writer copies it verbatim beside the
+`<model>_cascade` Triton Python-backend model (export/triton_cascade_model.py),
+which imports it from there. So it imports nothing but the standard library and
+numpy, and raises its own `PolicyError`, which the gateway maps to its error
+hierarchy (serving.errors.InvalidParameter). tests/test_architecture.py checks it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from serving.errors import InvalidParameter
-
 POLICIES = ("confidence", "budget", "fixed", "full")
 SCORES = ("max_prob", "margin", "entropy")
+# Request parameters (KServe v2 `parameters`) that carry policy options.
+POLICY_PARAMETERS = ("policy", "score", "threshold", "budget_ms", "exit_depth")
+
+
+class PolicyError(ValueError):
+    """Options that make no sense for the deployed exits (the gateway answers 422 / INVALID_ARGUMENT)."""
 
 
 @dataclass(frozen=True)
@@ -61,35 +73,71 @@ def confidence_scores(probabilities: np.ndarray, score: str) -> np.ndarray:
         p = np.clip(probabilities, 1e-12, 1.0)
         entropy = -(p * np.log(p)).sum(axis=1)
         return 1.0 - entropy / np.log(probabilities.shape[1])
-    raise InvalidParameter(f"unknown score {score!r}; use one of {', '.join(SCORES)}")
+    raise PolicyError(f"unknown score {score!r}; use one of {', '.join(SCORES)}")
+
+
+def _number(name: str, value, kind=float):
+    if isinstance(value, bool):
+        raise PolicyError(f"parameter {name} must be a number, got {value!r}")
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise PolicyError(f"parameter {name} must be a number, got {value!r}") from None
+    if kind is float and not math.isfinite(number):
+        raise PolicyError(f"parameter {name} must be finite, got {value!r}")
+    return number
+
+
+def options_from_parameters(parameters: dict, default_policy: str = "confidence") -> RequestOptions:
+    """Policy options from request parameters (strings accepted, as gRPC clients send them)."""
+    threshold = parameters.get("threshold")
+    thresholds = None
+    if threshold is not None:
+        values = threshold if isinstance(threshold, list) else str(threshold).split(",") \
+            if isinstance(threshold, str) else [threshold]
+        thresholds = tuple(_number("threshold", value) for value in values)
+        if not thresholds:
+            raise PolicyError("parameter threshold is empty")
+    budget = parameters.get("budget_ms")
+    depth = parameters.get("exit_depth")
+    for name in ("policy", "score"):
+        if name in parameters and not isinstance(parameters[name], str):
+            raise PolicyError(f"parameter {name} must be a string")
+    return RequestOptions(
+        policy=parameters.get("policy", default_policy),
+        score=parameters.get("score", "max_prob"),
+        thresholds=thresholds,
+        budget_ms=None if budget is None else _number("budget_ms", budget),
+        exit_depth=None if depth is None else _number("exit_depth", depth, int),
+    )
 
 
 def resolve_options(options: RequestOptions, plan: ExitPlan) -> RequestOptions:
     """Check options against the deployed exits; fill thresholds from the plan."""
     if options.policy not in POLICIES:
-        raise InvalidParameter(f"unknown policy {options.policy!r}; use one of {', '.join(POLICIES)}")
+        raise PolicyError(f"unknown policy {options.policy!r}; use one of {', '.join(POLICIES)}")
     if options.score not in SCORES:
-        raise InvalidParameter(f"unknown score {options.score!r}; use one of {', '.join(SCORES)}")
+        raise PolicyError(f"unknown score {options.score!r}; use one of {', '.join(SCORES)}")
     thresholds = options.thresholds
     if thresholds is None:
         thresholds = plan.thresholds
     elif len(thresholds) == 1:
         thresholds = thresholds * len(plan.depths)
     elif len(thresholds) != len(plan.depths):
-        raise InvalidParameter(f"got {len(thresholds)} thresholds for {len(plan.depths)} exits "
+        raise PolicyError(f"got {len(thresholds)} thresholds for {len(plan.depths)} exits "
                                f"(depths {', '.join(map(str, plan.depths))}); give one or one per exit")
     if any(not np.isfinite(t) for t in thresholds):
-        raise InvalidParameter("thresholds must be finite numbers")
+        raise PolicyError("thresholds must be finite numbers")
     if options.policy == "budget":
         if options.budget_ms is None:
-            raise InvalidParameter("the budget policy needs budget_ms")
+            raise PolicyError("the budget policy needs budget_ms")
     if options.budget_ms is not None and not (np.isfinite(options.budget_ms) and options.budget_ms > 0):
-        raise InvalidParameter(f"budget_ms must be a positive number, got {options.budget_ms}")
+        raise PolicyError(f"budget_ms must be a positive number, got {options.budget_ms}")
     if options.policy == "fixed":
         if options.exit_depth is None:
-            raise InvalidParameter("the fixed policy needs exit_depth")
+            raise PolicyError("the fixed policy needs exit_depth")
         if options.exit_depth not in plan.depths:
-            raise InvalidParameter(f"no exit at depth {options.exit_depth}; available depths: "
+            raise PolicyError(f"no exit at depth {options.exit_depth}; available depths: "
                                    f"{', '.join(map(str, plan.depths))}")
     return RequestOptions(options.policy, options.score, tuple(float(t) for t in thresholds),
                           options.budget_ms, options.exit_depth)

@@ -3,8 +3,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serving.errors import InvalidParameter
-from serving.policy import ExitPlan, RequestOptions, confidence_scores, resolve_options, should_stop, softmax
+from serving.policy import (
+    ExitPlan,
+    PolicyError,
+    RequestOptions,
+    confidence_scores,
+    resolve_options,
+    should_stop,
+    softmax,
+)
 
 PLAN = ExitPlan(depths=(15, 25, 56), thresholds=(0.9, 0.8, 0.7))
 
@@ -92,7 +99,7 @@ def test_scores():
     (RequestOptions(policy="fixed", exit_depth=20), "available depths: 15, 25, 56"),
 ])
 def test_nonsensical_options_are_rejected(options, message):
-    with pytest.raises(InvalidParameter, match=message):
+    with pytest.raises(PolicyError, match=message):
         resolve_options(options, PLAN)
 
 
