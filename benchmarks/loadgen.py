@@ -1,10 +1,14 @@
 """A load generator for KServe v2 servers (perf_analyzer is not on PyPI): closed
 loop at a concurrency level, open loop at a Poisson arrival rate, over HTTP or
-gRPC with tritonclient's asyncio clients. It reports what perf_analyzer reports
-(throughput, p50/p90/p95/p99 latency) plus accuracy, exits taken and, for
-latency budgets, the share of requests answered within budget.
+gRPC with tritonclient's asyncio clients, one image or `Target.batch` images per
+request. It reports what perf_analyzer reports (throughput, p50/p90/p95/p99
+latency) plus accuracy, exits taken and, for latency budgets, the share of
+requests answered within budget; given a meter (benchmarks.cpu.CpuMeter), the CPU
+each process spent in the measured window (warm-up excluded).
 
-Each level is bounded in requests and in seconds. Only loopback addresses.
+Open-loop latency runs from each request's scheduled arrival, so a generator that
+falls behind its schedule shows up as latency instead of hiding it. Each level is
+bounded in requests and in seconds. Only loopback addresses.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -29,6 +35,7 @@ class Target:
     parameters: dict = field(default_factory=dict)
     fixed_depth: int | None = None  # for models without an exit_depth output (Triton direct)
     budget_ms: float | None = None
+    batch: int = 1  # images per request
 
     def __post_init__(self) -> None:
         host = self.url.rsplit(":", 1)[0]
@@ -36,6 +43,16 @@ class Target:
             raise UserError(f"load is only sent to loopback addresses, not {self.url}")
         if self.protocol not in ("http", "grpc"):
             raise UserError(f"protocol must be http or grpc, not {self.protocol!r}")
+        if self.batch < 1:
+            raise UserError(f"batch must be at least 1, not {self.batch}")
+
+
+class Meter(Protocol):
+    """What the load generator calls around a measured window (benchmarks.cpu.CpuMeter)."""
+
+    def start(self) -> None: ...
+
+    def stop(self, requests: int) -> dict: ...
 
 
 @dataclass
@@ -52,6 +69,8 @@ class LevelResult:
     exits: dict  # depth -> count
     within_budget: float | None
     error_examples: list = field(default_factory=list)
+    images_per_request: int = 1
+    cpu: dict | None = None  # the meter's record of the measured window
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -69,50 +88,68 @@ class _Client:
         self.client = module.InferenceServerClient(target.url)
         self.outputs = ["logits"] if target.fixed_depth is not None else ["logits", "exit_depth"]
 
-    async def infer(self, image: np.ndarray, request_id: str) -> tuple[int, int]:
-        """(predicted class, exit depth) of one image."""
-        tensor = self.module.InferInput("images", list(image.shape), "FP32")
-        tensor.set_data_from_numpy(image)
+    async def infer(self, images: np.ndarray, request_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(predicted class, exit depth) of each image of one request."""
+        tensor = self.module.InferInput("images", list(images.shape), "FP32")
+        tensor.set_data_from_numpy(images)
         outputs = [self.module.InferRequestedOutput(name) for name in self.outputs]
         result = await self.client.infer(self.target.model, [tensor], outputs=outputs, request_id=request_id,
                                          parameters=self.target.parameters or None)
         response = result.get_response(as_json=True) if self.target.protocol == "grpc" else result.get_response()
         if response.get("id") != request_id:
             raise RuntimeError(f"response for {request_id} carried id {response.get('id')!r}")
-        predicted = int(result.as_numpy("logits")[0].argmax())
-        depth = self.target.fixed_depth or int(result.as_numpy("exit_depth")[0])
-        return predicted, depth
+        predicted = result.as_numpy("logits").reshape(len(images), -1).argmax(axis=1)
+        if self.target.fixed_depth is not None:
+            return predicted, np.full(len(images), self.target.fixed_depth)
+        return predicted, result.as_numpy("exit_depth").reshape(-1)
 
     async def close(self) -> None:
         await self.client.close()
 
 
+class Sender(Protocol):
+    """What sends one request: `_Client`, or a fake in tests."""
+
+    async def infer(self, images: np.ndarray, request_id: str) -> tuple[np.ndarray, np.ndarray]: ...
+
+    async def close(self) -> None: ...
+
+
+def _request_images(images: np.ndarray, index: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """The images of request `index` (`batch` consecutive ones, wrapping around) and their positions."""
+    positions = (np.arange(batch) + index * batch) % len(images)
+    return images[positions], positions
+
+
 class _Recorder:
-    def __init__(self, labels: np.ndarray) -> None:
-        self.labels = labels
+    def __init__(self, labels: np.ndarray, batch: int = 1, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.labels, self.batch, self.clock = labels, batch, clock
         self.latencies: list[float] = []
         self.correct = 0
+        self.images_answered = 0
         self.exits: Counter = Counter()
         self.errors: list[str] = []
         self.sent = 0
         self.answered: set[str] = set()
 
-    async def call(self, client: _Client, images: np.ndarray, index: int) -> None:
+    async def call(self, client: Sender, images: np.ndarray, index: int, origin: float | None = None) -> None:
+        """Send request `index`; its latency runs from `origin` (its scheduled arrival) if given, else from now."""
         request_id = f"r{self.sent}"
         self.sent += 1
-        position = index % len(images)
-        started = time.perf_counter()
+        batch, positions = _request_images(images, index, self.batch)
+        started = self.clock() if origin is None else origin
         try:
-            predicted, depth = await client.infer(images[position:position + 1], request_id)
+            predicted, depths = await client.infer(batch, request_id)
         except Exception as error:  # a failed request is counted, never retried
             self.errors.append(f"{type(error).__name__}: {error}"[:200])
             return
-        self.latencies.append((time.perf_counter() - started) * 1000)
+        self.latencies.append((self.clock() - started) * 1000)
         if request_id in self.answered:
             raise RuntimeError(f"duplicate response for {request_id}")
         self.answered.add(request_id)
-        self.correct += int(predicted == self.labels[position])
-        self.exits[depth] += 1
+        self.correct += int((np.asarray(predicted) == self.labels[positions]).sum())
+        self.images_answered += len(positions)
+        self.exits.update(int(depth) for depth in depths)
 
     def result(self, mode: str, level: float, duration: float, budget_ms: float | None) -> LevelResult:
         latencies = np.asarray(self.latencies)
@@ -122,26 +159,34 @@ class _Recorder:
         within = float((latencies <= budget_ms).mean()) if budget_ms and done else None
         return LevelResult(mode, level, self.sent, done, len(self.errors), round(duration, 3),
                            done / duration if duration > 0 else 0.0, percentiles,
-                           self.correct / done if done else None, dict(sorted(self.exits.items())), within,
-                           self.errors[:3])
+                           self.correct / self.images_answered if done else None, dict(sorted(self.exits.items())),
+                           within, self.errors[:3], self.batch)
 
 
-async def _warm_up(client: _Client, images: np.ndarray, count: int = 5) -> None:
+async def _warm_up(client: Sender, images: np.ndarray, batch: int, count: int = 5) -> None:
     """A few uncounted requests first; a failure here shows up in the counted ones."""
     for i in range(count):
         try:
-            await client.infer(images[i % len(images): i % len(images) + 1], f"warmup{i}")
+            await client.infer(_request_images(images, i, batch)[0], f"warmup{i}")
         except Exception:
             return
 
 
+def _measured(result: LevelResult, meter: Meter | None) -> LevelResult:
+    if meter is not None:
+        result.cpu = meter.stop(result.sent)
+    return result
+
+
 async def closed_loop(target: Target, images: np.ndarray, labels: np.ndarray, concurrency: int,
-                      max_requests: int, max_seconds: float) -> LevelResult:
+                      max_requests: int, max_seconds: float, meter: Meter | None = None) -> LevelResult:
     """`concurrency` clients, each sending its next request when the previous one returns."""
     client = _Client(target)
-    recorder = _Recorder(labels)
+    recorder = _Recorder(labels, target.batch)
     try:
-        await _warm_up(client, images)
+        await _warm_up(client, images, target.batch)
+        if meter is not None:
+            meter.start()
         deadline = time.perf_counter() + max_seconds
         counter = iter(range(max_requests))
 
@@ -154,31 +199,37 @@ async def closed_loop(target: Target, images: np.ndarray, labels: np.ndarray, co
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         duration = time.perf_counter() - started
+        result = _measured(recorder.result("closed", concurrency, duration, target.budget_ms), meter)
     finally:
         await client.close()
-    return recorder.result("closed", concurrency, duration, target.budget_ms)
+    return result
 
 
 async def open_loop(target: Target, images: np.ndarray, labels: np.ndarray, rate: float, max_requests: int,
-                    max_seconds: float, seed: int = 0) -> LevelResult:
-    """Requests at Poisson arrivals of `rate` per second, whatever the responses do."""
-    client = _Client(target)
-    recorder = _Recorder(labels)
+                    max_seconds: float, seed: int = 0, meter: Meter | None = None, client: Sender | None = None,
+                    clock: Callable[[], float] = time.perf_counter) -> LevelResult:
+    """Requests at Poisson arrivals of `rate` per second, whatever the responses do; each request's
+    latency runs from its scheduled arrival. `client` and `clock` are for tests (a fake server, a fake clock)."""
+    client = client or _Client(target)
+    recorder = _Recorder(labels, target.batch, clock)
     rng = np.random.default_rng(seed)
     try:
-        await _warm_up(client, images)
-        started = time.perf_counter()
+        await _warm_up(client, images, target.batch)
+        if meter is not None:
+            meter.start()
+        started = clock()
         arrival, tasks = 0.0, []
         for index in range(max_requests):
             arrival += rng.exponential(1.0 / rate)
             if arrival >= max_seconds:
                 break
-            delay = started + arrival - time.perf_counter()
+            delay = started + arrival - clock()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(recorder.call(client, images, index)))
+            tasks.append(asyncio.create_task(recorder.call(client, images, index, origin=started + arrival)))
         await asyncio.gather(*tasks)
-        duration = time.perf_counter() - started
+        duration = clock() - started
+        result = _measured(recorder.result("open", rate, duration, target.budget_ms), meter)
     finally:
         await client.close()
-    return recorder.result("open", rate, duration, target.budget_ms)
+    return result

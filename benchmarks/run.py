@@ -3,6 +3,7 @@ side by side in one run on this machine.
 
     python -m benchmarks.run            # short: a few minutes (make bench)
     python -m benchmarks.run --full     # all concurrency levels, longer levels
+    python -m benchmarks.run --no-pin   # servers and load generator share every core
 
 Steps, each a function with its inputs and outputs: `offline` calibrates thresholds
 on the held-out split and sweeps targets on the test split (with fixed exits and the
@@ -11,10 +12,15 @@ concurrency levels and open loop at Poisson rates, against servers on a temporar
 copy of the repository that holds the calibrated thresholds (the repository itself
 is not modified; `python -m benchmarks.calibrate` writes thresholds into it): the
 full network through the gateway, the full network called directly on Triton, early
-exit on the embedded ONNX Runtime backend and on the Triton backend, each fixed
-exit, and the latency-budget policy at several budgets; `summarize` computes the
-headline. Writes benchmarks/results/<date>-<machine>/ with CSV/JSON per scenario,
-calibration.json, plots, a REPORT.md and a summary.json.
+exit on the embedded ONNX Runtime backend (one image and 8 images a request) and on
+the Triton backend, the `<model>_cascade` Triton model directly and through the
+gateway (`--backend triton-cascade`) where the repository has it, each fixed exit,
+and the latency-budget policy at several budgets; `summarize` computes the headline.
+Every level records the CPU time per request of each server process and of the load
+generator, and the gateway's CPU inside backend calls (benchmarks/cpu.py); with two
+or more cores the servers and the load generator run on disjoint cores. Writes
+benchmarks/results/<date>-<machine>/ with CSV/JSON per scenario, calibration.json,
+plots, a REPORT.md and a summary.json.
 """
 
 from __future__ import annotations
@@ -31,16 +37,18 @@ import shutil
 import signal
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.calibrate import apply_thresholds, calibrate
+from benchmarks.cpu import CoreSplit, CpuMeter, Servers, pin_process_tree, pinned_self, split_cores
 from benchmarks.exit_outputs import compute_exit_outputs, load_images
 from benchmarks.loadgen import LevelResult, Target, closed_loop, open_loop
 from benchmarks.report import write_report
 from benchmarks.servers import GatewayServer
+from benchmarks.serving_cost import closed_level, ratio, serving_cost
 from benchmarks.sweep import offline_sweep
 from benchmarks.triton_launcher import DEFAULT_VENV, TritonServer, triton_installed
 from common.errors import UserError, run_cli
@@ -64,6 +72,7 @@ class Plan:
     # the first exit cannot answer every request in time.
     budget_factors: tuple[float, ...]
     images: int
+    request_batch: int = 8  # images per request of the batched-client scenarios
 
 
 SHORT = Plan((1, 4, 16), 16, 600, 8.0, (50.0, 150.0), (1.0, 1.5, 2.0, 3.0), 2000)
@@ -127,17 +136,28 @@ def _link_or_copy(source: str, destination: str) -> None:
 
 
 # -- online ------------------------------------------------------------------
-def run_scenario(name: str, target: Target, workload: Workload, output: Path, log=print,
+@dataclass(frozen=True)
+class Online:
+    """What the online step measured: {scenario name: level results}, and the scenarios it could not run."""
+
+    scenarios: dict[str, list[dict]]
+    skipped: dict[str, str]  # scenario name -> why
+    pinning: CoreSplit | None
+
+
+def run_scenario(name: str, target: Target, workload: Workload, output: Path, servers: Servers, log=print,
                  concurrency: tuple[int, ...] | None = None, rates: tuple[float, ...] = ()) -> list[dict]:
-    """Closed loop at each concurrency level, then open loop at each rate; writes scenario_<name>.*."""
+    """Closed loop at each concurrency level, then open loop at each rate, with the CPU of `servers` and
+    of the load generator over each level's measured window; writes scenario_<name>.*."""
     plan, results = workload.plan, []
     for level in concurrency or plan.concurrency:
         result = asyncio.run(closed_loop(target, workload.images, workload.labels, level, plan.requests,
-                                         plan.seconds))
+                                         plan.seconds, meter=CpuMeter(servers)))
         results.append(result.as_dict())
         _progress(name, result, log)
     for rate in rates:
-        result = asyncio.run(open_loop(target, workload.images, workload.labels, rate, plan.requests, plan.seconds))
+        result = asyncio.run(open_loop(target, workload.images, workload.labels, rate, plan.requests, plan.seconds,
+                                       meter=CpuMeter(servers)))
         results.append(result.as_dict())
         _progress(name, result, log)
     write_json(output / f"scenario_{name}.json", results)
@@ -147,96 +167,164 @@ def run_scenario(name: str, target: Target, workload: Workload, output: Path, lo
 
 def _progress(name: str, result: LevelResult, log) -> None:
     latency = result.latency_ms
-    log(f"  {name:28s} {result.mode} {result.level:>6g}: {result.throughput:7.1f}/s  "
+    cpu = (result.cpu or {}).get("ms_per_request", {})
+    log(f"  {name:32s} {result.mode} {result.level:>6g}: {result.throughput:7.1f}/s  "
         f"p50 {latency.get('p50', float('nan')):6.2f} ms  p99 {latency.get('p99', float('nan')):6.2f} ms  "
-        f"acc {(result.accuracy or 0) * 100:5.1f}%  errors {result.errors}")
+        f"acc {(result.accuracy or 0) * 100:5.1f}%  errors {result.errors}  CPU ms/request "
+        + " ".join(f"{role} {value:.2f}" for role, value in cpu.items() if value is not None))
+
+
+def cascade_model_name(repository: Path, manifest: Manifest) -> str | None:
+    """`<model>_cascade` where the repository holds it (the Triton model that runs the whole cascade)."""
+    name = f"{manifest.model}_cascade"
+    return name if (Path(repository) / name / "config.pbtxt").exists() else None
+
+
+@dataclass
+class _Session:
+    """The online step's shared state: where results go, the cores, and what was measured or skipped."""
+
+    workload: Workload
+    output: Path
+    pinning: CoreSplit | None
+    log: object = print
+    scenarios: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)
+
+    def scenario(self, name: str, target: Target, servers: Servers, concurrency=None, rates=()) -> None:
+        self.scenarios[name] = run_scenario(name, target, self.workload, self.output, servers, self.log,
+                                            concurrency, rates)
+
+    def pin(self, process) -> None:
+        """A server process (and its children) onto the servers' cores, once it is ready."""
+        if self.pinning is not None:
+            pin_process_tree(process.pid, self.pinning.servers)
+
+    def gateway(self, repository: Path, name: str, *args: str) -> GatewayServer:
+        gateway = GatewayServer(repository, *args, log_path=self.output / "logs" / f"gateway_{name}.log")
+        self.pin(gateway.process)
+        return gateway
 
 
 def online(repository: Path, manifest: Manifest, workload: Workload, output: Path, triton_venv: Path | None,
-           log=print) -> dict[str, list[dict]]:
-    """Every online scenario against servers on `repository`; returns {scenario name: level results}."""
-    scenarios: dict[str, list[dict]] = {}
+           pinning: CoreSplit | None, log=print) -> Online:
+    """Every online scenario against servers on `repository`, the servers on `pinning.servers` and the
+    load generator on `pinning.loadgen` (no pinning for None)."""
+    session = _Session(workload, output, pinning, log)
+    (output / "logs").mkdir(exist_ok=True)
+    with pinned_self(pinning.loadgen if pinning else None):
+        _embedded_scenarios(session, repository, manifest)
+        if triton_venv is None:
+            log("no Triton virtualenv: skipping the Triton scenarios (make triton)")
+            session.skipped.update(dict.fromkeys(TRITON_SCENARIOS, "no Triton virtualenv (make triton)"))
+        else:
+            _triton_scenarios(session, repository, manifest, triton_venv)
+    return Online(session.scenarios, session.skipped, pinning)
 
-    def scenario(name: str, target: Target, concurrency=None, rates=()) -> list[dict]:
-        scenarios[name] = run_scenario(name, target, workload, output, log, concurrency, rates)
-        return scenarios[name]
 
-    model, logs, plan = manifest.model, output / "logs", workload.plan
-    logs.mkdir(exist_ok=True)
-    headline = (plan.headline_concurrency,)
-    gateway_args = ("--workers", "2", "--intra-op-threads", "1")
-    with GatewayServer(repository, *gateway_args, log_path=logs / "gateway_onnxruntime.log") as gateway:
-        log("embedded ONNX Runtime backend")
-        scenario("full_gateway_onnxruntime", Target("grpc", gateway.grpc_url, model, {"policy": "full"}),
-                 rates=plan.rates)
-        scenario("early_gateway_onnxruntime", Target("grpc", gateway.grpc_url, model), rates=plan.rates)
-        scenario("full_gateway_onnxruntime_http", Target("http", gateway.http_url, model, {"policy": "full"}))
-        scenario("early_gateway_onnxruntime_http", Target("http", gateway.http_url, model))
+def _embedded_scenarios(session: _Session, repository: Path, manifest: Manifest) -> None:
+    """The gateway on its embedded ONNX Runtime backend: full network, early exit (one image and
+    `request_batch` images a request), over HTTP too, each fixed exit, and the budget policy."""
+    model, plan, scenario = manifest.model, session.workload.plan, session.scenario
+    headline, batch = (plan.headline_concurrency,), plan.request_batch
+    full, early = {"policy": "full"}, {}
+    with session.gateway(repository, "onnxruntime", "--workers", "2", "--intra-op-threads", "1") as gateway:
+        servers = Servers(gateway.process.pid, gateway.metrics_url)
+        session.log("embedded ONNX Runtime backend")
+        grpc = gateway.grpc_url
+        scenario("full_gateway_onnxruntime", Target("grpc", grpc, model, full), servers, rates=plan.rates)
+        scenario("early_gateway_onnxruntime", Target("grpc", grpc, model, early), servers, rates=plan.rates)
+        for name, policy in (("full", full), ("early", early)):
+            scenario(f"{name}_gateway_onnxruntime_batch{batch}", Target("grpc", grpc, model, policy, batch=batch),
+                     servers, headline)
+        scenario("full_gateway_onnxruntime_http", Target("http", gateway.http_url, model, full), servers)
+        scenario("early_gateway_onnxruntime_http", Target("http", gateway.http_url, model, early), servers)
         for entry in manifest.exits:
             scenario(f"fixed{entry.depth}_gateway_onnxruntime",
-                     Target("grpc", gateway.grpc_url, model, {"policy": "fixed", "exit_depth": entry.depth}), headline)
-        first = scenarios[f"fixed{manifest.exits[0].depth}_gateway_onnxruntime"]
-        first_p99 = _at(first, "closed", headline[0])["latency_ms"]["p99"]
+                     Target("grpc", grpc, model, {"policy": "fixed", "exit_depth": entry.depth}), servers, headline)
+        first_p99 = closed_level(session.scenarios, f"fixed{manifest.exits[0].depth}_gateway_onnxruntime",
+                                 headline[0])["latency_ms"]["p99"]
         for factor in plan.budget_factors:
             budget = round(first_p99 * factor, 2)
             scenario(f"budget{factor:g}x_gateway_onnxruntime",
-                     Target("grpc", gateway.grpc_url, model, {"policy": "budget", "budget_ms": budget},
-                            budget_ms=budget), headline)
-        (logs / "gateway_onnxruntime.metrics.txt").write_text(gateway.metrics())
-    if triton_venv is None:
-        log("no Triton virtualenv: skipping the Triton scenarios (make triton)")
-        return scenarios
+                     Target("grpc", grpc, model, {"policy": "budget", "budget_ms": budget}, budget_ms=budget),
+                     servers, headline)
+        (session.output / "logs" / "gateway_onnxruntime.metrics.txt").write_text(gateway.metrics())
+
+
+TRITON_SCENARIOS = ("full_triton_direct", "full_gateway_triton", "early_gateway_triton",
+                    "early_triton_cascade_direct", "early_gateway_triton_cascade")
+
+
+def _triton_scenarios(session: _Session, repository: Path, manifest: Manifest, triton_venv: Path) -> None:
+    """The full network called directly on Triton and through the gateway's Triton backend, early exit
+    through that backend, and the `<model>_cascade` Triton model called directly and through the gateway
+    (`--backend triton-cascade`) at concurrency 1 and the headline level."""
+    model, cascade, logs = manifest.model, cascade_model_name(repository, manifest), session.output / "logs"
+    cascade_levels = tuple(sorted({1, session.workload.plan.headline_concurrency}))
     with TritonServer(repository, triton_venv, log_path=logs / "tritonserver.log") as triton:
-        log("Triton (nvidia-pytriton tritonserver, python backend)")
-        final = manifest.exits[-1]
-        scenario("full_triton_direct", Target("grpc", triton.grpc_url, final.exit_model.name, fixed_depth=final.depth))
-        triton_args = ("--backend", "triton", "--triton-url", triton.grpc_url, "--workers", "16")
-        with GatewayServer(repository, *triton_args, log_path=logs / "gateway_triton.log") as gateway:
-            scenario("full_gateway_triton", Target("grpc", gateway.grpc_url, model, {"policy": "full"}))
-            scenario("early_gateway_triton", Target("grpc", gateway.grpc_url, model))
-            (logs / "gateway_triton.metrics.txt").write_text(gateway.metrics())
-    return scenarios
-
-
-def _at(results: list[dict], mode: str, level: float) -> dict:
-    return next(r for r in results if r["mode"] == mode and r["level"] == level)
+        session.pin(triton.process)
+        session.log("Triton (nvidia-pytriton tritonserver, python backend)")
+        direct, final = Servers(triton_pid=triton.process.pid), manifest.exits[-1]
+        session.scenario("full_triton_direct",
+                         Target("grpc", triton.grpc_url, final.exit_model.name, fixed_depth=final.depth), direct)
+        if cascade is None:
+            why = f"no {model}_cascade model in the repository"
+            session.skipped.update({"early_triton_cascade_direct": why, "early_gateway_triton_cascade": why})
+        else:
+            session.scenario("early_triton_cascade_direct", Target("grpc", triton.grpc_url, cascade), direct,
+                             cascade_levels)
+        plans = [("triton", ("full_gateway_triton", "early_gateway_triton"), None)]
+        if cascade is not None:
+            plans.append(("triton-cascade", ("early_gateway_triton_cascade",), cascade_levels))
+        for backend, names, levels in plans:
+            try:
+                gateway = session.gateway(repository, backend, "--backend", backend, "--triton-url", triton.grpc_url,
+                                          "--workers", "16")
+            except RuntimeError as error:  # a gateway without this backend
+                session.skipped.update(dict.fromkeys(
+                    names, f"the gateway did not start with --backend {backend}: {str(error)[-300:]}"))
+                continue
+            with gateway:
+                servers = Servers(gateway.process.pid, gateway.metrics_url, triton.process.pid)
+                for name in names:
+                    policy = {"policy": "full"} if name.startswith("full") else {}
+                    session.scenario(name, Target("grpc", gateway.grpc_url, model, policy), servers, levels)
+                (logs / f"gateway_{backend}.metrics.txt").write_text(gateway.metrics())
 
 
 # -- summary -----------------------------------------------------------------
-def summarize(manifest: Manifest, sweep: list[dict], scenarios: dict[str, list[dict]], headline_concurrency: int,
-              command: str) -> dict:
+def summarize(manifest: Manifest, sweep: list[dict], measured: Online, plan: Plan, command: str) -> dict:
     """summary.json: the headline numbers (ratios at the headline concurrency) and how they were made."""
-    c = headline_concurrency
+    c, scenarios = plan.headline_concurrency, measured.scenarios
     final = next(r for r in sweep if r["kind"] == "fixed_exit" and r["target"] == manifest.exits[-1].depth)
     early = next(r for r in sweep if r["kind"] == "accuracy_drop" and r["target"] == CALIBRATION_DROP_PT)
     oracle_row = next(r for r in sweep if r["kind"] == "oracle")
 
-    def at(name: str) -> dict | None:
-        return _at(scenarios[name], "closed", c) if name in scenarios else None
-
-    def ratio(a: dict | None, b: dict | None, key) -> float | None:
-        if not a or not b:
-            return None
-        va, vb = key(a), key(b)
-        return round(va / vb, 4) if va and vb else None
+    def compare(a: str, b: str, key) -> float | None:
+        level_a, level_b = closed_level(scenarios, a, c), closed_level(scenarios, b, c)
+        return ratio(key(level_a), key(level_b)) if level_a and level_b else None
 
     throughput = lambda r: r["throughput"]  # noqa: E731
     p99 = lambda r: r["latency_ms"].get("p99")  # noqa: E731
     budgets = sorted(((name, scenarios[name][0]) for name in scenarios if name.startswith("budget")),
                      key=lambda item: float(item[0][len("budget"):].split("x")[0]))
     answered = [(name, r) for name, r in budgets if r["errors"] == 0 and r["completed"] == r["sent"]]
+    mean_macs_fraction = round(early["macs_fraction"], 4)
     return {
         "final_exit_test_acc": final["test_acc"], "early_exit_test_acc": early["test_acc"],
         "acc_drop_pt": round((final["test_acc"] - early["test_acc"]) * 100, 3),
-        "mean_macs_fraction": round(early["macs_fraction"], 4),
+        "mean_macs_fraction": mean_macs_fraction,
         "oracle_macs_fraction": round(oracle_row["macs_fraction"], 4),
-        f"throughput_ratio_c{c}": ratio(at("early_gateway_onnxruntime"), at("full_gateway_onnxruntime"), throughput),
-        f"p99_ratio_c{c}": ratio(at("early_gateway_onnxruntime"), at("full_gateway_onnxruntime"), p99),
-        "triton_throughput_ratio": ratio(at("early_gateway_triton"), at("full_triton_direct"), throughput),
-        "gateway_overhead_ratio": ratio(at("full_gateway_triton"), at("full_triton_direct"), throughput),
+        f"throughput_ratio_c{c}": compare("early_gateway_onnxruntime", "full_gateway_onnxruntime", throughput),
+        f"p99_ratio_c{c}": compare("early_gateway_onnxruntime", "full_gateway_onnxruntime", p99),
+        "gateway_overhead_ratio": compare("full_gateway_triton", "full_triton_direct", throughput),
+        **serving_cost(scenarios, c, mean_macs_fraction, plan.request_batch),
         "budget_attainment": answered[0][1]["within_budget"] if answered else None,
         "budget_attainment_scenario": answered[0][0] if answered else None,
         "headline_concurrency": c,
+        "cpu_pinning": measured.pinning.as_dict() if measured.pinning else None,
+        "skipped_scenarios": measured.skipped,
         "command": command, "commit": git_commit(), "machine": machine_name(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": manifest.model, "checkpoint": manifest.source.get("checkpoint"),
@@ -259,16 +347,19 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def _flatten(result: dict) -> dict:
-    flat = {k: v for k, v in result.items() if k not in ("latency_ms", "exits", "error_examples")}
+    flat = {k: v for k, v in result.items() if k not in ("latency_ms", "exits", "error_examples", "cpu")}
     flat.update({f"latency_{k}_ms": v for k, v in result["latency_ms"].items()})
+    per_request = (result.get("cpu") or {}).get("ms_per_request") or {}
+    flat.update({f"cpu_{role}_ms_per_request": value for role, value in per_request.items()})
     flat.update({f"exits_{k}": v for k, v in result["exits"].items()})
     return flat
 
 
 # -- the whole run -----------------------------------------------------------
 def run_benchmark(repository: Path, output: Path, plan: Plan, triton_venv: Path | None, command: str,
-                  log=print) -> dict:
-    """Offline, then online on a calibrated copy of `repository`; writes every file into `output`."""
+                  log=print, pin: bool = True) -> dict:
+    """Offline, then online on a calibrated copy of `repository`; writes every file into `output`. With
+    `pin` (and at least two cores) the servers and the load generator run on disjoint cores."""
     try:
         manifest = read_manifest(repository)
     except ManifestError as error:
@@ -282,8 +373,11 @@ def run_benchmark(repository: Path, output: Path, plan: Plan, triton_venv: Path 
                                              "thresholds": [entry.threshold for entry in calibrated.exits],
                                              **calibrated.calibration})
     with served_repository(repository, calibrated) as served:
-        scenarios = online(served, calibrated, result.workload, output, triton_venv, log)
-    summary = summarize(calibrated, result.sweep, scenarios, plan.headline_concurrency, command)
+        pinning = split_cores() if pin else None
+        if pinning:
+            log(f"servers on cores {list(pinning.servers)}, the load generator on {list(pinning.loadgen)}")
+        measured = online(served, calibrated, result.workload, output, triton_venv, pinning, log)
+    summary = summarize(calibrated, result.sweep, measured, plan, command)
     write_json(output / "summary.json", summary)
     write_report(output)
     return summary
@@ -297,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="results directory (default benchmarks/results/<date>-<machine>[-short])")
     parser.add_argument("--full", action="store_true", help="every concurrency level, longer levels")
     parser.add_argument("--no-triton", action="store_true", help="skip the Triton scenarios")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="let servers and load generator share every core (default: disjoint cores)")
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the gateways and tritonserver started here are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -306,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{stamp}-{platform.node()}" + ("" if args.full else "-short"))
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
     triton_venv = DEFAULT_VENV if not args.no_triton and triton_installed(DEFAULT_VENV) else None
-    summary = run_benchmark(args.model_repository, output, plan, triton_venv, command)
+    summary = run_benchmark(args.model_repository, output, plan, triton_venv, command, pin=not args.no_pin)
     print(json.dumps(summary, indent=2))
     print(f"results in {output}")
     return 0

@@ -40,8 +40,12 @@ class GatewayServer:
     def http_url(self) -> str:
         return f"127.0.0.1:{self.http_port}"
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.http_url}/metrics"
+
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://{self.http_url}/metrics", timeout=5) as reply:
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as reply:
             return reply.read().decode()
 
     def stop(self) -> int:

@@ -1,0 +1,182 @@
+"""Where the CPU goes under load: per-process CPU time from /proc, the gateway's CPU
+inside backend calls from its /metrics, and CPU pinning of servers and load generator
+(stdlib only; Linux).
+
+A `CpuMeter` is read before and after a measured window (the load generator calls
+`start()` after its warm-up and `stop()` when the window ends) and reports, per role,
+the CPU seconds spent in the window and milliseconds per request:
+
+- `gateway`: the gateway process (and any process it started),
+- `gateway_backend`: the part of the gateway's CPU spent inside backend calls (the
+  thread CPU time around each call, `gateway_backend_cpu_seconds_total` on /metrics),
+- `gateway_outside_backend`: the difference, the gateway's own cost per request,
+- `tritonserver`: the tritonserver process alone,
+- `triton_stubs`: its Python-backend stubs (`triton_python_backend_stub` children),
+- `loadgen`: this process, the load generator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+PROC = Path("/proc")
+TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+BACKEND_CPU_METRIC = "gateway_backend_cpu_seconds_total"
+
+
+# -- reading /proc -------------------------------------------------------------
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of every thread of `pid` (0.0 once it has gone)."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces and parentheses
+    return (int(fields[11]) + int(fields[12])) / TICKS_PER_SECOND  # utime, stime
+
+
+def _parent_pids() -> dict[int, int]:
+    parents = {}
+    for entry in PROC.iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    return parents
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process started (directly or not) by `pid`."""
+    parents = _parent_pids()
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def tree_cpu_s(pid: int) -> float:
+    return process_cpu_s(pid) + sum(process_cpu_s(child) for child in descendants(pid))
+
+
+def backend_cpu_s(metrics_url: str) -> float | None:
+    """The gateway's `gateway_backend_cpu_seconds_total`, summed over its labels (None: not exported)."""
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=5) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return None
+    values = re.findall(rf"^{BACKEND_CPU_METRIC}(?:\{{[^}}]*\}})? (\S+)$", text, re.MULTILINE)
+    return sum(float(value) for value in values) if values else None
+
+
+# -- the meter -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Servers:
+    """The server processes of a scenario (None where the scenario has none)."""
+
+    gateway_pid: int | None = None
+    gateway_metrics_url: str | None = None  # http://host:port/metrics
+    triton_pid: int | None = None
+
+
+class CpuMeter:
+    """CPU per role over a window; `stop()` returns the window's `cpu` record."""
+
+    def __init__(self, servers: Servers) -> None:
+        self.servers = servers
+        self._before: dict[str, float | None] | None = None
+        self._started = 0.0
+
+    def _sample(self) -> dict[str, float | None]:
+        servers, sample = self.servers, {"loadgen": process_cpu_s(os.getpid())}
+        if servers.gateway_pid is not None:
+            sample["gateway"] = tree_cpu_s(servers.gateway_pid)
+        if servers.triton_pid is not None:
+            sample["tritonserver"] = process_cpu_s(servers.triton_pid)
+            sample["triton_stubs"] = sum(process_cpu_s(child) for child in descendants(servers.triton_pid))
+        return sample
+
+    def start(self) -> None:
+        backend = backend_cpu_s(self.servers.gateway_metrics_url) if self.servers.gateway_metrics_url else None
+        self._before = {**self._sample(), "gateway_backend": backend}  # /metrics read before the CPU
+        self._started = time.perf_counter()
+
+    def stop(self, requests: int) -> dict:
+        if self._before is None:
+            raise RuntimeError("CpuMeter.stop() before start()")
+        window = time.perf_counter() - self._started
+        after = self._sample()  # the CPU read before /metrics: scraping it is not counted
+        url = self.servers.gateway_metrics_url
+        after["gateway_backend"] = backend_cpu_s(url) if url else None
+        return cpu_record(self._before, after, requests, window)
+
+
+def cpu_record(before: dict[str, float | None], after: dict[str, float | None], requests: int,
+               window_s: float) -> dict:
+    """CPU seconds per role between two samples, and milliseconds per request."""
+    cpu_s = {role: max(0.0, after[role] - before[role]) for role in after
+             if after.get(role) is not None and before.get(role) is not None}
+    if "gateway" in cpu_s and "gateway_backend" in cpu_s:
+        cpu_s["gateway_outside_backend"] = cpu_s["gateway"] - cpu_s["gateway_backend"]
+    per_request = {role: round(seconds * 1000 / requests, 4) if requests else None
+                   for role, seconds in cpu_s.items()}
+    return {"requests": requests, "window_s": round(window_s, 3),
+            "cpu_s": {role: round(seconds, 4) for role, seconds in cpu_s.items()}, "ms_per_request": per_request}
+
+
+# -- pinning -------------------------------------------------------------------
+@dataclass(frozen=True)
+class CoreSplit:
+    """Disjoint CPU sets: the servers on `servers`, the load generator on `loadgen`."""
+
+    servers: tuple[int, ...]
+    loadgen: tuple[int, ...]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def split_cores(available: set[int] | None = None) -> CoreSplit | None:
+    """A quarter of the cores (at least one) for the load generator, the rest for the servers;
+    None with fewer than two cores."""
+    cores = sorted(os.sched_getaffinity(0) if available is None else available)
+    if len(cores) < 2:
+        return None
+    loadgen = max(1, len(cores) // 4)
+    return CoreSplit(tuple(cores[:-loadgen]), tuple(cores[-loadgen:]))
+
+
+def _pin_threads(pid: int, cores: tuple[int, ...]) -> None:
+    """Every thread of `pid` (a mask set on a process only moves its main thread)."""
+    with contextlib.suppress(OSError):
+        for task in (PROC / str(pid) / "task").iterdir():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(task.name), cores)
+
+
+def pin_process_tree(pid: int, cores: tuple[int, ...]) -> None:
+    """`pid`, every process it started and all their threads onto `cores` (threads and processes
+    they start later inherit the mask)."""
+    for process in (pid, *descendants(pid)):
+        _pin_threads(process, cores)
+
+
+@contextlib.contextmanager
+def pinned_self(cores: tuple[int, ...] | None):
+    """This process's threads on `cores` for the block (no change for None), then as they were."""
+    if cores is None:
+        yield
+        return
+    original = tuple(os.sched_getaffinity(0))
+    _pin_threads(os.getpid(), cores)
+    try:
+        yield
+    finally:
+        _pin_threads(os.getpid(), original)
