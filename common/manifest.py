@@ -74,6 +74,9 @@ class ExitEntry:
     threshold: float | None = None  # filled by calibration
     # {"exit_model" | "segment_model": {batch size (str): milliseconds}}
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    # `macs` is what reaching this exit costs through the cascade (every earlier head
+    # included); `standalone_macs` what the per-exit model costs alone (None: the same).
+    standalone_macs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,9 @@ class Manifest:
 
     @property
     def full_macs(self) -> int:
-        return self.exits[-1].macs
+        """MACs of the full network without early exits: the baseline MAC fractions divide by."""
+        final = self.exits[-1]
+        return final.macs if final.standalone_macs is None else final.standalone_macs
 
     def exit_by_depth(self, depth: int) -> ExitEntry:
         for entry in self.exits:

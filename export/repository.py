@@ -150,7 +150,8 @@ def write_repository(
             exit_models[item.exit_index] = _write_model(staging, name, backend, item, batching, plan_builder)
         entries = [
             ExitEntry(index=index, depth=exits_meta[index].depth, params=exits_meta[index].params,
-                      macs=exits_meta[index].macs, heldout_acc=heldout_acc[index],
+                      macs=exits_meta[index].macs, standalone_macs=exits_meta[index].standalone_macs,
+                      heldout_acc=heldout_acc[index],
                       exit_model=exit_models.get(index), segment_model=segment_models[index])
             for index in sorted(segment_models)
         ]

@@ -41,3 +41,30 @@ def test_parse_exit_weights():
     assert parse_exit_weights("1,2,3", 3) == (1.0, 2.0, 3.0)
     with pytest.raises(UserError, match="3 exits"):
         parse_exit_weights("1,2", 3)
+
+
+def test_exit_distillation_is_cross_entropy_at_kd_zero_and_kl_at_kd_one():
+    from training.losses import exit_distillation_loss
+
+    torch.manual_seed(0)
+    targets = torch.tensor([0, 1, 2])
+    exits = [torch.randn(3, 4) for _ in range(2)]
+    teacher = torch.randn(3, 4)
+    plain = exit_distillation_loss(exits, teacher, targets, kd=0.0, temperature=3.0)
+    torch.testing.assert_close(plain, sum(F.cross_entropy(e, targets) for e in exits))
+    soft = exit_distillation_loss(exits, teacher, targets, kd=1.0, temperature=2.0)
+    expected = sum(4 * F.kl_div(F.log_softmax(e / 2, 1), F.softmax(teacher / 2, 1), reduction="batchmean")
+                   for e in exits)
+    torch.testing.assert_close(soft, expected)
+    # An exit that copies the teacher loses nothing to distillation.
+    assert exit_distillation_loss([teacher.clone()], teacher, targets, kd=1.0, temperature=2.0).abs() < 1e-6
+
+
+def test_exit_distillation_moves_the_exits_and_never_the_teacher():
+    from training.losses import exit_distillation_loss
+
+    teacher = torch.randn(2, 5, requires_grad=True)
+    early = torch.randn(2, 5, requires_grad=True)
+    exit_distillation_loss([early], teacher, torch.tensor([0, 1]), kd=0.5, temperature=3.0).backward()
+    assert early.grad.abs().sum() > 0
+    assert teacher.grad is None

@@ -79,3 +79,32 @@ def test_head_grad_scale_scales_what_early_heads_send_into_the_trunk(scale):
     for a, b in zip(outputs[1.0], outputs[scale]):
         torch.testing.assert_close(a, b)  # forward values do not change
     torch.testing.assert_close(grads[scale], grads[1.0] * scale)
+
+
+@pytest.mark.parametrize("head", ["conv1", "conv2"])
+def test_conv_heads_give_logits_and_their_macs_count_in_the_exits(head):
+    plain = create_model("mwresnet56_5", early_head="linear")
+    model = create_model("mwresnet56_5", early_head=head).eval()
+    with torch.no_grad():
+        outputs = model(torch.randn(2, 3, 32, 32))
+    assert [tuple(o.shape) for o in outputs] == [(2, 10)] * 5
+    for spec, base in zip(model.exits, plain.exits):
+        assert spec.standalone_macs > base.standalone_macs or spec.index == 4
+        assert spec.macs >= spec.standalone_macs  # the cascade also paid the earlier heads
+    # The final exit alone is the plain network; through the cascade it pays every early head.
+    assert model.exits[-1].standalone_macs == plain.exits[-1].standalone_macs
+    early_heads = sum(s.standalone_macs - b.standalone_macs for s, b in zip(model.exits[:-1], plain.exits[:-1]))
+    assert model.exits[-1].macs - plain.exits[-1].macs == early_heads
+    # Two convolutions on ResNet-56 cost 2.4-4.7 MMAC per head: a few percent, not a second network.
+    assert early_heads < 0.15 * plain.exits[-1].standalone_macs
+
+
+def test_linear_heads_cost_next_to_nothing_through_the_cascade():
+    model = create_model("mwresnet20_3")
+    for spec in model.exits:  # only the earlier heads' FC layers: a few hundred MACs
+        assert 0 <= spec.macs - spec.standalone_macs < 1e-4 * spec.standalone_macs
+
+
+def test_unknown_head_is_a_user_error():
+    with pytest.raises(UserError, match="unknown exit head"):
+        create_model("mwresnet8_3", early_head="transformer")

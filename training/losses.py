@@ -44,3 +44,23 @@ def parse_exit_weights(text: str | None, num_exits: int) -> tuple[float, ...]:
 
         raise UserError(f"--exit-weights has {len(values)} values, the model has {num_exits} exits")
     return values
+
+
+def exit_distillation_loss(exit_logits: list[torch.Tensor], teacher_logits: torch.Tensor, targets: torch.Tensor,
+                           kd: float, temperature: float) -> torch.Tensor:
+    """Sum over early exits of (1 - kd) * cross-entropy + kd * T^2 * KL(teacher || exit) at temperature T.
+
+    The teacher (the final exit's logits) is detached: distillation never moves it.
+    `kd` = 0 is plain cross-entropy; the T^2 factor keeps the soft term's gradient
+    on the scale of the hard one (Hinton et al., 2015), and the (1 - kd) weighting
+    keeps the sum at one, unlike `MultiExitLoss`'s additive term.
+    """
+    teacher = F.softmax(teacher_logits.detach() / temperature, dim=1) if kd > 0 else None
+    loss = exit_logits[0].new_zeros(())
+    for logits in exit_logits:
+        if kd < 1:
+            loss = loss + (1 - kd) * F.cross_entropy(logits, targets)
+        if teacher is not None:
+            student = F.log_softmax(logits / temperature, dim=1)
+            loss = loss + kd * temperature ** 2 * F.kl_div(student, teacher, reduction="batchmean")
+    return loss
