@@ -14,16 +14,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from serving.errors import InvalidImage
+from serving.normalisation import normalise_uint8  # noqa: F401  (the dataplane's import)
 
 MAX_PIXELS = 64_000_000  # refuse decompression bombs early
-
-
-def normalise_uint8(images: np.ndarray, mean, std) -> np.ndarray:
-    """(N, H, W, C) uint8 -> (N, C, H, W) float32 scaled to 0..1 and normalised, as in training."""
-    mean = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
-    array = images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-    return np.ascontiguousarray((array - mean) / std, dtype=np.float32)
 
 
 def decode_image(content: bytes, size: tuple[int, int]) -> np.ndarray:
