@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -22,6 +23,7 @@ from serving.http_api import create_http_app
 from serving.metrics import GatewayMetrics
 from serving.policy import exit_plan
 from serving.settings import Settings
+from serving.triton_cascade import TritonCascade
 
 log = logging.getLogger("gateway")
 
@@ -66,6 +68,13 @@ def make_backend(settings: Settings, manifest: Manifest) -> StageBackend:
         raise UserError(str(error)) from None
 
 
+def make_triton_cascade(settings: Settings, manifest: Manifest, plan, metrics: GatewayMetrics) -> TritonCascade:
+    try:
+        return TritonCascade(manifest, plan, settings.triton_url, settings.triton_protocol, metrics)
+    except Unavailable as error:
+        raise UserError(str(error)) from None
+
+
 def profiled_stage_ms(manifest: Manifest) -> list[float | None]:
     """Batch-1 latency of each segment from the manifest's profile, if profiled."""
     return [entry.latency_ms.get("segment_model", {}).get("1") for entry in manifest.exits]
@@ -78,10 +87,14 @@ class Gateway:
         self.settings = settings
         self.manifest = load_manifest(settings.model_repository)
         self.metrics = GatewayMetrics()
-        self.backend = backend or make_backend(settings, self.manifest)
-        cascade_settings = CascadeSettings(settings.max_batch_size, settings.max_wait_ms, settings.workers)
         plan = exit_plan(self.manifest, settings.default_threshold)
-        self.cascade = Cascade(self.backend, plan, cascade_settings, self.metrics, profiled_stage_ms(self.manifest))
+        if settings.backend == "triton-cascade" and backend is None:  # the whole cascade in Triton
+            self.cascade = self.backend = make_triton_cascade(settings, self.manifest, plan, self.metrics)
+        else:
+            self.backend = backend or make_backend(settings, self.manifest)
+            cascade_settings = CascadeSettings(settings.max_batch_size, settings.max_wait_ms, settings.workers)
+            self.cascade = Cascade(self.backend, plan, cascade_settings, self.metrics,
+                                   profiled_stage_ms(self.manifest))
         self.dataplane = DataPlane(self.manifest, self.cascade, self.metrics, settings.default_policy,
                                    settings.max_request_batch)
         self.grpc_server = None
@@ -97,6 +110,7 @@ class Gateway:
                                                        self.max_body_bytes)
         log.info("gateway ready", extra={"fields": {
             "model": self.manifest.model, "exits": self.manifest.exit_depths, "backend": self.backend.name,
+            "event_loop": type(asyncio.get_running_loop()).__module__,
             "http": f"{self.settings.host}:{self.settings.http_port}",
             "grpc": f"{self.settings.host}:{self.settings.grpc_port}" if self.grpc_server else None}})
         try:

@@ -35,6 +35,7 @@ SERVER_VERSION = "0.1.0"
 INPUT_NAME = "images"
 OUTPUTS = {"logits": "FP32", "probabilities": "FP32", "exit_depth": "INT32", "confidence": "FP32"}
 DEFAULT_OUTPUTS = ("logits", "exit_depth", "confidence")
+OPTIONS_CACHE_SIZE = 1024  # distinct sets of policy parameters remembered
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,27 @@ class DataPlane:
         self.default_policy = default_policy
         self.max_request_batch = max_request_batch
         self.plan = cascade.plan
+        self._depths = np.asarray(self.plan.depths, np.int32)
+        self._default_outputs = [RequestedOutput(name) for name in DEFAULT_OUTPUTS]
+        # Resolved options by the request's policy parameters (name, type, value), so the
+        # common requests (none, or the same few again and again) build nothing.
+        self._options: dict[tuple, RequestOptions] = {}
+
+    def request_options(self, parameters: dict) -> RequestOptions:
+        """Resolved policy options of a request's `parameters` (memoised; errors are not)."""
+        chosen = {name: value for name, value in parameters.items() if name in POLICY_PARAMETERS}
+        key = tuple((name, type(value), value) for name, value in chosen.items())
+        try:
+            return self._options[key]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable value (a JSON list of thresholds): resolved every time
+            return resolve_options(options_from_parameters(chosen, self.default_policy), self.plan)
+        options = resolve_options(options_from_parameters(chosen, self.default_policy), self.plan)
+        if len(self._options) >= OPTIONS_CACHE_SIZE:
+            self._options.clear()
+        self._options[key] = options
+        return options
 
     # -- health and metadata ------------------------------------------------
     def live(self) -> bool:
@@ -138,7 +160,7 @@ class DataPlane:
 
     def _check_outputs(self, requested: list[RequestedOutput]) -> list[RequestedOutput]:
         if not requested:
-            return [RequestedOutput(name) for name in DEFAULT_OUTPUTS]
+            return self._default_outputs
         for output in requested:
             if output.name not in OUTPUTS:
                 raise InvalidInput(f"unknown output {output.name!r}; available: {', '.join(OUTPUTS)}")
@@ -153,13 +175,9 @@ class DataPlane:
         self.check_model(request.model_name, request.model_version)
         images = self._images(request)
         outputs = self._check_outputs(request.outputs)
-        options = options_from_parameters(
-            {k: v for k, v in request.parameters.items() if k in POLICY_PARAMETERS}, self.default_policy)
-        options = resolve_options(options, self.plan)
-        result = await self.cascade.infer(images, options)
+        result = await self.cascade.infer(images, self.request_options(request.parameters))
         tensors = [self._output_tensor(output, result) for output in outputs]
-        self.metrics.samples.inc(len(images))
-        self.metrics.request_latency.labels(protocol=protocol).observe(time.perf_counter() - started)
+        self.metrics.answered(protocol, len(images), time.perf_counter() - started)
         return InferResponse(self.manifest.model, "1", request.id, tensors, outputs)
 
     def _output_tensor(self, output: RequestedOutput, result) -> Tensor:
@@ -170,9 +188,9 @@ class DataPlane:
                 return self._classification(output, values)
             return Tensor(output.name, "FP32", values.shape, values)
         if output.name == "exit_depth":
-            depths = np.asarray(self.plan.depths, np.int32)[result.exit_index]
+            depths = self._depths[result.exit_index]
             return Tensor("exit_depth", "INT32", (count,), depths)
-        return Tensor("confidence", "FP32", (count,), result.confidence.astype(np.float32))
+        return Tensor("confidence", "FP32", (count,), result.confidence.astype(np.float32, copy=False))
 
     def _classification(self, output: RequestedOutput, values: np.ndarray) -> Tensor:
         """Triton's classification extension: "value:index:label" strings, best first."""

@@ -93,7 +93,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             response = await self.dataplane.infer(parsed, "grpc")
         except GatewayError as error:
             await self._fail(context, error)
-        self.metrics.requests.labels(protocol="grpc", outcome="ok").inc()
+        self.metrics.ok("grpc")
         reply = service_pb2.ModelInferResponse(model_name=response.model_name,
                                                model_version=response.model_version, id=response.id)
         for tensor in response.outputs:

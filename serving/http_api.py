@@ -159,7 +159,7 @@ def create_http_app(dataplane: DataPlane, max_body_bytes: int, lifespan=None) ->
                           max_body_bytes)
         parsed = parse_infer_request(name, version, body, request.headers.get(HEADER_LENGTH))
         response = await dataplane.infer(parsed, "http")
-        metrics.requests.labels(protocol="http", outcome="ok").inc()
+        metrics.ok("http")
         return render_infer_response(response, bool(parsed.parameters.get("binary_data_output", False)))
 
     @app.post("/v1/classify")
@@ -196,7 +196,7 @@ def create_http_app(dataplane: DataPlane, max_body_bytes: int, lifespan=None) ->
         answers = await dataplane.classify(np.stack(images), options, top_k)
         for upload, answer in zip(uploads, answers):
             answer["filename"] = upload.filename
-        metrics.requests.labels(protocol="classify", outcome="ok").inc()
+        metrics.ok("classify")
         return {"model": dataplane.manifest.model, "results": answers,
                 "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
 

@@ -6,6 +6,7 @@ length and its bytes) are tritonclient's (`tritonclient.utils`).
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 
@@ -30,6 +31,9 @@ def check_shape(name: str, shape) -> tuple[int, ...]:
     return tuple(shape)
 
 
+_LITTLE_ENDIAN: dict[str, np.dtype] = {}  # datatype -> little-endian numpy type, filled on first use
+
+
 def numeric_dtype(name: str, datatype: str) -> np.dtype:
     """The numpy type of input `name`'s numeric KServe `datatype`."""
     dtype = triton_to_np_dtype(datatype) if datatype != "BYTES" else None
@@ -38,12 +42,19 @@ def numeric_dtype(name: str, datatype: str) -> np.dtype:
     return np.dtype(dtype)
 
 
+def _little_endian(name: str, datatype: str) -> np.dtype:
+    dtype = _LITTLE_ENDIAN.get(datatype)
+    if dtype is None:
+        dtype = _LITTLE_ENDIAN[datatype] = numeric_dtype(name, datatype).newbyteorder("<")
+    return dtype
+
+
 def from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
     """Decode the binary representation of a tensor."""
     if datatype == "BYTES":
         return deserialize_bytes(name, raw, shape)
-    dtype = numeric_dtype(name, datatype).newbyteorder("<")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    dtype = _little_endian(name, datatype)
+    expected = math.prod(shape) * dtype.itemsize
     if len(raw) != expected:
         raise InvalidInput(f"input {name!r}: {len(raw)} bytes of data for shape {list(shape)} {datatype} "
                            f"({expected} bytes expected)")
@@ -78,7 +89,7 @@ def to_raw(array: np.ndarray, datatype: str) -> bytes:
     """The binary representation of an output tensor (BYTES: an object array of bytes or str)."""
     if datatype == "BYTES":
         return serialize_byte_tensor(np.asarray(array, dtype=object)).item() if array.size else b""
-    return np.ascontiguousarray(array, dtype=np.dtype(triton_to_np_dtype(datatype)).newbyteorder("<")).tobytes()
+    return np.ascontiguousarray(array, dtype=_little_endian("output", datatype)).tobytes()
 
 
 def deserialize_bytes(name: str, raw: bytes, shape: tuple[int, ...]) -> np.ndarray:
