@@ -1,4 +1,5 @@
-"""Where the CPU goes under load: per-process CPU time from /proc, the gateway's CPU
+"""Where the CPU goes under load: per-process CPU time (the kernel's process CPU clock,
+the utime + stime of /proc/<pid>/stat at nanosecond resolution), the gateway's CPU
 inside backend calls from its /metrics, and CPU pinning of servers and load generator
 (stdlib only; Linux).
 
@@ -31,8 +32,18 @@ BACKEND_CPU_METRIC = "gateway_backend_cpu_seconds_total"
 
 
 # -- reading /proc -------------------------------------------------------------
+def _process_clock(pid: int) -> int:
+    """Linux's CPU-time clock of process `pid` (what clock_getcpuclockid returns: CPUCLOCK_SCHED)."""
+    return ((~pid) << 3) | 2
+
+
 def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of every thread of `pid` (0.0 once it has gone)."""
+    """CPU seconds (user + system) of every thread of `pid`, live or ended: the kernel's process CPU
+    clock (nanoseconds), else utime + stime from /proc/<pid>/stat (clock ticks); 0.0 once it has gone."""
+    try:
+        return time.clock_gettime(_process_clock(pid))
+    except OSError:
+        pass
     try:
         stat = (PROC / str(pid) / "stat").read_text()
     except OSError:
@@ -140,7 +151,7 @@ class CoreSplit:
     loadgen: tuple[int, ...]
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {role: list(cores) for role, cores in asdict(self).items()}
 
 
 def split_cores(available: set[int] | None = None) -> CoreSplit | None:

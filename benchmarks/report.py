@@ -174,7 +174,8 @@ def render(summary: dict, sweep: list[dict], scenarios: dict) -> str:
               "Closed loop: `level` concurrent clients, each sending its next request (one image, or 8 in the "
               "`_batch8` scenarios: throughput counts requests, accuracy and exits count images) when the "
               "previous returns. Open loop: Poisson arrivals at `level` requests/s, each request's latency "
-              "from its scheduled arrival. The load generator runs on the same machine as the servers.", "", *cpu_section(summary, scenarios)]
+              "from its scheduled arrival. The load generator runs on the same machine as the servers.", "",
+              *cpu_section(summary, scenarios)]
     return "\n".join(lines)
 
 

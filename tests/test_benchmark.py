@@ -2,10 +2,12 @@
 
 import asyncio
 import json
+import os
 
 import numpy as np
 import pytest
 
+from benchmarks.cpu import CpuMeter, Servers, backend_cpu_s, cpu_record, process_cpu_s, split_cores
 from benchmarks.exit_outputs import compute_exit_outputs, load_images
 from benchmarks.loadgen import Target, closed_loop, open_loop
 from benchmarks.run import Plan, run_benchmark
@@ -91,6 +93,94 @@ def test_errors_are_counted_not_lost(gateway, test_images):
     assert "unknown policy" in result.error_examples[0]
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SlowSender:
+    """A fake server whose every send holds the event loop for 10 ms of the fake clock (a generator
+    that falls behind its schedule); it answers class 0 at exit 3 and records when each answer came."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock, self.answered_at = clock, {}
+
+    async def infer(self, images, request_id):
+        self.clock.now += 0.010
+        self.answered_at[request_id] = self.clock.now
+        return np.zeros(len(images), dtype=int), np.full(len(images), 3)
+
+    async def close(self) -> None:
+        pass
+
+
+def test_open_loop_latency_runs_from_the_scheduled_arrival():
+    clock = FakeClock()
+    sender = SlowSender(clock)
+    images, labels = np.zeros((4, 3, 8, 8), np.float32), np.zeros(4, dtype=int)
+    rate, count, seed = 1000.0, 20, 3
+    result = asyncio.run(open_loop(Target("grpc", "127.0.0.1:1", "m"), images, labels, rate, count, 10.0,
+                                   seed=seed, client=sender, clock=clock))
+    assert result.sent == result.completed == count
+    # The same arrivals as the scheduler's: 1 ms apart on average, while each send takes 10 ms.
+    started = 100.0 + 5 * 0.010  # after the five warm-up sends
+    arrivals = started + np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, count))
+    answered = np.array([sender.answered_at[f"r{i}"] for i in range(count)])
+    expected_ms = (answered - arrivals) * 1000
+    assert result.latency_ms["mean"] == pytest.approx(expected_ms.mean())
+    assert result.latency_ms["p99"] == pytest.approx(np.percentile(expected_ms, 99))
+    # Measured from when each task started, every request would show the 10 ms of its own send only.
+    assert result.latency_ms["p50"] > 10 * 5
+
+
+def test_cpu_record_per_role_and_the_gateways_own_share():
+    before = {"loadgen": 1.0, "gateway": 2.0, "gateway_backend": 0.5, "tritonserver": None}
+    after = {"loadgen": 1.2, "gateway": 3.0, "gateway_backend": 1.1, "tritonserver": None}
+    record = cpu_record(before, after, requests=100, window_s=2.0)
+    assert record["requests"] == 100 and "tritonserver" not in record["cpu_s"]
+    assert record["ms_per_request"] == pytest.approx({"loadgen": 2.0, "gateway": 10.0, "gateway_backend": 6.0,
+                                                      "gateway_outside_backend": 4.0})
+
+
+def test_process_cpu_counts_this_process():
+    before = process_cpu_s(os.getpid())
+    sum(i * i for i in range(200_000))
+    assert process_cpu_s(os.getpid()) > before and process_cpu_s(2**22 + 12345) == 0.0  # no such process
+
+
+def test_split_cores_is_disjoint_and_none_on_one_core():
+    assert split_cores({0}) is None
+    assert split_cores({0, 1}).servers == (0,) and split_cores({0, 1}).loadgen == (1,)
+    split = split_cores(set(range(8)))
+    assert split.servers == (0, 1, 2, 3, 4, 5) and split.loadgen == (6, 7)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_cpu_accounting_adds_up(gateway, test_images, batch):
+    """Per-process CPU over the measured window: non-negative, counted per request sent, and the
+    gateway's CPU inside backend calls within its whole CPU."""
+    target = Target("grpc", gateway.grpc_url, "mwresnet8_3", batch=batch)
+    meter = CpuMeter(Servers(gateway.process.pid, gateway.metrics_url))
+    result = asyncio.run(closed_loop(target, *test_images, concurrency=4, max_requests=40, max_seconds=20,
+                                     meter=meter))
+    assert result.errors == 0 and result.sent == result.completed == 40
+    assert result.images_per_request == batch and sum(result.exits.values()) == 40 * batch
+    cpu = result.cpu
+    assert cpu["requests"] == result.sent and cpu["window_s"] > 0
+    assert {"gateway", "loadgen"} <= set(cpu["cpu_s"]) and "tritonserver" not in cpu["cpu_s"]
+    assert all(seconds >= 0 for seconds in cpu["cpu_s"].values())
+    for role, seconds in cpu["cpu_s"].items():
+        assert cpu["ms_per_request"][role] == pytest.approx(seconds * 1000 / 40, abs=1e-3)
+    if backend_cpu_s(gateway.metrics_url) is None:
+        pytest.skip("the gateway does not export gateway_backend_cpu_seconds_total yet")
+    assert cpu["cpu_s"]["gateway"] + 1e-3 >= cpu["cpu_s"]["gateway_backend"] >= 0  # rounded to 0.1 ms
+    assert cpu["cpu_s"]["gateway_outside_backend"] == pytest.approx(
+        cpu["cpu_s"]["gateway"] - cpu["cpu_s"]["gateway_backend"], abs=1e-3)
+
+
 def test_only_loopback_targets():
     with pytest.raises(UserError, match="loopback"):
         Target("grpc", "10.1.2.3:8001", "m")
@@ -112,15 +202,31 @@ def test_the_runner_writes_every_file_and_leaves_the_repository_as_it_was(tiny_r
                 "gateway_overhead_ratio", "budget_attainment", "command", "commit", "machine", "date"):
         assert summary[key] is not None, key
     assert json.loads((output / "summary.json").read_text()) == summary
+    for key in ("batched_throughput_ratio_c2", "cpu_ms_per_request_c2", "triton_backend_throughput_ratio"):
+        assert summary[key] is not None, key
+    for key in ("gateway_overhead_cpu_ms", "staging_overhead_cpu_ms", "gateway_forward_cpu_ms",
+                "gateway_added_p50_ms", "cascade_gateway_overhead_ratio", "triton_throughput_ratio_source",
+                "cpu_pinning", "skipped_scenarios"):
+        assert key in summary, key
+    if summary["cpu_pinning"] is not None:
+        assert not set(summary["cpu_pinning"]["servers"]) & set(summary["cpu_pinning"]["loadgen"])
+    cascade = "early_triton_cascade_direct"
+    assert (cascade in summary["skipped_scenarios"]) != (output / f"scenario_{cascade}.json").exists()
     names = {p.name for p in output.iterdir()}
     assert {"sweep.csv", "sweep.json", "summary.json", "calibration.json", "REPORT.md", "accuracy_vs_macs.png",
             "throughput_vs_concurrency.png", "p99_vs_throughput.png"} <= names
     for scenario in ("full_gateway_onnxruntime", "early_gateway_onnxruntime", "full_triton_direct",
                      "full_gateway_triton", "early_gateway_triton", "fixed3_gateway_onnxruntime",
-                     "budget1x_gateway_onnxruntime"):
+                     "budget1x_gateway_onnxruntime", "full_gateway_onnxruntime_batch8",
+                     "early_gateway_onnxruntime_batch8"):
         rows = json.loads((output / f"scenario_{scenario}.json").read_text())
         for row in rows:
             assert row["completed"] + row["errors"] == row["sent"] and row["errors"] == 0
+            assert row["cpu"]["requests"] == row["sent"] and min(row["cpu"]["cpu_s"].values()) >= 0
+            roles = set(row["cpu"]["cpu_s"])
+            assert ("gateway" in roles) == ("gateway" in scenario) and ("tritonserver" in roles) == (
+                "triton" in scenario)
     report = (output / "REPORT.md").read_text()
     assert "| scenario | mode |" in report and "(`throughput_ratio_c2`)" in report
+    assert "## Where the CPU goes" in report and "(`gateway_overhead_cpu_ms`)" in report
     assert np.isfinite(summary["acc_drop_pt"])
