@@ -16,7 +16,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from common import onnxruntime_session
+from common import manifest as manifest_module
+from common import onnxruntime_session, triton_cascade
 from common.checkpoint_meta import CheckpointMeta
 from common.manifest import (
     MANIFEST_FILE,
@@ -28,13 +29,26 @@ from common.manifest import (
     segment_model_name,
     write_manifest,
 )
+from common.paths import REPO_ROOT
 from common.provenance import utc_timestamp
+from common.triton_cascade import BLS, IN_PROCESS, LABELS_FILE, cascade_model_name
 from export.onnx_export import ExportedModel
-from export.triton_config import BatchingConfig, model_config, model_file_name
+from export.triton_config import BatchingConfig, cascade_model_config, model_config, model_file_name
 
 PYTHON_MODEL_TEMPLATE = Path(__file__).with_name("triton_python_model.py")
 # model.py imports the session factory from beside it: copied verbatim, never reimplemented.
 PYTHON_MODEL_FILES = {"model.py": PYTHON_MODEL_TEMPLATE, "onnxruntime_session.py": Path(onnxruntime_session.__file__)}
+# The `<model>_cascade` model's files: its model.py and, copied verbatim (read as files,
+# not imported: export never imports serving), the one implementation of each thing it
+# shares with the gateway and the exporter.
+CASCADE_MODEL_FILES = {
+    "model.py": Path(__file__).with_name("triton_cascade_model.py"),
+    "policy.py": REPO_ROOT / "serving" / "policy.py",
+    "normalisation.py": REPO_ROOT / "serving" / "normalisation.py",
+    "manifest.py": Path(manifest_module.__file__),
+    "triton_cascade.py": Path(triton_cascade.__file__),
+    "onnxruntime_session.py": Path(onnxruntime_session.__file__),
+}
 # Builds a TensorRT plan from ONNX bytes, the model's input spec and its name
 # (export.tensorrt_build.TensorRTPlanBuilder is the real one; tests pass a stand-in).
 PlanBuilder = Callable[[bytes, TensorSpec, str], bytes]
@@ -115,6 +129,34 @@ def _write_model(staging: Path, name: str, backend: str, exported: ExportedModel
     return DeployedModel(name, version, exported.inputs, exported.outputs)
 
 
+def _cascade_configs(backend: str) -> dict[str, dict[str, str]]:
+    """Parameters of each mode's config of the cascade model; the first is config.pbtxt."""
+    bls = {"mode": BLS, "bls_memory": "cpu" if backend == "python" else "auto"}
+    in_process = {"mode": IN_PROCESS, "intra_op_threads": "1"}
+    if backend == "tensorrt":  # no ONNX files to run in the model
+        return {BLS: bls}
+    return {IN_PROCESS: in_process, BLS: bls} if backend == "python" else {BLS: bls, IN_PROCESS: in_process}
+
+
+def _write_cascade_model(staging: Path, model: str, backend: str, input_shape: list[int], classes: list[str],
+                         batching: BatchingConfig) -> None:
+    """`<model>_cascade`: config.pbtxt in the mode that suits `backend` (in_process for python,
+    bls for the full image's onnxruntime and tensorrt), and every mode's config under
+    configs/ (`tritonserver --model-config-name=bls` picks one)."""
+    model_dir = staging / cascade_model_name(model)
+    version_dir = model_dir / str(_next_version(model_dir))
+    (model_dir / "configs").mkdir(parents=True, exist_ok=True)
+    version_dir.mkdir()
+    for file_name, source in CASCADE_MODEL_FILES.items():
+        _write_file(version_dir / file_name, source.read_bytes())
+    _write_file(model_dir / LABELS_FILE, "".join(f"{label}\n" for label in classes).encode())
+    configs = {mode: cascade_model_config(model_dir.name, input_shape, len(classes), batching, parameters)
+               for mode, parameters in _cascade_configs(backend).items()}
+    for mode, text in configs.items():
+        _write_file(model_dir / "configs" / f"{mode}.pbtxt", text.encode())
+    _write_file(model_dir / "config.pbtxt", next(iter(configs.values())).encode())
+
+
 def write_repository(
     target: Path,
     exported: list[ExportedModel],
@@ -155,6 +197,9 @@ def write_repository(
                       exit_model=exit_models.get(index), segment_model=segment_models[index])
             for index in sorted(segment_models)
         ]
+        progress(f"writing {cascade_model_name(model_name)}")
+        _write_cascade_model(staging, model_name, backend, list(checkpoint_meta.input_size),
+                             list(checkpoint_meta.classes), batching)
         norm = checkpoint_meta.normalization
         manifest = Manifest(
             model=model_name, classes=list(checkpoint_meta.classes),

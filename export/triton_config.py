@@ -8,6 +8,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from common.manifest import TensorSpec
+from common.triton_cascade import IMAGES_INPUT, LABELS_FILE, NORMALISED_INPUT
+from common.triton_cascade import OUTPUTS as CASCADE_OUTPUTS
 
 # backend -> (ModelConfig field, its value, the model file in a version directory)
 PLATFORMS = {
@@ -72,3 +74,30 @@ def model_config(
 
 def model_file_name(backend: str) -> str:
     return PLATFORMS[backend][2]
+
+
+def cascade_model_config(name: str, input_shape: list[int], classes: int, batching: BatchingConfig,
+                         parameters: dict[str, str]) -> str:
+    """`config.pbtxt` of the `<model>_cascade` Python-backend model (common/triton_cascade.py).
+
+    Tensors as the gateway's: `images` UINT8 [H, W, C] or `normalised_images` FP32
+    [C, H, W] (each optional; a request gives one), `logits` and `probabilities`
+    [classes] (with the class labels, for Triton's classification extension),
+    `exit_depth` and `confidence` one value per sample (shape [N], as the gateway's; `reshape`
+    would make Triton answer [N, 1]).
+    """
+    channels, height, width = input_shape
+    inputs = [TensorSpec(IMAGES_INPUT, [height, width, channels], "UINT8"),
+              TensorSpec(NORMALISED_INPUT, [channels, height, width], "FP32")]
+    outputs = [TensorSpec(output, [classes] if output in ("logits", "probabilities") else [1], dtype)
+               for output, dtype in CASCADE_OUTPUTS.items()]
+    config = build_model_config(name, "python", inputs, outputs, batching)
+    del config.parameters["intra_op_threads"]
+    for tensor in config.input:
+        tensor.optional = True
+    for tensor in config.output:  # exit_depth and confidence: dims [1], yet the model answers
+        if tensor.dims != [1]:       # shape [N] like the gateway (the Python backend passes it on)
+            tensor.label_filename = LABELS_FILE
+    for key, value in parameters.items():
+        config.parameters[key].string_value = value
+    return text_format.MessageToString(config)

@@ -26,8 +26,10 @@ class Settings(BaseSettings):
                                       cli_implicit_flags=True)
 
     model_repository: Path = Field(Path("model_repository"), description="repository with manifest.json")
-    backend: Literal["onnxruntime", "triton"] = Field("onnxruntime", description="where the stages run")
-    triton_url: str = Field("127.0.0.1:8001", description="Triton address for --backend triton")
+    backend: Literal["onnxruntime", "triton", "triton-cascade"] = Field(
+        "onnxruntime", description="where the stages run (triton-cascade: the whole cascade in Triton's "
+                                   "<model>_cascade model, one call a request)")
+    triton_url: str = Field("127.0.0.1:8001", description="Triton address for --backend triton or triton-cascade")
     triton_protocol: Literal["grpc", "http"] = Field("grpc", description="protocol to Triton")
     host: str = Field("127.0.0.1", description="address the gateway binds to")
     http_port: int = Field(8080, ge=0, le=65535, description="KServe v2 HTTP port")
