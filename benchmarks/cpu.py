@@ -139,7 +139,7 @@ def cpu_record(before: dict[str, float | None], after: dict[str, float | None], 
     per_request = {role: round(seconds * 1000 / requests, 4) if requests else None
                    for role, seconds in cpu_s.items()}
     return {"requests": requests, "window_s": round(window_s, 3),
-            "cpu_s": {role: round(seconds, 4) for role, seconds in cpu_s.items()}, "ms_per_request": per_request}
+            "cpu_s": {role: round(seconds, 6) for role, seconds in cpu_s.items()}, "ms_per_request": per_request}
 
 
 # -- pinning -------------------------------------------------------------------

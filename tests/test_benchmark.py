@@ -176,7 +176,7 @@ def test_cpu_accounting_adds_up(gateway, test_images, batch):
         assert cpu["ms_per_request"][role] == pytest.approx(seconds * 1000 / 40, abs=1e-3)
     if backend_cpu_s(gateway.metrics_url) is None:
         pytest.skip("the gateway does not export gateway_backend_cpu_seconds_total yet")
-    assert cpu["cpu_s"]["gateway"] + 1e-3 >= cpu["cpu_s"]["gateway_backend"] >= 0  # rounded to 0.1 ms
+    assert cpu["cpu_s"]["gateway"] + 1e-3 >= cpu["cpu_s"]["gateway_backend"] >= 0  # threads are in the process
     assert cpu["cpu_s"]["gateway_outside_backend"] == pytest.approx(
         cpu["cpu_s"]["gateway"] - cpu["cpu_s"]["gateway_backend"], abs=1e-3)
 
