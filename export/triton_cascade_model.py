@@ -250,7 +250,7 @@ class TritonPythonModel:
             logits, features = self.stages.run(stage, inputs)
             now = time.monotonic()
             self._record_stage_time(stage, (now - stage_started) * 1000)
-            probabilities = policy.softmax(logits.astype(np.float64))
+            probabilities = policy.softmax(logits.astype(np.float32, copy=False))  # as the gateway's cascade
             next_ms = None if stage == last else self._predicted_ms(stage + 1)
             keep, offset = [], 0
             for position, (request, samples) in enumerate(zip(batch, owners)):

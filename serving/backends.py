@@ -67,6 +67,18 @@ class OnnxRuntimeBackend:
         self.exit_sessions.clear()
 
 
+def triton_request(module, protocol: str, name: str, inputs: np.ndarray, outputs, timeout_s: float):
+    """tritonclient's (input tensor, requested outputs, keyword arguments of `infer`) for FP32
+    `inputs` over `protocol` (`module`: tritonclient.http or .grpc, or their aio forms)."""
+    tensor = module.InferInput(name, list(inputs.shape), "FP32")
+    if protocol == "http":
+        tensor.set_data_from_numpy(inputs, binary_data=True)
+        requested = [module.InferRequestedOutput(output, binary_data=True) for output in outputs]
+        return tensor, requested, {"timeout": int(timeout_s * 1e6)}
+    tensor.set_data_from_numpy(inputs)
+    return tensor, [module.InferRequestedOutput(output) for output in outputs], {"client_timeout": timeout_s}
+
+
 class TritonBackend:
     """Segments served by a Triton server, called with tritonclient over HTTP or gRPC.
 
@@ -117,16 +129,9 @@ class TritonBackend:
         return self._infer(self.exit_models[index], images)[0]
 
     def _infer(self, model: DeployedModel, inputs: np.ndarray) -> list[np.ndarray]:
-        tensor = self.module.InferInput(model.inputs[0].name, list(inputs.shape), "FP32")
         names = _output_names(model)
-        if self.protocol == "http":
-            tensor.set_data_from_numpy(inputs, binary_data=True)
-            requested = [self.module.InferRequestedOutput(name, binary_data=True) for name in names]
-            kwargs = {"timeout": int(self.timeout_s * 1e6)}
-        else:
-            tensor.set_data_from_numpy(inputs)
-            requested = [self.module.InferRequestedOutput(name) for name in names]
-            kwargs = {"client_timeout": self.timeout_s}
+        tensor, requested, kwargs = triton_request(self.module, self.protocol, model.inputs[0].name, inputs,
+                                                   names, self.timeout_s)
         try:
             result = self._client().infer(model.name, [tensor], model_version=str(model.version),
                                           outputs=requested, **kwargs)

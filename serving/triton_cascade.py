@@ -16,11 +16,13 @@ from when the cascade model starts executing the request's batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import numpy as np
 
 from common.manifest import Manifest
 from common.triton_cascade import NORMALISED_INPUT, cascade_model_name
+from serving.backends import triton_request
 from serving.cascade import CascadeResult
 from serving.errors import InvalidParameter, Unavailable
 from serving.metrics import GatewayMetrics
@@ -96,10 +98,8 @@ class TritonCascade:
         """Stop accepting, let in-flight requests finish (up to `timeout`), close the client."""
         self.accepting = False
         if self._idle is not None:
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
         if self._client is not None:
             await self._client.close()
 
@@ -125,15 +125,8 @@ class TritonCascade:
         return CascadeResult(logits, exit_index, confidence)
 
     async def _call(self, inputs: np.ndarray, parameters: dict) -> tuple[np.ndarray, ...]:
-        tensor = self.module.InferInput(NORMALISED_INPUT, list(inputs.shape), "FP32")
-        if self.protocol == "http":
-            tensor.set_data_from_numpy(inputs, binary_data=True)
-            requested = [self.module.InferRequestedOutput(name, binary_data=True) for name in OUTPUTS]
-            timeout = {"timeout": int(self.timeout_s * 1e6)}
-        else:
-            tensor.set_data_from_numpy(inputs)
-            requested = [self.module.InferRequestedOutput(name) for name in OUTPUTS]
-            timeout = {"client_timeout": self.timeout_s}
+        tensor, requested, timeout = triton_request(self.module, self.protocol, NORMALISED_INPUT, inputs, OUTPUTS,
+                                                    self.timeout_s)
         try:
             result = await self._client.infer(self.model, [tensor], outputs=requested, parameters=parameters,
                                               **timeout)

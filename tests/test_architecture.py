@@ -95,3 +95,19 @@ def test_importing_common_loads_only_the_standard_library():
     loaded = _loaded_by_importing(_modules("common"))
     assert "common" in loaded
     assert loaded <= set(sys.stdlib_module_names) | {"common"}, loaded - set(sys.stdlib_module_names)
+
+
+def test_files_copied_into_triton_models_import_only_what_a_python_backend_has():
+    """model.py and the files copied verbatim beside it (the exit policies, the normalisation,
+    the manifest schema, the session factory, the cascade's contract) run in Triton's Python
+    backend, where the project is not importable: they import the standard library, numpy,
+    triton_python_backend_utils, each other and (lazily) onnxruntime, torch or cupy."""
+    from export.repository import CASCADE_MODEL_FILES, PYTHON_MODEL_FILES
+
+    for files in (PYTHON_MODEL_FILES, CASCADE_MODEL_FILES):
+        beside = {name.removesuffix(".py") for name in files}
+        allowed = set(sys.stdlib_module_names) | {"__future__", "numpy", "triton_python_backend_utils"} | beside
+        lazy = {"onnxruntime", "torch", "cupy"}
+        violations = [f"{path} imports {name}" for path in files.values() for name, top_level in _imports(path)
+                      if name not in allowed and (top_level or name not in lazy)]
+        assert not violations, violations

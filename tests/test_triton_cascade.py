@@ -140,6 +140,15 @@ def test_cascade_model_answers_as_the_gateway_per_sample(triton, gateway, protoc
     assert len(depths_seen) > 1, "the calibrated thresholds should send the images to several exits"
 
 
+def test_each_mode_runs_the_stages_where_it_says(triton):
+    """bls: every stage is a request to the segment model; in_process: the segment models see none."""
+    client = httpclient.InferenceServerClient(triton.http_url)
+    _ask(httpclient, triton.http_url, CASCADE, IMAGES, {"policy": "full"})
+    for entry in read_manifest(triton.repository).exits:
+        stats = client.get_inference_statistics(entry.segment_model.name)["model_stats"][0]
+        assert (int(stats["inference_count"]) > 0) == (triton.mode == BLS), entry.segment_model.name
+
+
 def test_concurrent_requests_with_different_options_are_answered_each_by_its_own(triton, gateway):
     """Requests that Triton batches together keep their own policies (samples re-batched per stage)."""
     jobs = [(IMAGES[i:i + 4], PARAMETER_SETS[i % len(PARAMETER_SETS)]) for i in range(0, len(IMAGES), 2)] * 3
