@@ -36,6 +36,7 @@ class Target:
     fixed_depth: int | None = None  # for models without an exit_depth output (Triton direct)
     budget_ms: float | None = None
     batch: int = 1  # images per request
+    input_name: str = "images"  # of the FP32 normalised images (the cascade model's: normalised_images)
 
     def __post_init__(self) -> None:
         host = self.url.rsplit(":", 1)[0]
@@ -90,7 +91,7 @@ class _Client:
 
     async def infer(self, images: np.ndarray, request_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(predicted class, exit depth) of each image of one request."""
-        tensor = self.module.InferInput("images", list(images.shape), "FP32")
+        tensor = self.module.InferInput(self.target.input_name, list(images.shape), "FP32")
         tensor.set_data_from_numpy(images)
         outputs = [self.module.InferRequestedOutput(name) for name in self.outputs]
         result = await self.client.infer(self.target.model, [tensor], outputs=outputs, request_id=request_id,

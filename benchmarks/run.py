@@ -56,6 +56,7 @@ from common.manifest import Manifest, ManifestError, read_manifest, write_manife
 from common.paths import REPO_ROOT
 from common.provenance import git_commit
 from common.provenance import machine_description as machine_name
+from common.triton_cascade import NORMALISED_INPUT, cascade_model_name
 from serving.preprocess import normalise_uint8
 
 CALIBRATION_DROP_PT = 0.5  # the accuracy-drop target (held-out, in points) of the early-exit scenarios
@@ -174,9 +175,9 @@ def _progress(name: str, result: LevelResult, log) -> None:
         + " ".join(f"{role} {value:.2f}" for role, value in cpu.items() if value is not None))
 
 
-def cascade_model_name(repository: Path, manifest: Manifest) -> str | None:
+def cascade_model(repository: Path, manifest: Manifest) -> str | None:
     """`<model>_cascade` where the repository holds it (the Triton model that runs the whole cascade)."""
-    name = f"{manifest.model}_cascade"
+    name = cascade_model_name(manifest.model)
     return name if (Path(repository) / name / "config.pbtxt").exists() else None
 
 
@@ -260,7 +261,7 @@ def _triton_scenarios(session: _Session, repository: Path, manifest: Manifest, t
     """The full network called directly on Triton and through the gateway's Triton backend, early exit
     through that backend, and the `<model>_cascade` Triton model called directly and through the gateway
     (`--backend triton-cascade`) at concurrency 1 and the headline level."""
-    model, cascade, logs = manifest.model, cascade_model_name(repository, manifest), session.output / "logs"
+    model, cascade, logs = manifest.model, cascade_model(repository, manifest), session.output / "logs"
     cascade_levels = tuple(sorted({1, session.workload.plan.headline_concurrency}))
     with TritonServer(repository, triton_venv, log_path=logs / "tritonserver.log") as triton:
         session.pin(triton.process)
@@ -272,7 +273,8 @@ def _triton_scenarios(session: _Session, repository: Path, manifest: Manifest, t
             why = f"no {model}_cascade model in the repository"
             session.skipped.update({"early_triton_cascade_direct": why, "early_gateway_triton_cascade": why})
         else:
-            session.scenario("early_triton_cascade_direct", Target("grpc", triton.grpc_url, cascade), direct,
+            session.scenario("early_triton_cascade_direct",
+                             Target("grpc", triton.grpc_url, cascade, input_name=NORMALISED_INPUT), direct,
                              cascade_levels)
         plans = [("triton", ("full_gateway_triton", "early_gateway_triton"), None)]
         if cascade is not None:

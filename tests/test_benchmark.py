@@ -212,13 +212,21 @@ def test_the_runner_writes_every_file_and_leaves_the_repository_as_it_was(tiny_r
         assert not set(summary["cpu_pinning"]["servers"]) & set(summary["cpu_pinning"]["loadgen"])
     cascade = "early_triton_cascade_direct"
     assert (cascade in summary["skipped_scenarios"]) != (output / f"scenario_{cascade}.json").exists()
+    if cascade not in summary["skipped_scenarios"]:  # the repository has the <model>_cascade Triton model
+        assert summary["triton_throughput_ratio_source"] == cascade
+        for key in ("gateway_forward_cpu_ms", "gateway_added_p50_ms", "cascade_gateway_overhead_ratio"):
+            assert summary[key] is not None, key
+        assert set(summary["cpu_ms_per_request_c2"]["early_gateway_triton_cascade"]) >= {
+            "gateway", "tritonserver", "triton_stubs", "loadgen"}
     names = {p.name for p in output.iterdir()}
     assert {"sweep.csv", "sweep.json", "summary.json", "calibration.json", "REPORT.md", "accuracy_vs_macs.png",
             "throughput_vs_concurrency.png", "p99_vs_throughput.png"} <= names
     for scenario in ("full_gateway_onnxruntime", "early_gateway_onnxruntime", "full_triton_direct",
                      "full_gateway_triton", "early_gateway_triton", "fixed3_gateway_onnxruntime",
                      "budget1x_gateway_onnxruntime", "full_gateway_onnxruntime_batch8",
-                     "early_gateway_onnxruntime_batch8"):
+                     "early_gateway_onnxruntime_batch8", "early_triton_cascade_direct", "early_gateway_triton_cascade"):
+        if scenario in summary["skipped_scenarios"]:
+            continue
         rows = json.loads((output / f"scenario_{scenario}.json").read_text())
         for row in rows:
             assert row["completed"] + row["errors"] == row["sent"] and row["errors"] == 0
