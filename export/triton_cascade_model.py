@@ -18,10 +18,10 @@ Runtime here; `bls` sends every stage to the per-segment model with a BLS reques
 (`bls_memory` gpu, or auto where torch or cupy sees a GPU, keeps the activations on the
 GPU via DLPack).
 
-`budget_ms` counts from when this model starts executing the batch holding the request
-(Triton's queueing before that and the network are not included); the next stage's
-time is predicted from the manifest's profile, then from a moving average of the
-stage times measured here.
+`budget_ms` counts from when this model starts running the cascade for the batch that
+holds the request (Triton's queueing before that and the network are not included);
+the next stage's time is predicted from the manifest's profile (else from one warm-up
+run at the first execution), then from a moving average of the stage times measured here.
 """
 
 import json

@@ -88,7 +88,8 @@ def test_chosen_exits_get_segments_spanning_the_skipped_ones(tiny_checkpoint, tm
     manifest = export_checkpoint(options, **QUIET)
     assert [e.segment_model.name for e in manifest.exits] == ["mwresnet8_3_seg0to3", "mwresnet8_3_seg3to8"]
     assert sorted(p.name for p in (tmp_path / "repo").iterdir() if p.is_dir()) == [
-        "mwresnet8_3_exit3", "mwresnet8_3_exit8", "mwresnet8_3_seg0to3", "mwresnet8_3_seg3to8"]
+        "mwresnet8_3_cascade", "mwresnet8_3_exit3", "mwresnet8_3_exit8", "mwresnet8_3_seg0to3",
+        "mwresnet8_3_seg3to8"]
 
 
 def test_new_export_adds_a_version_and_force_replaces(tiny_checkpoint, tmp_path):
@@ -102,7 +103,8 @@ def test_new_export_adds_a_version_and_force_replaces(tiny_checkpoint, tmp_path)
     assert (output / "mwresnet8_3_exit3" / "1" / "model.onnx").stat().st_ino == first_onnx.st_ino
     forced = export_checkpoint(ExportOptions(tiny_checkpoint, "3", output, validation_images=20, force=True), **QUIET)
     assert forced.exits[0].exit_model.version == 1
-    assert sorted(p.name for p in output.iterdir()) == ["manifest.json", "mwresnet8_3_exit3", "mwresnet8_3_seg0to3"]
+    assert sorted(p.name for p in output.iterdir()) == ["manifest.json", "mwresnet8_3_cascade", "mwresnet8_3_exit3",
+                                                        "mwresnet8_3_seg0to3"]
 
 
 def test_failure_mid_export_leaves_the_previous_repository_intact(tiny_checkpoint, tmp_path, monkeypatch):

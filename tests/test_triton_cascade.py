@@ -125,6 +125,24 @@ def test_the_exporter_writes_the_cascade_model_with_a_config_per_mode(tiny_repos
     assert labels == read_manifest(tiny_repository).classes
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
+def test_full_image_repositories_get_the_bls_cascade(tiny_checkpoint, tmp_path, backend):
+    """A full Triton image runs the segments on its onnxruntime or tensorrt backend: the cascade
+    calls them with BLS (keeping activations on the GPU where it can); TensorRT has no ONNX
+    files for the in_process mode, so its repository carries the bls config only."""
+    from export.pipeline import ExportOptions, export_checkpoint
+
+    export_checkpoint(ExportOptions(tiny_checkpoint, "3", tmp_path / "repo", backend=backend, validation_images=20),
+                      plan_builder=lambda onnx_bytes, spec, name: b"plan", log=lambda message: None)
+    model_dir = tmp_path / "repo" / CASCADE
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.parameters["mode"].string_value == BLS
+    assert config.parameters["bls_memory"].string_value == "auto"
+    expected = [BLS] if backend == "tensorrt" else sorted([BLS, IN_PROCESS])
+    assert sorted(path.stem for path in (model_dir / "configs").iterdir()) == expected
+    assert (model_dir / "1" / "model.py").read_bytes() == CASCADE_MODEL_FILES["model.py"].read_bytes()
+
+
 # -- the cascade model against the gateway --------------------------------------
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_cascade_model_answers_as_the_gateway_per_sample(triton, gateway, protocol):
