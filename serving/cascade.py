@@ -103,11 +103,12 @@ class _BatchScores:
         return scores
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Lane:
     """One queue of the cascade, with its worker: the segment that ends at exit
     `position` of the plan, or (direct) that exit's per-exit model, which runs the
-    whole prefix on the images in one call."""
+    whole prefix on the images in one call. The cascade makes each lane once, so
+    lanes compare and hash by identity (a cheap dictionary key on the hot path)."""
 
     position: int  # of the exit in the plan
     direct: bool = False

@@ -8,6 +8,7 @@ import time
 import zlib
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
@@ -29,8 +30,9 @@ async def read_body(request: Request, limit: int) -> bytes:
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        if chunk:
+            chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
@@ -49,6 +51,24 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return data
 
 
+def _loads(text: bytes):
+    """orjson (fast); what it refuses (NaN and Infinity literals, integers over 64 bits) goes to the
+    standard library's json, so the accepted documents and the error messages stay json's."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidInput(f"request is not valid JSON: {error}") from None
+
+
+def _dumps(document: dict, finite: bool) -> bytes:
+    """orjson (fast) unless a value is NaN or infinite, which orjson writes as null and json as NaN/Infinity."""
+    return orjson.dumps(document) if finite else json.dumps(document).encode()
+
+
 def parse_infer_request(model_name: str, version: str, body: bytes, header_length: str | None) -> InferRequest:
     if header_length is not None:
         if not header_length.isdigit() or int(header_length) > len(body):
@@ -56,10 +76,7 @@ def parse_infer_request(model_name: str, version: str, body: bytes, header_lengt
         json_part, binary = body[: int(header_length)], body[int(header_length):]
     else:
         json_part, binary = body, b""
-    try:
-        document = json.loads(json_part)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InvalidInput(f"request is not valid JSON: {error}") from None
+    document = _loads(json_part)
     if not isinstance(document, dict) or not isinstance(document.get("inputs"), list):
         raise InvalidInput("request must be a JSON object with an 'inputs' list")
     parameters = document.get("parameters") or {}
@@ -97,7 +114,7 @@ def parse_infer_request(model_name: str, version: str, body: bytes, header_lengt
 
 
 def render_infer_response(response: InferResponse, binary_default: bool) -> Response:
-    outputs, blobs = [], []
+    outputs, blobs, finite = [], [], True
     for tensor, requested in zip(response.outputs, response.requested):
         entry = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
         if requested.parameters.get("binary_data", binary_default):
@@ -108,9 +125,10 @@ def render_infer_response(response: InferResponse, binary_default: bool) -> Resp
             entry["data"] = [item.decode() for item in tensor.data.reshape(-1)]
         else:
             entry["data"] = tensor.data.reshape(-1).tolist()
+            finite = finite and (tensor.datatype != "FP32" or bool(np.isfinite(tensor.data).all()))
         outputs.append(entry)
-    header = json.dumps({"model_name": response.model_name, "model_version": response.model_version,
-                         "id": response.id, "outputs": outputs}).encode()
+    header = _dumps({"model_name": response.model_name, "model_version": response.model_version,
+                     "id": response.id, "outputs": outputs}, finite)
     if not blobs:
         return Response(header, media_type="application/json")
     return Response(header + b"".join(blobs), media_type="application/octet-stream",

@@ -187,3 +187,25 @@ def test_fixed_and_full_run_the_per_exit_model_in_one_call(tiny_repository, mani
     np.testing.assert_allclose(full.logits, staged_full.logits, atol=1e-4)
     np.testing.assert_allclose(fixed.logits, staged_fixed.logits, atol=1e-4)
     assert (full.exit_index == 2).all() and (fixed.exit_index == 1).all()
+
+
+def test_backend_cpu_is_counted_per_stage_and_within_the_process_cpu(tiny_repository, manifest, images):
+    """gateway_backend_cpu_seconds_total grows for the stages that ran, by no more than the process used."""
+    plan = exit_plan(manifest)
+
+    async def run():
+        cascade, backend = make_cascade(tiny_repository, manifest)
+        await cascade.start()
+        process_cpu = time.process_time()
+        fixed = resolve_options(RequestOptions(policy="fixed", exit_depth=5), plan)
+        await asyncio.gather(*(cascade.infer(images[i: i + 2], fixed) for i in range(0, 24, 2)))
+        process_cpu = time.process_time() - process_cpu
+        await cascade.stop()
+        return cascade.metrics, process_cpu, backend.calls
+
+    metrics, process_cpu, calls = asyncio.run(run())
+    counted = {depth: metrics.registry.get_sample_value("gateway_backend_cpu_seconds_total", {"stage": str(depth)})
+               for depth in plan.depths}
+    assert {stage for stage, _ in calls} == {0, 1}  # the segments up to exit 5, never the last
+    assert counted[3] > 0 and counted[5] > 0 and counted[8] == 0
+    assert sum(counted.values()) <= process_cpu
