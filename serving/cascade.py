@@ -351,9 +351,11 @@ class Cascade:
                 continue
             if stopping:
                 request.answer(group.samples[stop], logits[rows][stop], stage, scores[stop])
-            go_on = ~stop
-            self._enqueue(self.segment_lanes[stage + 1],
-                          _Group(request, group.samples[go_on], features[rows][go_on]))
+                go_on = ~stop
+                continuing = _Group(request, group.samples[go_on], features[rows][go_on])
+            else:  # all continue: the rows themselves, no copy
+                continuing = _Group(request, group.samples, features[rows])
+            self._enqueue(self.segment_lanes[stage + 1], continuing)
         if self.metrics and answered:
             self._exit_counters[stage].inc(answered)
 
