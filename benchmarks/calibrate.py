@@ -32,13 +32,19 @@ from serving.policy import SCORES
 
 
 def calibrate(outputs: ExitOutputs, macs, score: str = "max_prob", max_drop: float | None = 0.005,
-              macs_budget: float | None = None, guarantee: bool = False, delta: float = 0.1) -> tuple[np.ndarray, dict]:
-    """Thresholds and a description of how they were chosen (drops and budgets as fractions)."""
+              macs_budget: float | None = None, guarantee: bool = False, delta: float = 0.1,
+              full_macs: float | None = None) -> tuple[np.ndarray, dict]:
+    """Thresholds and a description of how they were chosen (drops and budgets as fractions).
+
+    `macs`: what reaching each exit costs through the cascade; `full_macs`: the network
+    without early exits, which budgets and fractions refer to (default: the last exit's `macs`).
+    """
     scores, correct = outputs.scores(score), outputs.correct()
     macs = np.asarray(macs, np.float64)
+    full_macs = float(macs[-1] if full_macs is None else full_macs)
     details: dict = {"score": score}
     if macs_budget is not None:
-        thresholds = calibrate_compute_budget(scores, correct, macs, macs_budget * macs[-1])
+        thresholds = calibrate_compute_budget(scores, correct, macs, macs_budget * full_macs)
         details.update(method="compute_budget", macs_budget_fraction=macs_budget)
     elif guarantee:
         thresholds, ltt = calibrate_with_guarantee(scores, correct, max_drop, delta)
@@ -50,7 +56,7 @@ def calibrate(outputs: ExitOutputs, macs, score: str = "max_prob", max_drop: flo
         details.update(method="accuracy_drop", max_drop=max_drop)
     outcome = evaluate(scores, correct, macs, thresholds)
     details.update(heldout_size=int(scores.shape[1]), heldout_final_acc=float(correct[-1].mean()),
-                   heldout_acc=outcome.accuracy, heldout_macs_fraction=outcome.mean_macs / macs[-1],
+                   heldout_acc=outcome.accuracy, heldout_macs_fraction=outcome.mean_macs / full_macs,
                    heldout_exit_share=list(outcome.exit_share))
     return thresholds, details
 
@@ -94,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     images, labels = load_images(manifest, "heldout", args.checkpoint, args.data)
     outputs = compute_exit_outputs(args.model_repository, manifest, images, labels, args.threads)
     thresholds, details = calibrate(outputs, [e.macs for e in manifest.exits], args.score,
-                                    args.max_drop / 100, args.macs_budget, args.guarantee, args.delta)
+                                    args.max_drop / 100, args.macs_budget, args.guarantee, args.delta,
+                                    full_macs=manifest.full_macs)
     write_manifest(args.model_repository, apply_thresholds(manifest, thresholds, details))
     print(f"{details['method']} on {details['heldout_size']} held-out images ({args.score}):")
     for entry, threshold, share in zip(manifest.exits, thresholds, details["heldout_exit_share"]):

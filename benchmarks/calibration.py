@@ -7,9 +7,10 @@ exit whose score reaches the exit's threshold; the last exit always answers.
 - `calibrate_accuracy_drop`: lowest mean MACs with held-out accuracy at most
   `max_drop` below the final exit's.
 - `calibrate_compute_budget`: best held-out accuracy with mean MACs within a budget.
-  Both pick a point on one greedy trade-off path over per-exit thresholds (so the
-  chosen point only gets cheaper as the target loosens), then polish it one exit
-  at a time.
+  Both pick from one accuracy/MACs Pareto frontier over per-exit thresholds on a
+  fine grid of score quantiles (`threshold_frontier`: a greedy trade-off path, then
+  coordinate ascent on accuracy - lambda * MACs for many lambdas). The frontier does
+  not depend on the target, so a looser target never costs more MACs.
 - `calibrate_with_guarantee`: Learn-then-Test (Angelopoulos et al., 2021). For one
   threshold shared by the early exits, scanned from strict to lax over a grid fixed
   before seeing data, each candidate is tested with an exact binomial p-value for
@@ -23,6 +24,7 @@ exit whose score reaches the exit's threshold; the last exit always answers.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,47 +106,155 @@ def trade_off_path(scores, correct, macs, grids) -> list[tuple[tuple[int, ...], 
         path.append((tuple(position), current))
 
 
-def _refine(scores, correct, macs, grids, position, current: Outcome, feasible, objective, rounds: int = 3):
-    """Coordinate search around a path point: any single exit's grid value that scores better and stays feasible."""
-    position = list(position)
-    for _ in range(rounds):
-        improved = False
-        for exit_index, grid in enumerate(grids):
-            for value in range(len(grid)):
-                if value == position[exit_index]:
-                    continue
-                trial = list(position)
-                trial[exit_index] = value
-                outcome = evaluate(scores, correct, macs, _thresholds(grids, trial))
-                if feasible(outcome) and objective(outcome) > objective(current):
-                    position, current, improved = trial, outcome, True
-        if not improved:
+def _first_stop(stops: np.ndarray, rows: slice, default: int) -> np.ndarray:
+    """Index of the first True row of stops[rows] per sample (offset to absolute), else `default`."""
+    block = stops[rows]
+    if block.shape[0] == 0:
+        return np.full(stops.shape[1], default)
+    hit = block.any(axis=0)
+    return np.where(hit, block.argmax(axis=0) + (rows.start or 0), default)
+
+
+def _coordinate_outcomes(scores, correct, macs, thresholds, exit_index: int, grid: np.ndarray):
+    """(accuracy, mean MACs) for every value of `grid` at one exit, the others fixed.
+
+    A sample that an earlier exit already stops is unaffected; of the others, those scoring at
+    least the value stop here instead of at their first later stop. One sort and a cumulative
+    sum give every grid value at once.
+    """
+    n = scores.shape[1]
+    stops = scores >= np.asarray(thresholds, np.float64)[:, None]
+    stops[-1] = True
+    before = _first_stop(stops, slice(0, exit_index), -1)
+    after = _first_stop(stops, slice(exit_index + 1, scores.shape[0]), scores.shape[0] - 1)
+    samples = np.arange(n)
+    decided = before >= 0
+    otherwise = np.where(decided, before, after)  # the exit each sample takes if it does not stop here
+    base_right = correct[otherwise, samples].sum()
+    base_macs = macs[otherwise].sum()
+    open_samples = samples[~decided]
+    order = np.argsort(-scores[exit_index, open_samples], kind="stable")
+    ranked = open_samples[order]
+    gain_right = np.concatenate([[0], np.cumsum(correct[exit_index, ranked].astype(np.int64)
+                                                - correct[after[ranked], ranked])])
+    gain_macs = np.concatenate([[0.0], np.cumsum(macs[exit_index] - macs[after[ranked]])])
+    # How many open samples score >= each grid value (scores sorted descending).
+    count = np.searchsorted(-scores[exit_index, ranked], -np.asarray(grid, np.float64), side="right")
+    return (base_right + gain_right[count]) / n, (base_macs + gain_macs[count]) / n
+
+
+def _pareto(pool: dict[tuple, tuple[float, float]]) -> list[tuple]:
+    """Keys of the non-dominated (accuracy, MACs) points of the pool, cheapest first."""
+    keys = list(pool)
+    values = np.array([pool[key] for key in keys])
+    order = np.lexsort((-values[:, 0], values[:, 1]))  # by MACs, then the most accurate first
+    front, best = [], -1.0
+    for index in order:
+        if values[index, 0] > best + 1e-12:
+            front.append(keys[index])
+            best = values[index, 0]
+    return front
+
+
+def threshold_frontier(scores, correct, macs, candidates: int = 200, trade_offs: int = 40,
+                       rounds: int = 4, refinements: int = 3) -> list[tuple[np.ndarray, Outcome]]:
+    """The accuracy/MACs Pareto frontier of per-exit thresholds on a fine grid (cheapest first).
+
+    The pool of points: the greedy trade-off path; coordinate ascent on accuracy - lambda * MACs
+    from the path's best point for each of `trade_offs` values of lambda; then, `refinements`
+    times, every single-exit change of every frontier point (which reaches the non-convex parts
+    of the frontier that no lambda does). Each coordinate is scanned over its whole grid in one
+    vectorised pass and every point scanned joins the pool. The pool does not depend on any
+    target, so choosing from its frontier is monotone: a looser target never costs more MACs.
+    """
+    macs = np.asarray(macs, np.float64)
+    grids = _candidates(scores, candidates)
+    pool: dict[tuple, tuple[float, float]] = {}
+
+    def scan(thresholds: np.ndarray, exit_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        values = np.append(grids[exit_index], thresholds[exit_index])  # the current value last
+        right, cost = _coordinate_outcomes(scores, correct, macs, thresholds, exit_index, values)
+        order = np.lexsort((-right, cost))
+        kept = order[right[order] > np.maximum.accumulate(np.concatenate([[-1.0], right[order][:-1]])) + 1e-12]
+        for index in kept:  # only the scan's own non-dominated points can be on the frontier
+            trial = thresholds.copy()
+            trial[exit_index] = values[index]
+            pool[tuple(trial)] = (float(right[index]), float(cost[index]))
+        return values, right, cost
+
+    path = trade_off_path(scores, correct, macs, grids)
+    for position, outcome in path:
+        pool[tuple(_thresholds(grids, position))] = (outcome.accuracy, outcome.mean_macs)
+    points = np.array([[outcome.accuracy, outcome.mean_macs] for _, outcome in path])
+    scale = max(1e-9, np.ptp(points[:, 0])) / max(1e-9, np.ptp(points[:, 1]))
+    for lam in np.geomspace(0.02, 50, trade_offs) * scale:
+        position, _ = max(path, key=lambda item: item[1].accuracy - lam * item[1].mean_macs)
+        thresholds = _thresholds(grids, position)
+        for _ in range(rounds):
+            changed = False
+            for exit_index in range(len(grids)):
+                values, right, cost = scan(thresholds, exit_index)
+                objective = right - lam * cost
+                best = int(objective.argmax())
+                if objective[best] > objective[-1] + 1e-12:
+                    thresholds = thresholds.copy()
+                    thresholds[exit_index] = values[best]
+                    changed = True
+            if not changed:
+                break
+    front, scanned = _pareto(pool), set()
+    for _ in range(refinements):
+        for key in set(front) - scanned:
+            for exit_index in range(len(grids)):
+                scan(np.array(key), exit_index)
+            scanned.add(key)
+        refined = _pareto(pool)
+        if set(refined) <= scanned:
             break
-    return _thresholds(grids, position)
+        front = refined
+    front = _pareto(pool)
+    return [(np.array(key), evaluate(scores, correct, macs, key)) for key in front]
 
 
-def calibrate_accuracy_drop(scores, correct, macs, max_drop: float, candidates: int = 100) -> np.ndarray:
+def pick_accuracy_drop(frontier, final_accuracy: float, max_drop: float) -> np.ndarray:
+    """The cheapest frontier point with accuracy >= final exit's - max_drop (the most accurate if none)."""
+    floor = final_accuracy - max_drop - 1e-12
+    feasible = [thresholds for thresholds, outcome in frontier if outcome.accuracy >= floor]
+    return feasible[0] if feasible else frontier[-1][0]
+
+
+def pick_compute_budget(frontier, max_mean_macs: float) -> np.ndarray:
+    """The most accurate frontier point within the budget (the cheapest if none is)."""
+    within = [thresholds for thresholds, outcome in frontier if outcome.mean_macs <= max_mean_macs + 1e-9]
+    return within[-1] if within else frontier[0][0]
+
+
+_FRONTIERS: dict[tuple, list] = {}  # a few recent frontiers: a sweep asks one held-out set many targets
+
+
+def cached_frontier(scores, correct, macs, candidates: int = 200) -> list[tuple[np.ndarray, Outcome]]:
+    """`threshold_frontier`, remembered for the same arrays (by content)."""
+    digest = hashlib.sha1()
+    for array in (np.asarray(scores, np.float64), np.asarray(correct, bool), np.asarray(macs, np.float64)):
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    key = (digest.hexdigest(), candidates)
+    if key not in _FRONTIERS:
+        if len(_FRONTIERS) >= 8:
+            _FRONTIERS.pop(next(iter(_FRONTIERS)))
+        _FRONTIERS[key] = threshold_frontier(scores, correct, macs, candidates)
+    return _FRONTIERS[key]
+
+
+def calibrate_accuracy_drop(scores, correct, macs, max_drop: float, candidates: int = 200) -> np.ndarray:
     """Thresholds that save the most MACs with accuracy >= final exit's - max_drop."""
-    floor = correct[-1].mean() - max_drop - 1e-12
-    grids = _candidates(scores, candidates)
-    path = trade_off_path(scores, correct, macs, grids)
-    feasible = [(pos, out) for pos, out in path if out.accuracy >= floor] or path[:1]
-    position, outcome = min(feasible, key=lambda item: (item[1].mean_macs, -item[1].accuracy))
-    return _refine(scores, correct, macs, grids, position, outcome, lambda o: o.accuracy >= floor,
-                   lambda o: (-o.mean_macs, o.accuracy))
+    frontier = cached_frontier(scores, correct, macs, candidates)
+    return pick_accuracy_drop(frontier, float(correct[-1].mean()), max_drop)
 
 
-def calibrate_compute_budget(scores, correct, macs, max_mean_macs: float, candidates: int = 100) -> np.ndarray:
+def calibrate_compute_budget(scores, correct, macs, max_mean_macs: float, candidates: int = 200) -> np.ndarray:
     """Thresholds with the best accuracy whose mean MACs stay within the budget (the cheapest if none do)."""
-    grids = _candidates(scores, candidates)
-    path = trade_off_path(scores, correct, macs, grids)
-    within = [(pos, out) for pos, out in path if out.mean_macs <= max_mean_macs + 1e-9]
-    if not within:
-        position, outcome = min(path, key=lambda item: item[1].mean_macs)
-        return _thresholds(grids, position)
-    position, outcome = max(within, key=lambda item: (item[1].accuracy, -item[1].mean_macs))
-    return _refine(scores, correct, macs, grids, position, outcome, lambda o: o.mean_macs <= max_mean_macs + 1e-9,
-                   lambda o: (o.accuracy, -o.mean_macs))
+    return pick_compute_budget(cached_frontier(scores, correct, macs, candidates), max_mean_macs)
 
 
 def binomial_cdf(k: int, n: int, p: float) -> float:

@@ -106,7 +106,7 @@ def offline(repository: Path, manifest: Manifest, plan: Plan, log=print) -> Offl
     test_images, test_labels = load_images(manifest, "test")
     test = compute_exit_outputs(repository, manifest, test_images, test_labels)
     macs = [entry.macs for entry in manifest.exits]
-    thresholds, details = calibrate(heldout, macs, max_drop=CALIBRATION_DROP_PT / 100)
+    thresholds, details = calibrate(heldout, macs, max_drop=CALIBRATION_DROP_PT / 100, full_macs=manifest.full_macs)
     calibrated = apply_thresholds(manifest, thresholds, details, command="python -m benchmarks.run (calibration)")
     log(f"calibrated thresholds ({CALIBRATION_DROP_PT:g} pt on held-out): "
         f"{[round(float(t), 4) for t in thresholds]}")

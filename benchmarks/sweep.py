@@ -56,11 +56,12 @@ def offline_sweep(manifest: Manifest, heldout: ExitOutputs, test: ExitOutputs, s
     test_scores, test_correct = test.scores(score), test.correct()
     rows = []
     for drop in drops_pt:
-        thresholds, _ = calibrate(heldout, macs, score, max_drop=drop / 100)
+        thresholds, _ = calibrate(heldout, macs, score, max_drop=drop / 100, full_macs=manifest.full_macs)
         rows.append(_row("accuracy_drop", drop, evaluate(test_scores, test_correct, macs, thresholds), manifest,
                          thresholds))
     for budget in budgets:
-        thresholds, _ = calibrate(heldout, macs, score, max_drop=None, macs_budget=budget)
+        thresholds, _ = calibrate(heldout, macs, score, max_drop=None, macs_budget=budget,
+                                  full_macs=manifest.full_macs)
         rows.append(_row("compute_budget", budget, evaluate(test_scores, test_correct, macs, thresholds), manifest,
                          thresholds))
     stages = len(manifest.exits)

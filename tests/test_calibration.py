@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
-from scipy.stats import binom
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from benchmarks.calibration import (
     NEVER,
@@ -11,6 +12,9 @@ from benchmarks.calibration import (
     evaluate,
     exits_taken,
     oracle,
+    pick_accuracy_drop,
+    pick_compute_budget,
+    threshold_frontier,
     trade_off_path,
 )
 
@@ -62,9 +66,14 @@ def test_compute_budget_is_met_with_the_best_accuracy_available():
     assert outcome.accuracy > 0.8
 
 
-def test_binomial_cdf_matches_scipy():
-    for k, n, p in [(0, 10, 0.1), (5, 100, 0.05), (40, 5000, 0.01), (300, 5000, 0.05)]:
-        assert binomial_cdf(k, n, p) == pytest.approx(binom.cdf(k, n, p), rel=1e-9, abs=1e-12)
+def test_binomial_cdf_matches_the_exact_sum():
+    from fractions import Fraction
+    from math import comb
+
+    for k, n, p in [(0, 10, Fraction(1, 10)), (5, 100, Fraction(1, 20)), (3, 40, Fraction(1, 4))]:
+        exact = sum(comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+        assert binomial_cdf(k, n, float(p)) == pytest.approx(float(exact), rel=1e-9)
+    assert binomial_cdf(10, 10, 0.3) == 1.0 and binomial_cdf(0, 5, 0.0) == 1.0
 
 
 def test_learn_then_test_controls_the_drop():
@@ -115,3 +124,67 @@ def test_budget_uses_middle_exits_when_they_pay():
     scores, correct, macs = noisy()
     outcome = evaluate(scores, correct, macs, calibrate_compute_budget(scores, correct, macs, 2.4))
     assert outcome.mean_macs <= 2.4 and sum(outcome.exit_share[1:4]) > 0.05
+
+
+def brute_force_cheapest(scores, correct, macs, grids, floor):
+    """Exhaustive search over every pair of early-exit thresholds: the fewest MACs with accuracy >= floor."""
+    best = None
+    for first in grids[0]:
+        for second in grids[1]:
+            outcome = evaluate(scores, correct, macs, [first, second, 0.0])
+            if outcome.accuracy >= floor - 1e-12 and (best is None or outcome.mean_macs < best - 1e-12):
+                best = outcome.mean_macs
+    return best
+
+
+def three_exits(n=1500, seed=0):
+    """Three exits right with a probability that grows with their score: no threshold is lossless."""
+    rng = np.random.default_rng(seed)
+    scores = rng.uniform(0, 1, size=(3, n))
+    correct = rng.uniform(0, 1, size=(3, n)) < np.array([[0.6], [0.75], [0.9]]) * (0.55 + 0.45 * scores)
+    return scores, correct
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.01, 0.03, 0.08])
+def test_frontier_finds_the_exhaustive_optimum(drop):
+    scores, correct = three_exits()
+    candidates = 40
+    frontier = threshold_frontier(scores, correct, MACS, candidates=candidates)
+    chosen = evaluate(scores, correct, MACS, pick_accuracy_drop(frontier, correct[-1].mean(), drop))
+    grids = [np.concatenate([[NEVER], np.unique(np.quantile(row, np.linspace(1, 0, candidates)))])
+             for row in scores[:2]]
+    optimum = brute_force_cheapest(scores, correct, MACS, grids, correct[-1].mean() - drop)
+    assert chosen.accuracy >= correct[-1].mean() - drop - 1e-12
+    assert chosen.mean_macs <= optimum + 0.01 * MACS[-1]  # within one percent of the full cost
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_looser_targets_never_cost_more(seed):
+    scores, correct = three_exits(n=600, seed=seed)
+    frontier = threshold_frontier(scores, correct, MACS, candidates=30, trade_offs=10)
+    final = correct[-1].mean()
+    costs = [evaluate(scores, correct, MACS, pick_accuracy_drop(frontier, final, d)).mean_macs
+             for d in (0.0, 0.005, 0.01, 0.02, 0.05, 0.1)]
+    assert all(b <= a + 1e-12 for a, b in zip(costs, costs[1:]))
+    accuracies = [evaluate(scores, correct, MACS, pick_compute_budget(frontier, budget)).accuracy
+                  for budget in (1.5, 2.0, 2.5, 3.0, 4.0)]
+    assert all(b >= a - 1e-12 for a, b in zip(accuracies, accuracies[1:]))
+
+
+def test_coordinate_scan_matches_evaluating_each_value():
+    from benchmarks.calibration import _coordinate_outcomes
+
+    rng = np.random.default_rng(1)
+    scores = rng.uniform(0, 1, (4, 3000))
+    correct = rng.uniform(0, 1, (4, 3000)) < 0.7
+    macs = np.array([1.0, 2.0, 3.0, 4.0])
+    thresholds = np.array([0.9, 0.7, 0.8, 0.0])
+    grid = np.array([NEVER, 0.95, 0.5, 0.3, 0.0, 0.7])
+    for exit_index in range(3):
+        right, cost = _coordinate_outcomes(scores, correct, macs, thresholds, exit_index, grid)
+        for value, accuracy, mean_macs in zip(grid, right, cost):
+            trial = thresholds.copy()
+            trial[exit_index] = value
+            outcome = evaluate(scores, correct, macs, trial)
+            assert accuracy == pytest.approx(outcome.accuracy) and mean_macs == pytest.approx(outcome.mean_macs)
