@@ -1,8 +1,9 @@
 """Average the weights of several checkpoints of one run (stochastic weight averaging).
 
-    python -m training.train ... --schedule constant --lr 0.05 --snapshots --init-from BASE
-    python -m training.average checkpoints/swa/mwresnet56_5.snapshots/epoch_0{10..30}.safetensors \\
-        --output checkpoints/swa/mwresnet56_5.avg.safetensors
+    python -m training.train ... --schedule constant --lr 0.05 --snapshots --init-from BASE \\
+        --output runs/swa/mwresnet56_5.safetensors
+    python -m training.average runs/swa/mwresnet56_5.snapshots/epoch_0{10..30}.safetensors \\
+        --output runs/swa/mwresnet56_5.avg.safetensors
 
 Parameters are averaged; batch-norm statistics are not (the average of running
 statistics does not describe the averaged weights), so they are recomputed with
