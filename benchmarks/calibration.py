@@ -216,11 +216,26 @@ def threshold_frontier(scores, correct, macs, candidates: int = 200, trade_offs:
     return [(np.array(key), evaluate(scores, correct, macs, key)) for key in front]
 
 
-def pick_accuracy_drop(frontier, final_accuracy: float, max_drop: float) -> np.ndarray:
-    """The cheapest frontier point with accuracy >= final exit's - max_drop (the most accurate if none)."""
-    floor = final_accuracy - max_drop - 1e-12
-    feasible = [thresholds for thresholds, outcome in frontier if outcome.accuracy >= floor]
-    return feasible[0] if feasible else frontier[-1][0]
+def pick_accuracy_drop(frontier, correct: np.ndarray, max_drop: float, margin: float = 0.0) -> np.ndarray:
+    """The cheapest frontier point whose accuracy drop against the final exit is at most `max_drop`
+    (the most accurate point if none is).
+
+    With `margin` > 0 the drop must hold `margin` standard errors above its estimate (the standard
+    error of the mean per-sample difference, final exit right minus cascade right): picking the
+    cheapest of many feasible points favours those whose drop the held-out sample underestimates,
+    and the margin pays for that. The bound of each point does not depend on the target, so the
+    choice stays monotone.
+    """
+    final = correct[-1].astype(np.float64)
+    samples = np.arange(correct.shape[1])
+    for thresholds, outcome in frontier:
+        difference = final - correct[outcome.exits, samples]
+        bound = difference.mean()
+        if margin > 0 and len(difference) > 1:
+            bound += margin * difference.std(ddof=1) / np.sqrt(len(difference))
+        if bound <= max_drop + 1e-12:
+            return thresholds
+    return frontier[-1][0]
 
 
 def pick_compute_budget(frontier, max_mean_macs: float) -> np.ndarray:
@@ -246,10 +261,10 @@ def cached_frontier(scores, correct, macs, candidates: int = 200) -> list[tuple[
     return _FRONTIERS[key]
 
 
-def calibrate_accuracy_drop(scores, correct, macs, max_drop: float, candidates: int = 200) -> np.ndarray:
-    """Thresholds that save the most MACs with accuracy >= final exit's - max_drop."""
-    frontier = cached_frontier(scores, correct, macs, candidates)
-    return pick_accuracy_drop(frontier, float(correct[-1].mean()), max_drop)
+def calibrate_accuracy_drop(scores, correct, macs, max_drop: float, candidates: int = 200,
+                            margin: float = 0.0) -> np.ndarray:
+    """Thresholds that save the most MACs with accuracy >= final exit's - max_drop (see `pick_accuracy_drop`)."""
+    return pick_accuracy_drop(cached_frontier(scores, correct, macs, candidates), correct, max_drop, margin)
 
 
 def calibrate_compute_budget(scores, correct, macs, max_mean_macs: float, candidates: int = 200) -> np.ndarray:

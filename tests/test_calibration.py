@@ -150,7 +150,7 @@ def test_frontier_finds_the_exhaustive_optimum(drop):
     scores, correct = three_exits()
     candidates = 40
     frontier = threshold_frontier(scores, correct, MACS, candidates=candidates)
-    chosen = evaluate(scores, correct, MACS, pick_accuracy_drop(frontier, correct[-1].mean(), drop))
+    chosen = evaluate(scores, correct, MACS, pick_accuracy_drop(frontier, correct, drop))
     grids = [np.concatenate([[NEVER], np.unique(np.quantile(row, np.linspace(1, 0, candidates)))])
              for row in scores[:2]]
     optimum = brute_force_cheapest(scores, correct, MACS, grids, correct[-1].mean() - drop)
@@ -163,8 +163,7 @@ def test_frontier_finds_the_exhaustive_optimum(drop):
 def test_looser_targets_never_cost_more(seed):
     scores, correct = three_exits(n=600, seed=seed)
     frontier = threshold_frontier(scores, correct, MACS, candidates=30, trade_offs=10)
-    final = correct[-1].mean()
-    costs = [evaluate(scores, correct, MACS, pick_accuracy_drop(frontier, final, d)).mean_macs
+    costs = [evaluate(scores, correct, MACS, pick_accuracy_drop(frontier, correct, d)).mean_macs
              for d in (0.0, 0.005, 0.01, 0.02, 0.05, 0.1)]
     assert all(b <= a + 1e-12 for a, b in zip(costs, costs[1:]))
     accuracies = [evaluate(scores, correct, MACS, pick_compute_budget(frontier, budget)).accuracy
@@ -188,3 +187,31 @@ def test_coordinate_scan_matches_evaluating_each_value():
             trial[exit_index] = value
             outcome = evaluate(scores, correct, macs, trial)
             assert accuracy == pytest.approx(outcome.accuracy) and mean_macs == pytest.approx(outcome.mean_macs)
+
+
+def test_a_margin_buys_safety_with_macs():
+    scores, correct = three_exits(n=2000)
+    frontier = threshold_frontier(scores, correct, MACS, candidates=40)
+    plain = evaluate(scores, correct, MACS, pick_accuracy_drop(frontier, correct, 0.02))
+    careful = evaluate(scores, correct, MACS, pick_accuracy_drop(frontier, correct, 0.02, margin=1.0))
+    assert careful.accuracy >= plain.accuracy and careful.mean_macs >= plain.mean_macs
+    difference = correct[-1].astype(float) - correct[careful.exits, np.arange(2000)]
+    assert difference.mean() + difference.std(ddof=1) / np.sqrt(2000) <= 0.02 + 1e-12
+
+
+def test_exit_ablation_writes_its_table(tiny_checkpoint, imagefolder, tmp_path):
+    import json
+
+    from tests.conftest import run_module
+
+    out = tmp_path / "ablation"
+    result = run_module("benchmarks.exit_ablation", str(tiny_checkpoint), "--modes", "plain,temperature,ensemble",
+                        "--margins", "0,1", "--output", str(out), "--test")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(row["mode"], row["margin"]) for row in rows] == [
+        ("plain", 0.0), ("plain", 1.0), ("temperature", 0.0), ("temperature", 1.0), ("ensemble", 0.0),
+        ("ensemble", 1.0)]
+    for row in rows:
+        assert 0 < row["test"]["macs_fraction"] <= 1.01 and len(row["test"]["exit_acc"]) == 3
+    assert "| tiny | ensemble | 1 |" in out.with_suffix(".md").read_text()
