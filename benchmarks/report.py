@@ -18,7 +18,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 # headline concurrency of the run. A callable target is computed from the summary.
 AIMS = [
     ("acc_drop_pt", "<=", 0.5, "accuracy drop against the final exit (points)"),
-    ("mean_macs_fraction", "<=", 0.40, "mean MACs / full network"),
+    ("mean_macs_fraction", "<=", 0.45, "mean MACs / full network (moonshot 0.40)"),
+    ("final_exit_test_acc", ">=", 0.904, "final exit's test accuracy"),
+    ("saving_over_oracle", ">=", 0.8, "MACs saved / MACs an oracle saves"),
     ("throughput_ratio_c{c}", ">=", 1.6, "throughput, early exit / full network (embedded, c={c}; moonshot 2.0)"),
     ("p99_ratio_c{c}", "<=", 1.0, "p99 latency, early exit / full network (embedded, c={c})"),
     ("batched_throughput_ratio_c{c}", ">=", lambda summary: 0.85 / summary["mean_macs_fraction"],
@@ -45,8 +47,15 @@ def _load(directory: Path):
     return summary, sweep, scenarios
 
 
-def plot_accuracy_vs_macs(sweep: list[dict], path: Path) -> None:
+def plot_accuracy_vs_macs(sweep: list[dict], path: Path, baseline: tuple[str, list[dict]] | None = None) -> None:
+    """Accuracy against mean MACs on the test split; `baseline`: (label, sweep) of an earlier run, in grey."""
     fig, ax = plt.subplots(figsize=(6, 4.5))
+    if baseline is not None:
+        label, rows = baseline
+        for kind, style in (("accuracy_drop", "o-"), ("compute_budget", "s--")):
+            curve = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["macs_fraction"])
+            ax.plot([r["macs_fraction"] * 100 for r in curve], [r["test_acc"] * 100 for r in curve], style,
+                    color="0.7", label=f"{label}, {kind.replace('_', ' ')}", zorder=1)
     for kind, style, label in (("accuracy_drop", "o-", "early exit, accuracy-drop targets"),
                                ("compute_budget", "s--", "early exit, compute budgets")):
         rows = sorted((r for r in sweep if r["kind"] == kind), key=lambda r: r["macs_fraction"])
@@ -197,7 +206,11 @@ def cpu_section(summary: dict, scenarios: dict) -> list[str]:
 
 def write_report(directory: Path) -> Path:
     summary, sweep, scenarios = _load(directory)
-    plot_accuracy_vs_macs(sweep, directory / "accuracy_vs_macs.png")
+    baseline = None
+    if summary.get("compared_with"):
+        earlier = (directory / summary["compared_with"]).resolve()
+        baseline = (f"earlier run ({earlier.name})", json.loads((earlier / "sweep.json").read_text()))
+    plot_accuracy_vs_macs(sweep, directory / "accuracy_vs_macs.png", baseline)
     plot_online(scenarios, directory / "throughput_vs_concurrency.png", directory / "p99_vs_throughput.png")
     report = directory / "REPORT.md"
     existing = report.read_text() if report.exists() else ""

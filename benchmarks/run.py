@@ -318,6 +318,9 @@ def summarize(manifest: Manifest, sweep: list[dict], measured: Online, plan: Pla
         "acc_drop_pt": round((final["test_acc"] - early["test_acc"]) * 100, 3),
         "mean_macs_fraction": mean_macs_fraction,
         "oracle_macs_fraction": round(oracle_row["macs_fraction"], 4),
+        # Of the saving an oracle would take (each sample at its first correct exit), the share taken.
+        "saving_over_oracle": round((1 - early["macs_fraction"]) / (1 - oracle_row["macs_fraction"]), 4)
+        if oracle_row["macs_fraction"] < 1 else None,
         f"throughput_ratio_c{c}": compare("early_gateway_onnxruntime", "full_gateway_onnxruntime", throughput),
         f"p99_ratio_c{c}": compare("early_gateway_onnxruntime", "full_gateway_onnxruntime", p99),
         "gateway_overhead_ratio": compare("full_gateway_triton", "full_triton_direct", throughput),
@@ -359,7 +362,7 @@ def _flatten(result: dict) -> dict:
 
 # -- the whole run -----------------------------------------------------------
 def run_benchmark(repository: Path, output: Path, plan: Plan, triton_venv: Path | None, command: str,
-                  log=print, pin: bool = True) -> dict:
+                  log=print, pin: bool = True, compare_with: Path | None = None) -> dict:
     """Offline, then online on a calibrated copy of `repository`; writes every file into `output`. With
     `pin` (and at least two cores) the servers and the load generator run on disjoint cores."""
     try:
@@ -380,6 +383,8 @@ def run_benchmark(repository: Path, output: Path, plan: Plan, triton_venv: Path 
             log(f"servers on cores {list(pinning.servers)}, the load generator on {list(pinning.loadgen)}")
         measured = online(served, calibrated, result.workload, output, triton_venv, pinning, log)
     summary = summarize(calibrated, result.sweep, measured, plan, command)
+    if compare_with is not None:
+        summary["compared_with"] = str(Path(os.path.relpath(compare_with.resolve(), output.resolve())))
     write_json(output / "summary.json", summary)
     write_report(output)
     return summary
@@ -393,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="results directory (default benchmarks/results/<date>-<machine>[-short])")
     parser.add_argument("--full", action="store_true", help="every concurrency level, longer levels")
     parser.add_argument("--no-triton", action="store_true", help="skip the Triton scenarios")
+    parser.add_argument("--compare-with", type=Path, default=None, metavar="RESULTS_DIR",
+                        help="an earlier run whose offline sweep the accuracy-vs-MACs plot shows beside this one")
     parser.add_argument("--no-pin", action="store_true",
                         help="let servers and load generator share every core (default: disjoint cores)")
     args = parser.parse_args(argv)
@@ -404,7 +411,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{stamp}-{platform.node()}" + ("" if args.full else "-short"))
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
     triton_venv = DEFAULT_VENV if not args.no_triton and triton_installed(DEFAULT_VENV) else None
-    summary = run_benchmark(args.model_repository, output, plan, triton_venv, command, pin=not args.no_pin)
+    if args.compare_with is not None and not (args.compare_with / "sweep.json").exists():
+        raise UserError(f"--compare-with {args.compare_with}: no sweep.json there")
+    summary = run_benchmark(args.model_repository, output, plan, triton_venv, command, pin=not args.no_pin,
+                            compare_with=args.compare_with)
     print(json.dumps(summary, indent=2))
     print(f"results in {output}")
     return 0

@@ -241,3 +241,17 @@ def test_the_runner_writes_every_file_and_leaves_the_repository_as_it_was(tiny_r
     assert "| scenario | mode |" in report and "(`throughput_ratio_c2`)" in report
     assert "## Where the CPU goes" in report and "(`gateway_overhead_cpu_ms`)" in report
     assert np.isfinite(summary["acc_drop_pt"])
+    # Above 1 when the cascade leaves earlier than the oracle, at some cost in accuracy.
+    assert np.isfinite(summary["saving_over_oracle"]) and "(`saving_over_oracle`)" in report
+    assert summary["saving_over_oracle"] == pytest.approx(
+        (1 - summary["mean_macs_fraction"]) / (1 - summary["oracle_macs_fraction"]), abs=1e-3)
+
+
+def test_the_accuracy_plot_shows_an_earlier_run_beside_this_one(outputs, tmp_path):
+    from benchmarks.report import plot_accuracy_vs_macs
+
+    manifest, heldout, test = outputs
+    rows = offline_sweep(manifest, heldout, test, drops_pt=(0.0, 5.0), budgets=(0.5,))
+    earlier = [{**row, "test_acc": row["test_acc"] * 0.9} for row in rows]
+    plot_accuracy_vs_macs(rows, tmp_path / "plot.png", baseline=("earlier run (x)", earlier))
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
