@@ -230,8 +230,10 @@ def test_graceful_shutdown_finishes_requests_in_flight(tiny_repository, images, 
     requests = 8
     try:
         depths = _send_then_terminate(process, batch, requests)
+        # Wait for the exit the first SIGTERM started: a second one would cut the shutdown short.
+        status = process.process.wait(timeout=60)
     finally:
-        status = process.stop()  # already exited unless the test failed
+        process.stop()  # already exited unless the test failed
     assert status == 0
     assert all(d.tolist() == [8] * len(batch) for d in depths)
     text = log.read_text()
