@@ -8,10 +8,11 @@ Choosing uses the held-out split only: thresholds are calibrated on one half of 
 measured on the other, both ways round (2-fold), so the figures are honest estimates of
 what calibrating on held-out data gives on new data. With `--test`, thresholds are also
 calibrated on the whole held-out split and measured on the test split, as the benchmark
-does. Each checkpoint can also be measured with per-exit temperatures (`--temperature`)
-and with a geometric ensemble of each exit with the earlier ones (`--ensemble`, weights
-fitted on the calibration half; an offline measurement: serving it needs the earlier
-exits' log-probabilities carried between stages). Logits come from PyTorch in float32.
+does. Each checkpoint can also be measured with per-exit temperatures (`temperature`), with
+a geometric ensemble of each exit with every earlier one (`ensemble`) or with the one just
+before it (`pair`), weights fitted on the calibration half (an offline measurement: serving
+`ensemble` needs the earlier exits' log-probabilities carried between stages; `pair` could
+recompute the previous head from the segment's input). Logits come from PyTorch in float32.
 """
 
 from __future__ import annotations
@@ -64,14 +65,16 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
-def fit_ensemble(log_probs: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
-    """Per exit k, non-negative weights over exits 0..k of log-probabilities, minimising held-out NLL."""
+def fit_ensemble(log_probs: np.ndarray, labels: np.ndarray, span: int | None = None) -> list[np.ndarray]:
+    """Per exit k, non-negative weights over exits 0..k (the last `span` of them only, if given; the
+    others weigh 0) of log-probabilities, minimising held-out NLL."""
     weights = []
     target = torch.as_tensor(labels).long()
     for k in range(len(log_probs)):
-        inputs = torch.as_tensor(log_probs[: k + 1])
-        raw = torch.full((k + 1,), -4.0, dtype=torch.float64)
-        raw[k] = 0.55  # softplus(0.55) ~ 1: start from the exit alone
+        first = 0 if span is None else max(0, k + 1 - span)
+        inputs = torch.as_tensor(log_probs[first: k + 1])
+        raw = torch.full((k + 1 - first,), -4.0, dtype=torch.float64)
+        raw[-1] = 0.55  # softplus(0.55) ~ 1: start from the exit alone
         raw.requires_grad_(True)
         optimizer = torch.optim.LBFGS([raw], max_iter=100, line_search_fn="strong_wolfe")
 
@@ -82,7 +85,7 @@ def fit_ensemble(log_probs: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
             return loss
 
         optimizer.step(closure)
-        weights.append(F.softplus(raw).detach().numpy())
+        weights.append(np.concatenate([np.zeros(first), F.softplus(raw).detach().numpy()]))
     return weights
 
 
@@ -99,7 +102,7 @@ def transform(fit_logits: np.ndarray, fit_labels: np.ndarray, mode: str):
     scaled = lambda logits: logits / temperatures[:, None, None]  # noqa: E731
     if mode == "temperature":
         return scaled
-    weights = fit_ensemble(log_softmax(scaled(fit_logits)), fit_labels)
+    weights = fit_ensemble(log_softmax(scaled(fit_logits)), fit_labels, span=2 if mode == "pair" else None)
     return lambda logits: apply_ensemble(log_softmax(scaled(logits)), weights)
 
 
@@ -141,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoints", type=Path, nargs="+")
     parser.add_argument("--max-drop", type=float, default=0.5, help="accuracy-drop target in points (default 0.5)")
     parser.add_argument("--modes", default="plain,temperature,ensemble",
-                        help="comma-separated: plain, temperature, ensemble (default all)")
+                        help="comma-separated: plain, temperature, ensemble (every earlier exit), pair (the "
+                             "exit and the one before it) (default: plain,temperature,ensemble)")
     parser.add_argument("--margins", default="0",
                         help="comma-separated standard-error margins of the drop constraint to compare (default 0)")
     parser.add_argument("--test", action="store_true", help="also calibrate on all held-out and measure on test")
@@ -155,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         margins = [float(m) for m in args.margins.split(",")]
     except ValueError:
         raise UserError(f"--margins: {args.margins!r} is not a list of numbers") from None
-    if not set(modes) <= {"plain", "temperature", "ensemble"}:
+    if not set(modes) <= {"plain", "temperature", "ensemble", "pair"}:
         raise UserError(f"--modes: unknown mode in {args.modes!r}")
     rows = []
     for path in args.checkpoints:
