@@ -12,7 +12,6 @@ never used here. The gateway reads the thresholds from the manifest.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +27,7 @@ from benchmarks.calibration import (
 from benchmarks.exit_outputs import ExitOutputs, compute_exit_outputs, load_images
 from common.errors import UserError, run_cli
 from common.manifest import Manifest, ManifestError, read_manifest, write_manifest
+from common.provenance import utc_timestamp
 from serving.policy import SCORES
 
 # Standard errors of margin on the held-out drop. Chosen on the held-out split of the reference
@@ -71,7 +71,7 @@ def calibrate(outputs: ExitOutputs, macs, score: str = "max_prob", max_drop: flo
 def apply_thresholds(manifest: Manifest, thresholds, details: dict, command: str | None = None) -> Manifest:
     """`manifest` with these thresholds and how they were chosen (writing it is the caller's choice)."""
     exits = [replace(entry, threshold=float(t)) for entry, t in zip(manifest.exits, thresholds)]
-    details = {**details, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    details = {**details, "date": utc_timestamp(),
                "command": command or "python -m benchmarks.calibrate " + " ".join(sys.argv[1:])}
     return manifest.with_exits(exits, calibration=details)
 

@@ -27,7 +27,9 @@ class ExitOutputs:
     labels: np.ndarray  # (N,)
 
     def scores(self, score: str = "max_prob") -> np.ndarray:
-        return np.stack([confidence_scores(softmax(row.astype(np.float64)), score) for row in self.logits])
+        """Per-exit confidence as the gateway and the cascade model compute it (float32 softmax), so that
+        a sample at a calibrated threshold takes the same exit offline as in serving."""
+        return np.stack([confidence_scores(softmax(row.astype(np.float32)), score) for row in self.logits])
 
     def correct(self) -> np.ndarray:
         return self.logits.argmax(axis=2) == self.labels[None, :]

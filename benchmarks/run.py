@@ -54,7 +54,7 @@ from benchmarks.triton_launcher import DEFAULT_VENV, TritonServer, triton_instal
 from common.errors import UserError, run_cli
 from common.manifest import Manifest, ManifestError, read_manifest, write_manifest
 from common.paths import REPO_ROOT
-from common.provenance import git_commit
+from common.provenance import git_commit, utc_timestamp
 from common.provenance import machine_description as machine_name
 from common.triton_cascade import NORMALISED_INPUT, cascade_model_name
 from serving.preprocess import normalise_uint8
@@ -331,7 +331,7 @@ def summarize(manifest: Manifest, sweep: list[dict], measured: Online, plan: Pla
         "cpu_pinning": measured.pinning.as_dict() if measured.pinning else None,
         "skipped_scenarios": measured.skipped,
         "command": command, "commit": git_commit(), "machine": machine_name(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_timestamp(),
         "model": manifest.model, "checkpoint": manifest.source.get("checkpoint"),
     }
 

@@ -152,9 +152,12 @@ def read_manifest(repository: str | Path) -> Manifest:
     if not path.exists():
         raise ManifestError(f"no {MANIFEST_FILE} in {repository}: export a model there first")
     try:
-        return Manifest.from_dict(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ManifestError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path} is not a JSON object")
+    return Manifest.from_dict(data)
 
 
 def write_manifest(repository: str | Path, manifest: Manifest) -> None:

@@ -11,7 +11,6 @@ batch size under `latency_ms` of each exit, with the machine and settings under
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from common.errors import UserError, run_cli
 from common.manifest import DeployedModel, ManifestError, read_manifest, write_manifest
 from common.onnxruntime_session import create_session, execution_providers
-from common.provenance import machine_description
+from common.provenance import machine_description, utc_timestamp
 
 DEFAULT_BATCH_SIZES = "1,2,4,8,16,32,64"
 
@@ -77,7 +76,7 @@ def profile_repository(repository: Path, batch_sizes: list[int], threads: int, r
     profile = {
         "runtime": f"onnxruntime {ort.__version__}", "provider": provider, "intra_op_threads": threads,
         "repeats": repeats, "machine": machine_description(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_timestamp(),
         "command": "python -m export.profile " + " ".join(sys.argv[1:]),
     }
     write_manifest(repository, manifest.with_exits(exits, profile=profile))

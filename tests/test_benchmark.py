@@ -43,13 +43,13 @@ def test_sweep_fixed_exits_and_oracle(outputs):
     for index, row in enumerate(fixed):
         assert row["test_acc"] == pytest.approx(correct[index].mean())
         assert row[f"share_exit{manifest.exits[index].depth}"] == 1.0
-    # Through the cascade the final exit also pays the early heads (a few FC layers here).
-    assert fixed[-1]["macs_fraction"] == pytest.approx(manifest.exits[-1].macs / manifest.full_macs)
-    assert 1.0 <= fixed[-1]["macs_fraction"] < 1.001
+    # A fixed exit is its per-exit model: the final one is the full network.
+    assert fixed[-1]["macs_fraction"] == 1.0
     oracle = rows[-1]
     assert oracle["test_acc"] == pytest.approx(correct.any(axis=0).mean())
     assert oracle["test_acc"] >= max(row["test_acc"] for row in fixed)
-    assert oracle["macs_fraction"] <= fixed[-1]["macs_fraction"]
+    # Through the cascade the final exit also pays the early heads (a few FC layers here).
+    assert oracle["macs_fraction"] <= manifest.exits[-1].macs / manifest.full_macs
     budget = rows[2]
     assert budget["thresholds"] is not None and len(budget["thresholds"]) == 3
     for row in rows:

@@ -268,3 +268,13 @@ def test_profile_writes_latency_per_batch_size_into_the_manifest(tiny_checkpoint
         assert all(ms > 0 for ms in entry.latency_ms["exit_model"].values())
     assert manifest.profile["provider"] == "CPUExecutionProvider" and manifest.profile["intra_op_threads"] == 1
     assert manifest.profile["machine"] and manifest.profile["date"]
+
+
+@pytest.mark.parametrize("text, message", [("{oops", "not valid JSON"), ("[1, 2]", "not a JSON object"),
+                                           ('{"schema_version": 99}', "schema version 99")])
+def test_a_broken_manifest_is_a_manifest_error(tmp_path, text, message):
+    from common.manifest import ManifestError
+
+    (tmp_path / MANIFEST_FILE).write_text(text)
+    with pytest.raises(ManifestError, match=message):
+        read_manifest(tmp_path)
