@@ -81,7 +81,8 @@ def test_checkpoint_round_trip(tmp_path):
 def test_the_reference_metadata_loads_and_round_trips_with_its_keys():
     on_disk = json.loads((REPO_ROOT / "checkpoints" / "mwresnet56_5.json").read_text())
     meta = CheckpointMeta.from_dict(on_disk)
-    assert [e.depth for e in meta.exits] == [15, 25, 35, 45, 56] and meta.model_kwargs == {"width": 16}
+    assert [e.depth for e in meta.exits] == [15, 25, 35, 45, 56]
+    assert meta.model_kwargs == {"width": 16, "early_head": "conv2"}
     assert meta.to_dict() == on_disk and list(meta.to_dict()) == list(on_disk)
 
 
