@@ -15,6 +15,7 @@ from tqdm import tqdm
 from common.checkpoint_meta import CheckpointMeta, metadata_path, read_checkpoint_meta
 from common.errors import UserError
 from common.manifest import Manifest
+from common.paths import REPO_ROOT
 from serving.backends import OnnxRuntimeBackend
 from serving.policy import confidence_scores, softmax
 from serving.preprocess import normalise_uint8
@@ -37,6 +38,8 @@ class ExitOutputs:
 
 def checkpoint_metadata(manifest: Manifest, checkpoint: Path | None = None) -> CheckpointMeta:
     path = metadata_path(checkpoint or manifest.source.get("checkpoint", ""))
+    if not path.exists() and not path.is_absolute() and (REPO_ROOT / path).exists():
+        path = REPO_ROOT / path  # the exporter records paths relative to where it ran: usually the repository
     if not path.exists():
         raise UserError(f"checkpoint metadata {path} not found (pass --checkpoint): it names the held-out split")
     return read_checkpoint_meta(path)
