@@ -170,6 +170,7 @@ def test_init_from_starts_a_fresh_schedule_from_trained_weights(imagefolder, tmp
 @pytest.mark.parametrize(("extra", "message"), [
     (["--heldout-seed", "1"], "held-out split"),
     (["--width", "8"], "width 4"),
+    (["--early-head", "conv1"], "linear early heads"),
     (["--amp", "fp16"], "needs CUDA"),
 ])
 def test_init_from_and_amp_refuse_what_does_not_fit(imagefolder, tmp_path, extra, message):
@@ -233,3 +234,15 @@ def test_freeze_trunk_trains_only_the_early_heads(imagefolder, tmp_path):
     result = run_module("training.train", *TINY, "--data", str(imagefolder),
                         "--output", str(tmp_path / "x.safetensors"), "--freeze-trunk")
     assert result.returncode == 2 and "needs trained weights" in result.stderr
+
+
+def test_early_heads_with_convolutions_train_and_are_recorded(imagefolder, tmp_path):
+    output = tmp_path / "conv.safetensors"
+    train(imagefolder, output, "--epochs", "1", "--early-head", "conv1", "--distill-weight", "0.5")
+    meta = load_metadata(output)
+    assert meta.model_kwargs == {"width": 4, "early_head": "conv1"} and meta.training["early_head"] == "conv1"
+    assert meta.exits[0].macs > meta.exits[0].standalone_macs or meta.exits[1].macs > meta.exits[1].standalone_macs
+    from training.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(output)
+    assert type(model.heads[0]).__name__ == "ConvExitHead" and type(model.heads[-1]).__name__ == "ExitHead"

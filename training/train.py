@@ -35,7 +35,7 @@ from training.checkpoint import (
 from training.datasets import FORMATS, channel_stats, heldout_split, load_split
 from training.evaluate import evaluate_exits
 from training.losses import MultiExitLoss, parse_exit_weights
-from training.models import create_model, list_models
+from training.models import HEADS, create_model, list_models
 from training.schedules import SCHEDULES, build_scheduler, fast_forward
 from training.transforms import augment, to_normalized
 
@@ -47,6 +47,7 @@ class TrainConfig:
     # model
     model: str = "mwresnet56_5"
     width: int = 16
+    early_head: str = "linear"
     # data
     data: Path = DEFAULT_DATA
     data_format: str = "auto"
@@ -98,7 +99,10 @@ class TrainConfig:
 
     @property
     def model_kwargs(self) -> dict:
-        return {"width": self.width}
+        kwargs: dict = {"width": self.width}
+        if self.early_head != "linear":
+            kwargs["early_head"] = self.early_head
+        return kwargs
 
     @property
     def last_epoch(self) -> int:
@@ -122,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--model", help=f"registry entry: {', '.join(list_models())}")
     model.add_argument("--width", type=int, help="channels of the first stage (default 16)")
+    model.add_argument("--early-head", choices=HEADS,
+                       help="the early exits' heads: linear (the paper's BN-ReLU-pool-FC, the default) or conv1/"
+                            "conv2 (one or two 3x3 convolutions and mixed pooling first; their MACs count)")
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path,
                       help="image-folder tree or .tar.gz, CIFAR pickles, or SVHN .mat (default: the shared CIFAR-10)")
@@ -322,10 +329,12 @@ class Trainer:
     def _init_from(self, path: Path) -> None:
         config = self.config
         source, meta = load_checkpoint(path)
-        width = meta.model_kwargs.get("width", 16)
-        if (meta.model, meta.num_classes, width) != (config.model, len(self.classes), config.width):
-            raise UserError(f"--init-from {path} holds {meta.model} (width {width}, {meta.num_classes} classes), "
-                            f"not {config.model} (width {config.width}, {len(self.classes)} classes)")
+        width, head = meta.model_kwargs.get("width", 16), meta.model_kwargs.get("early_head", "linear")
+        if (meta.model, meta.num_classes, width, head) != (config.model, len(self.classes), config.width,
+                                                           config.early_head):
+            raise UserError(f"--init-from {path} holds {meta.model} (width {width}, {meta.num_classes} classes, "
+                            f"{head} early heads), not {config.model} (width {config.width}, "
+                            f"{len(self.classes)} classes, {config.early_head} early heads)")
         if (meta.heldout.seed, meta.heldout.size) != (config.heldout_seed, config.heldout_size):
             raise UserError(f"--init-from {path} was trained with another held-out split; "
                             "its held-out images would not be held out")
