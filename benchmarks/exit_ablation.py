@@ -187,16 +187,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _figures(part: dict) -> tuple[str, str, str]:
+    """Mean MACs, drop and oracle MACs of a 2-fold or test result, formatted."""
+    return (f"{part['macs_fraction'] * 100:.1f}%", f"{part['drop_pt']:.2f}",
+            f"{part['oracle_macs_fraction'] * 100:.1f}%")
+
+
+def _accuracies(values, separator: str) -> str:
+    return separator.join(f"{a * 100:.1f}" for a in values)
+
+
 def render_row(row: dict) -> str:
-    cv = row["heldout_2fold"]
+    parts = [("2-fold", row["heldout_2fold"])] + ([("test", row["test"])] if "test" in row else [])
     text = (f"{Path(row['checkpoint']).stem:>16} {row['mode']:>11} m{row['margin']:g}: held-out exits "
-            + "/".join(f"{a * 100:.1f}" for a in row["heldout_exit_acc"])
-            + f" | 2-fold: MACs {cv['macs_fraction'] * 100:.1f}% drop {cv['drop_pt']:.2f} pt"
-            f" (oracle {cv['oracle_macs_fraction'] * 100:.1f}%)")
-    if "test" in row:
-        test = row["test"]
-        text += (f" | test: MACs {test['macs_fraction'] * 100:.1f}% drop {test['drop_pt']:.2f} pt"
-                 f" (oracle {test['oracle_macs_fraction'] * 100:.1f}%)")
+            + _accuracies(row["heldout_exit_acc"], "/"))
+    for name, part in parts:
+        macs, drop, best = _figures(part)
+        text += f" | {name}: MACs {macs} drop {drop} pt (oracle {best})"
     return text
 
 
@@ -211,17 +218,11 @@ def render_markdown(result: dict) -> str:
              + (" test acc per exit (%) | test mean MACs | test drop (pt) | test oracle |" if with_test else ""),
              "|---|---|---:|---|---:|---:|---:|" + ("---|---:|---:|---:|" if with_test else "")]
     for row in result["rows"]:
-        cv = row["heldout_2fold"]
-        line = (f"| {Path(row['checkpoint']).stem} | {row['mode']} | {row['margin']:g} | "
-                + " / ".join(f"{a * 100:.1f}" for a in row["heldout_exit_acc"])
-                + f" | {cv['macs_fraction'] * 100:.1f}% | {cv['drop_pt']:.2f} | "
-                f"{cv['oracle_macs_fraction'] * 100:.1f}% |")
+        cells = [Path(row["checkpoint"]).stem, row["mode"], f"{row['margin']:g}",
+                 _accuracies(row["heldout_exit_acc"], " / "), *_figures(row["heldout_2fold"])]
         if "test" in row:
-            test = row["test"]
-            line += (" " + " / ".join(f"{a * 100:.1f}" for a in test["exit_acc"])
-                     + f" | {test['macs_fraction'] * 100:.1f}% | {test['drop_pt']:.2f} | "
-                     f"{test['oracle_macs_fraction'] * 100:.1f}% |")
-        lines.append(line)
+            cells += [_accuracies(row["test"]["exit_acc"], " / "), *_figures(row["test"])]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Produced by `{result['command']}` at commit `{result['commit']}` on {result['machine']}, "
               f"{result['date']}.", ""]
     return "\n".join(lines)

@@ -7,11 +7,11 @@ read it) share one typed, versioned schema. On disk it is `<stem>.json` beside
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from common.errors import UserError
+from common.manifest import read_json_object
 from common.paths import DEFAULT_DATA
 
 FORMAT_VERSION = 1
@@ -133,14 +133,7 @@ def metadata_path(checkpoint: str | Path) -> Path:
 def read_checkpoint_meta(checkpoint: str | Path) -> CheckpointMeta:
     """The metadata of `checkpoint` (the .safetensors path or the .json beside it)."""
     path = metadata_path(checkpoint)
-    if not path.exists():
-        raise CheckpointMetaError(f"checkpoint metadata not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointMetaError(f"checkpoint metadata {path} is not valid JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise CheckpointMetaError(f"checkpoint metadata {path} is not a JSON object")
+    data = read_json_object(path, CheckpointMetaError, "checkpoint metadata")
     try:
         return CheckpointMeta.from_dict(data)
     except CheckpointMetaError as error:

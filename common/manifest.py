@@ -147,17 +147,24 @@ def _deployed(data: dict) -> DeployedModel:
     )
 
 
+def read_json_object(path: Path, error: type[Exception], what: str) -> dict:
+    """The JSON object in `path`; `error` with a one-line message if it is missing, invalid or not an object."""
+    if not path.exists():
+        raise error(f"{what} not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as problem:
+        raise error(f"{what} {path} is not valid JSON: {problem}") from None
+    if not isinstance(data, dict):
+        raise error(f"{what} {path} is not a JSON object")
+    return data
+
+
 def read_manifest(repository: str | Path) -> Manifest:
     path = Path(repository) / MANIFEST_FILE
     if not path.exists():
         raise ManifestError(f"no {MANIFEST_FILE} in {repository}: export a model there first")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ManifestError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise ManifestError(f"{path} is not a JSON object")
-    return Manifest.from_dict(data)
+    return Manifest.from_dict(read_json_object(path, ManifestError, "manifest"))
 
 
 def write_manifest(repository: str | Path, manifest: Manifest) -> None:
