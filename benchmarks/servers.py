@@ -9,11 +9,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchmarks.triton_launcher import free_port, http_ready, stop_process
+from benchmarks.triton_launcher import LoopbackServer, free_port, http_ready, stop_process
 from common.paths import REPO_ROOT
 
 
-class GatewayServer:
+class GatewayServer(LoopbackServer):
     """`python -m serving` on free loopback ports, ready when its health endpoint says so."""
 
     def __init__(self, repository: Path, *extra: str, log_path: Path | None = None, timeout: float = 120) -> None:
@@ -31,14 +31,6 @@ class GatewayServer:
                 log = log_path.read_text()[-2000:] if log_path else ""
                 raise RuntimeError(f"gateway did not start (exit {self.process.returncode}): {log}")
             time.sleep(0.1)  # polling the health endpoint, not waiting blindly
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:

@@ -98,8 +98,23 @@ def server_command(venv: Path, repository: Path, http_port: int, grpc_port: int,
     return command, env
 
 
+class LoopbackServer:
+    """A server process of ours on loopback ports `http_port` and `grpc_port`."""
+
+    http_port: int
+    grpc_port: int
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+
 @dataclass
-class TritonServer:
+class TritonServer(LoopbackServer):
     """A running tritonserver on loopback; use as a context manager."""
 
     repository: Path
@@ -110,14 +125,6 @@ class TritonServer:
     def __post_init__(self) -> None:
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.process: subprocess.Popen | None = None
-
-    @property
-    def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
 
     def start(self) -> TritonServer:
         command, env = server_command(self.venv, Path(self.repository), self.http_port, self.grpc_port,
