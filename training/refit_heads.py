@@ -236,17 +236,22 @@ def cache_features(trunk: FrozenTrunk, images: torch.Tensor, labels: torch.Tenso
     """The frozen trunk's activations at every early exit (bfloat16) and the final exit's logits for
     `args.views` augmented views of every training image, so the trunk runs once per view, not per epoch."""
     generator = torch.Generator().manual_seed(args.seed)
-    features: list[list[torch.Tensor]] = []
-    teacher = []
-    batches = range(0, len(labels), 256)
+    count = len(labels)
+    features: list[torch.Tensor] = []  # allocated at the first batch, filled in place (no second copy)
+    teacher: torch.Tensor | None = None
     for view in range(args.views):
-        for start in tqdm(batches, desc=f"trunk features, view {view + 1}/{args.views}", disable=args.no_progress):
+        for start in tqdm(range(0, count, 256), desc=f"trunk features, view {view + 1}/{args.views}",
+                          disable=args.no_progress):
             batch = augment(to_normalized(images[start:start + 256], mean, std), generator, cutout=args.cutout)
             activations, final = trunk(batch)
-            features.append([a.to(torch.bfloat16).contiguous() for a in activations])
-            teacher.append(final)
-    stacked = [torch.cat([batch[k] for batch in features]) for k in range(len(features[0]))]
-    return stacked, torch.cat(teacher), labels.repeat(args.views)
+            if teacher is None:
+                features = [torch.empty((args.views * count, *a.shape[1:]), dtype=torch.bfloat16) for a in activations]
+                teacher = torch.empty((args.views * count, final.shape[1]))
+            rows = slice(view * count + start, view * count + start + len(final))
+            for cache, a in zip(features, activations):
+                cache[rows] = a
+            teacher[rows] = final
+    return features, teacher, labels.repeat(args.views)
 
 
 def save_variant(model: MultiExitNet, reference: MultiExitNet, heads: nn.ModuleList, variant: HeadVariant,
