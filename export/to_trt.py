@@ -1,8 +1,9 @@
-"""Build TensorRT engines (TensorRT 10) for chosen exits into a Triton model repository.
+"""Build TensorRT engines (TensorRT 10 or 11) for chosen exits into a Triton model repository.
 
     python export/to_trt.py --exits 15,25,56 --precision fp16 --opt-batch 16 --max-batch-size 64
 
-Needs TensorRT and a CUDA device; without them it stops before writing anything.
+Needs TensorRT and a CUDA device; without them it stops before writing anything. Build
+on the GPU model and TensorRT release that serve the plans: a plan runs only there.
 """
 
 import argparse
@@ -24,7 +25,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_export_arguments(parser, backends=("tensorrt",), default_backend="tensorrt")
     parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp16",
-                        help="fp16 where the GPU supports it (default), else fp32")
+                        help="fp16 where the GPU and TensorRT 10 support it (default), else fp32 (TensorRT 11 "
+                             "takes precision from the FP32 ONNX graph)")
     parser.add_argument("--min-batch", type=int, default=1, help="optimisation profile minimum batch")
     parser.add_argument("--opt-batch", type=int, default=16, help="optimisation profile optimum batch")
     parser.add_argument("--workspace-mb", type=int, default=1024, help="builder workspace limit")

@@ -217,13 +217,29 @@ def test_to_trt_builds_plans_or_stops_before_writing(tiny_checkpoint, tmp_path):
             assert (_version_dir(output, deployed) / "model.plan").stat().st_size > 0
 
 
-def test_tensorrt_other_than_10_is_refused_with_one_line(monkeypatch):
+@pytest.mark.parametrize("version", ["12.0.1", "9.3.0", "unknown"])
+def test_tensorrt_other_than_10_or_11_is_refused_with_one_line(monkeypatch, version):
+    import re
     import types
 
     from export.tensorrt_build import TensorRTUnavailable, require_tensorrt
 
-    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="11.0.1"))
-    with pytest.raises(TensorRTUnavailable, match=r"TensorRT 11\.0\.1 is installed.*TensorRT 10"):
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=version))
+    with pytest.raises(TensorRTUnavailable, match=rf"TensorRT {re.escape(version)} is installed.*TensorRT 10 and 11"):
+        require_tensorrt()
+
+
+@pytest.mark.parametrize("version", ["10.13.3.9", "11.4.0.106"])
+def test_tensorrt_10_and_11_pass_the_version_check(monkeypatch, version):
+    """Both releases get past the version check; on this CPU-only torch, the CUDA check then stops them."""
+    import types
+
+    from export.tensorrt_build import TensorRTUnavailable, require_tensorrt
+
+    pytest.importorskip("torch")
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=version))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(TensorRTUnavailable, match="no CUDA device"):
         require_tensorrt()
 
 
