@@ -64,3 +64,31 @@ def exit_distillation_loss(exit_logits: list[torch.Tensor], teacher_logits: torc
             student = F.log_softmax(logits / temperature, dim=1)
             loss = loss + kd * temperature ** 2 * F.kl_div(student, teacher, reduction="batchmean")
     return loss
+
+
+def online_distillation_loss(student_logits: list[list[torch.Tensor]], teacher_logits: torch.Tensor,
+                             targets: torch.Tensor, exit_loss: MultiExitLoss, temperature: float,
+                             student_weight: float, teacher_weight: float) -> torch.Tensor:
+    """Online distillation with mutual learning (training/online_distill.py): every student's
+    multi-exit loss, the online teacher's cross-entropy, and at temperature T
+
+    + student_weight x T^2 x KL(teacher || student's final exit), for each student (teacher detached)
+    + teacher_weight x T^2 x mean over students of KL(student's final exit || teacher) (students detached).
+
+    The teacher's logits come from the students' concatenated features, so its cross-entropy
+    and its KL term also reach the students' trunks through those features.
+    """
+    t = temperature
+    loss = sum(exit_loss(exits, targets) for exits in student_logits) + F.cross_entropy(teacher_logits, targets)
+    soft_teacher = F.softmax(teacher_logits.detach() / t, dim=1)
+    log_teacher = F.log_softmax(teacher_logits / t, dim=1)
+    for exits in student_logits:
+        final = exits[-1]
+        if student_weight:
+            loss = loss + student_weight * t * t * F.kl_div(F.log_softmax(final / t, dim=1), soft_teacher,
+                                                            reduction="batchmean")
+        if teacher_weight:
+            soft_student = F.softmax(final.detach() / t, dim=1)
+            loss = loss + teacher_weight / len(student_logits) * t * t * F.kl_div(log_teacher, soft_student,
+                                                                                  reduction="batchmean")
+    return loss
