@@ -4,6 +4,7 @@ the cascade runs them on worker threads (ONNX Runtime and gRPC release the GIL).
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Protocol
@@ -12,7 +13,15 @@ import numpy as np
 
 from common.manifest import FEATURES_OUTPUT, IMAGE_INPUT, LOGITS_OUTPUT, DeployedModel, Manifest
 from common.onnxruntime_session import create_session, execution_providers
-from serving.errors import Unavailable
+from serving.errors import DeadlineExceeded, Unavailable
+
+log = logging.getLogger("gateway.backend")
+CONNECT_TIMEOUT_S = 1.0  # to open a connection to Triton, and for a health check
+# gRPC channels to Triton retry a lost connection within half a second (the default backoff grows to
+# 120 s, which kept the gateway failing for 12.7 s after Triton was back); large messages allowed.
+GRPC_CHANNEL_ARGS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
+                     ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                     ("grpc.max_reconnect_backoff_ms", 500)]
 
 
 class StageBackend(Protocol):
@@ -79,19 +88,43 @@ def triton_request(module, protocol: str, name: str, inputs: np.ndarray, outputs
     return tensor, [module.InferRequestedOutput(output) for output in outputs], {"client_timeout": timeout_s}
 
 
+def triton_client(module, protocol: str, url: str, timeout_s: float):
+    """A blocking or asyncio tritonclient client: short connect timeout, fast gRPC reconnection."""
+    if protocol == "grpc":
+        return module.InferenceServerClient(url, channel_args=GRPC_CHANNEL_ARGS)
+    if getattr(module, "__name__", "").endswith(".aio"):
+        return module.InferenceServerClient(url, conn_timeout=timeout_s)
+    return module.InferenceServerClient(url, connection_timeout=CONNECT_TIMEOUT_S, network_timeout=timeout_s)
+
+
+def triton_failure(error: Exception, what: str = "the Triton backend"):
+    """A tritonclient error as the gateway's, without addresses or internal model names (logged in full)."""
+    text = f"{getattr(error, 'status', lambda: '')() or ''} {error}"
+    log.warning("Triton call failed", extra={"fields": {"error": str(error)}})
+    if "DEADLINE_EXCEEDED" in text or "Deadline Exceeded" in text or "timed out" in text.lower():
+        return DeadlineExceeded(f"{what} did not answer within the request's deadline")
+    return Unavailable(f"{what} is unavailable")
+
+
 class TritonBackend:
     """Segments served by a Triton server, called with tritonclient over HTTP or gRPC.
 
-    Triton's own dynamic batcher batches each stage across calls.
+    Triton's own dynamic batcher batches each stage across calls. Every call has a
+    deadline (the batch's latest request deadline, at most `timeout_s`); `healthy`
+    (polled by the cascade) checks Triton with a short timeout, and `reconnect`
+    gives every thread a new client once Triton is back.
     """
 
     name = "triton"
+    accepts_timeout = True
 
-    def __init__(self, manifest: Manifest, url: str, protocol: str = "grpc", timeout_s: float = 30.0) -> None:
+    def __init__(self, manifest: Manifest, url: str, protocol: str = "grpc", timeout_s: float = 10.0) -> None:
         if protocol not in ("http", "grpc"):
             raise ValueError(f"protocol must be http or grpc, not {protocol!r}")
         self.manifest, self.url, self.protocol, self.timeout_s = manifest, url, protocol, timeout_s
         self._local = threading.local()  # tritonclient's HTTP client is not thread-safe
+        self._generation = 0  # bumped by reconnect: threads then make new clients
+        self._health_client = None
         if protocol == "grpc":
             import tritonclient.grpc as module
         else:
@@ -111,35 +144,73 @@ class TritonBackend:
 
     def _client(self):
         client = getattr(self._local, "client", None)
+        if client is not None and self._local.generation != self._generation:
+            try:
+                client.close()
+            except Exception:  # a client of a server that went away may not close cleanly
+                pass
+            client = None
         if client is None:
-            if self.protocol == "grpc":
-                client = self.module.InferenceServerClient(self.url)
-            else:
-                client = self.module.InferenceServerClient(self.url, connection_timeout=self.timeout_s,
-                                                           network_timeout=self.timeout_s)
-            self._local.client = client
+            client = triton_client(self.module, self.protocol, self.url, self.timeout_s)
+            self._local.client, self._local.generation = client, self._generation
         return client
 
-    def run(self, stage: int, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        result = self._infer(self.models[stage], inputs)
+    def healthy(self) -> bool:
+        """Whether Triton answers its readiness check within the connect timeout (blocking)."""
+        client = self._health_client
+        try:
+            if client is None:
+                if self.protocol == "grpc":
+                    client = self.module.InferenceServerClient(self.url, channel_args=GRPC_CHANNEL_ARGS)
+                else:
+                    client = self.module.InferenceServerClient(self.url, connection_timeout=CONNECT_TIMEOUT_S,
+                                                               network_timeout=CONNECT_TIMEOUT_S)
+            if self.protocol == "grpc":
+                ready = client.is_server_ready(client_timeout=CONNECT_TIMEOUT_S)
+            else:
+                ready = client.is_server_ready()
+        except Exception:  # unreachable, frozen or restarting: a fresh client next time
+            ready = False
+        if ready:
+            self._health_client = client
+        else:
+            self._health_client = None
+            if client is not None:
+                try:
+                    client.close()
+                except Exception:
+                    pass
+        return bool(ready)
+
+    def reconnect(self) -> None:
+        """Triton is back: every thread makes a new client on its next call."""
+        self._generation += 1
+
+    def run(self, stage: int, inputs: np.ndarray,
+            timeout_s: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        result = self._infer(self.models[stage], inputs, timeout_s)
         logits = result[0]
         return logits, (result[1] if len(result) > 1 else None)
 
-    def run_exit(self, index: int, images: np.ndarray) -> np.ndarray:
-        return self._infer(self.exit_models[index], images)[0]
+    def run_exit(self, index: int, images: np.ndarray, timeout_s: float | None = None) -> np.ndarray:
+        return self._infer(self.exit_models[index], images, timeout_s)[0]
 
-    def _infer(self, model: DeployedModel, inputs: np.ndarray) -> list[np.ndarray]:
+    def _infer(self, model: DeployedModel, inputs: np.ndarray, timeout_s: float | None = None) -> list[np.ndarray]:
         names = _output_names(model)
+        timeout_s = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         tensor, requested, kwargs = triton_request(self.module, self.protocol, model.inputs[0].name, inputs,
-                                                   names, self.timeout_s)
+                                                   names, timeout_s)
         try:
             result = self._client().infer(model.name, [tensor], model_version=str(model.version),
                                           outputs=requested, **kwargs)
         except Exception as error:
-            raise Unavailable(f"Triton call to {model.name} failed: {error}") from None
+            raise triton_failure(error) from None
         return [result.as_numpy(name) for name in names]
 
     def close(self) -> None:
-        client = getattr(self._local, "client", None)
-        if client is not None:
-            client.close()
+        for client in (getattr(self._local, "client", None), self._health_client):
+            if client is not None:
+                try:
+                    client.close()
+                except Exception:
+                    pass

@@ -3,36 +3,59 @@ requests, are re-batched at every stage. Requests for one fixed exit (policies
 `fixed` and `full`) skip the staging and run that exit's per-exit model in one
 call, batched the same way, when the backend has per-exit models.
 
-Each lane (a `Lane`: one segment, or one exit's per-exit model) has a queue and
-one worker task. A worker takes everything queued (up to the maximum batch) and
-runs it at once, so a lone request never waits; under load, work piles up while
-a batch runs and the next batch is larger. When samples
-are still in earlier stages it may wait up to `max_wait_ms` for them to arrive.
-Backend calls run on `workers` threads; decisions and bookkeeping run on the
-event loop.
+Each lane (a `Lane`: one segment, or one exit's per-exit model) has a queue. One
+scheduler (`_pump`, run once per event-loop iteration when something changed)
+gives each free backend slot (`workers` of them) to the lane whose first request
+has the earliest deadline, and that lane's batch takes everything queued (up to
+the maximum batch) in deadline order, so a lone request never waits; under load,
+work piles up while batches run and the next batch is larger. A deep segment whose
+batch is not full may wait up to `max_wait_ms` for samples still upstream.
 
-The per-request and per-stage cost is kept small (issue 19): one hand-off to a
-backend thread per batch (a queue put) and one call back to the event loop per
-batch (`call_soon_threadsafe`), no task or future per batch; one float32 softmax
-per batch; cached metric children; a request answered by one batch keeps that
-batch's rows instead of copying them into arrays of its own.
+Requests are answered exactly once, whatever fails (issue 25):
+- every request has a deadline (its client's, or the server's default); a timer
+  takes an expired request out of every queue and answers it `DeadlineExceeded`;
+  a request whose client left (its task cancelled) leaves the queues too, so
+  their samples never reach another backend call;
+- queues are ordered earliest deadline first; a request's deadline for ordering is
+  the earlier of its deadline and the end of its latency budget, and otherwise
+  its arrival (plus the default timeout), so cascade requests already in deep
+  stages go before direct ones that arrived later;
+- admission control bounds the images inside the cascade (`max_queue_images`):
+  beyond it a request is refused at once with `Overloaded` (429 / RESOURCE_EXHAUSTED);
+- any exception in a stage (the backend call, or the dispatch after it) fails that
+  batch's requests with a logged and counted error; the counters stay right;
+- `stop` answers whatever has not finished within its grace period `Unavailable`.
+
+Backend calls run on `workers` threads; decisions and bookkeeping run on the
+event loop. The per-request and per-stage cost is kept small (issue 19): one
+hand-off to a backend thread per batch (a queue put) and one call back to the
+event loop per batch (`call_soon_threadsafe`), no task or future per batch; one
+float32 softmax per batch; a request answered by one batch keeps that batch's rows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
+import logging
+import math
 import queue
 import threading
 import time
-from collections import deque
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from serving.backends import StageBackend
-from serving.errors import GatewayError, Unavailable
+from serving.errors import DeadlineExceeded, GatewayError, Overloaded, Unavailable
 from serving.metrics import GatewayMetrics
 from serving.policy import ExitPlan, RequestOptions, confidence_scores, should_stop, softmax
+
+log = logging.getLogger("gateway.cascade")
+
+NO_DEADLINE_ORDER_S = 3600.0  # ordering key of a request without a deadline: its arrival plus this
 
 
 @dataclass(frozen=True)
@@ -42,15 +65,19 @@ class CascadeResult:
     confidence: np.ndarray  # (N,) the request's score at that exit
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Request:
     options: RequestOptions
     size: int
     started: float
     future: asyncio.Future
+    deadline: float  # time.monotonic() after which it is answered DeadlineExceeded (inf: none)
+    key: float  # its order in every queue: earliest first
     remaining: int = 0
     # (samples, logits, exit position, confidence) of the samples answered so far, per batch.
     parts: list = field(default_factory=list)
+    waiting: list = field(default_factory=list)  # its groups queued (not running) in some lane
+    timer: asyncio.TimerHandle | None = None
 
     def __post_init__(self) -> None:
         self.remaining = self.size
@@ -76,14 +103,15 @@ class _Request:
         return CascadeResult(logits, exit_index, confidences)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Group:
-    """Samples of one request waiting at one stage."""
+    """Samples of one request waiting at (or running in) one lane."""
 
     request: _Request
     samples: np.ndarray  # indices into the request
-    inputs: np.ndarray
-    enqueued: float = field(default_factory=time.monotonic)
+    inputs: np.ndarray | None  # None once dropped (its memory goes at once)
+    lane: Lane | None = None
+    live: bool = True  # False once taken into a batch or dropped: the queue skips it
 
 
 class _BatchScores:
@@ -105,10 +133,10 @@ class _BatchScores:
 
 @dataclass(frozen=True, eq=False)
 class Lane:
-    """One queue of the cascade, with its worker: the segment that ends at exit
-    `position` of the plan, or (direct) that exit's per-exit model, which runs the
-    whole prefix on the images in one call. The cascade makes each lane once, so
-    lanes compare and hash by identity (a cheap dictionary key on the hot path)."""
+    """One queue of the cascade: the segment that ends at exit `position` of the plan,
+    or (direct) that exit's per-exit model, which runs the whole prefix on the images
+    in one call. The cascade makes each lane once, so lanes compare and hash by
+    identity (a cheap dictionary key on the hot path)."""
 
     position: int  # of the exit in the plan
     direct: bool = False
@@ -120,42 +148,71 @@ class CascadeSettings:
     max_wait_ms: float = 2.0
     workers: int = 2
     budget_margin: float = 1.1  # predicted stage time is multiplied by this for the budget policy
+    max_queue_images: int = 0  # images admitted at once (0: no bound)
+    health_interval_s: float = 0.25  # how often a backend with a health check is polled
+
+
+def default_queue_images(per_image_ms: float | None, workers: int, queue_ms: float, minimum: int,
+                         unprofiled: int = 4096) -> int:
+    """The admission bound: `queue_ms` of work at `per_image_ms` (the full network's cost per image
+    at the largest profiled batch) on `workers` slots, at least `minimum`; `unprofiled` without a profile."""
+    if not per_image_ms or per_image_ms <= 0:
+        return max(unprofiled, minimum)
+    return max(minimum, int(queue_ms / per_image_ms * workers))
 
 
 class Cascade:
     def __init__(self, backend: StageBackend, plan: ExitPlan, settings: CascadeSettings,
-                 metrics: GatewayMetrics | None = None, profiled_ms: list[float | None] | None = None) -> None:
+                 metrics: GatewayMetrics | None = None, profiled_ms: list[float | None] | None = None,
+                 fallback: StageBackend | None = None) -> None:
         self.backend, self.plan, self.settings, self.metrics = backend, plan, settings, metrics
+        self.fallback = fallback  # runs the stages while `backend` is unhealthy (if given)
         stages = len(plan.depths)
         self.stages = stages
-        self.direct = bool(getattr(backend, "has_exit_models", False))
+        self.direct = bool(getattr(backend, "has_exit_models", False)) and (
+            fallback is None or bool(getattr(fallback, "has_exit_models", False)))
         self.segment_lanes = [Lane(position) for position in range(stages)]
         self.direct_lanes = [Lane(position, direct=True) for position in range(stages)] if self.direct else []
         self.lanes = [*self.segment_lanes, *self.direct_lanes]
-        self.queues: dict[Lane, deque[_Group]] = {lane: deque() for lane in self.lanes}
-        self.in_lane: dict[Lane, int] = dict.fromkeys(self.lanes, 0)  # samples queued at or running in each
-        # Moving average of a group's time at each stage (queueing + run), in ms.
-        self.stage_ms: list[float | None] = list(profiled_ms or [None] * stages)
+        self.queues: dict[Lane, list] = {lane: [] for lane in self.lanes}  # heaps of (key, sequence, group)
+        self.queued: dict[Lane, int] = dict.fromkeys(self.lanes, 0)  # live samples waiting in each lane
+        self.in_lane: dict[Lane, int] = dict.fromkeys(self.lanes, 0)  # samples waiting or running in each
+        self._waiting_since: dict[Lane, float] = dict.fromkeys(self.lanes, 0.0)
+        # Moving average of one batch's backend time in each lane, in ms (seeded by the profile).
+        self.run_ms: dict[Lane, float | None] = dict.fromkeys(self.lanes)
+        for lane, profiled in zip(self.segment_lanes, profiled_ms or []):
+            self.run_ms[lane] = profiled
         self._direct_lane_of = {depth: lane for depth, lane in zip(plan.depths, self.direct_lanes)}
+        self.images_in = 0  # images of the requests inside the cascade (admission control bounds it)
+        self.requests: set[_Request] = set()
+        self.backend_ready = True
+        self.cut = 0  # requests answered Unavailable because stop's grace period ended
+        self.dropped = {"expired": 0, "cancelled": 0, "failed": 0}  # samples dropped from queues
+        self.failed_batches = 0
+        self._has_health = callable(getattr(backend, "healthy", None))
+        self._timeouts = bool(getattr(backend, "accepts_timeout", False))
         if metrics:
             self._stage_metrics = {lane: metrics.stage(f"{plan.depths[lane.position]}-direct" if lane.direct
                                                        else str(plan.depths[lane.position]))
                                    for lane in self.lanes}
             self._exit_counters = [metrics.exits.labels(depth=str(depth)) for depth in plan.depths]
             metrics.queue_depth.set_function(lambda: self.queue_depth)  # read when scraped
+            metrics.admitted_images.set_function(lambda: self.images_in)
+            metrics.backend_ready.set_function(lambda: float(self.backend_ready))
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # batches for the backend threads; None stops one
         self._threads: list[threading.Thread] = []
-        self._wakeups: dict[Lane, asyncio.Event] = {}
-        self._workers: list[asyncio.Task] = []
-        self._active = 0
+        self._sequence = itertools.count()
+        self._free = settings.workers  # backend slots not running a batch
+        self._pump_scheduled = False
+        self._wait_timer: asyncio.TimerHandle | None = None
+        self._health_task: asyncio.Task | None = None
         self._idle: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.accepting = False
 
+    # -- life cycle ---------------------------------------------------------
     async def start(self, warmup_input: np.ndarray | None = None) -> None:
         self._loop = asyncio.get_running_loop()
-        self._wakeups = {lane: asyncio.Event() for lane in self.lanes}
-        self._slots = asyncio.Semaphore(self.settings.workers)
         self._idle = asyncio.Event()
         self._idle.set()
         self._threads = [threading.Thread(target=self._backend_thread, name=f"stage_{k}", daemon=True)
@@ -164,184 +221,351 @@ class Cascade:
             thread.start()
         if warmup_input is not None:
             await self._warm_up(warmup_input)
-        self._workers = [asyncio.create_task(self._lane_worker(lane)) for lane in self.lanes]
+        if self._has_health:
+            self._health_task = asyncio.create_task(self._watch_health())
         self.accepting = True
 
     async def _warm_up(self, sample: np.ndarray) -> None:
         """One batch-1 call per stage: first calls are slow, and it seeds the estimates."""
         inputs = sample
-        for stage in range(self.stages):
+        for lane in self.segment_lanes:
             started = time.monotonic()
-            _, features = await asyncio.to_thread(self.backend.run, stage, inputs)
-            measured = (time.monotonic() - started) * 1000
-            if self.stage_ms[stage] is None:
-                self.stage_ms[stage] = measured
+            _, features = await asyncio.to_thread(self.backend.run, lane.position, inputs)
+            if self.run_ms[lane] is None:
+                self.run_ms[lane] = (time.monotonic() - started) * 1000
             inputs = features
-        if self.direct:
-            for index in range(self.stages):
-                await asyncio.to_thread(self.backend.run_exit, index, sample)
+        for lane in self.direct_lanes:
+            await asyncio.to_thread(self.backend.run_exit, lane.position, sample)
+        if self.fallback is not None:  # its first calls are slow too
+            await asyncio.to_thread(self.fallback.run, 0, sample)
 
-    async def stop(self, timeout: float = 30.0) -> None:
-        """Stop accepting, let in-flight requests finish (up to `timeout`), then stop workers."""
+    async def _watch_health(self) -> None:
+        """Poll the backend's health: readiness follows it, and it reconnects when it returns."""
+        while True:
+            try:
+                healthy = await asyncio.to_thread(self.backend.healthy)
+            except Exception:  # a health check that raises is a failed one
+                healthy = False
+            if healthy != self.backend_ready:
+                if healthy:
+                    reconnect = getattr(self.backend, "reconnect", None)
+                    if reconnect is not None:
+                        await asyncio.to_thread(reconnect)
+                    log.warning("backend available again", extra={"fields": {"backend": self.backend.name}})
+                else:
+                    log.error("backend unavailable: not ready until it answers its health check again"
+                              + ("; running on the fallback backend" if self.fallback is not None else ""),
+                              extra={"fields": {"backend": self.backend.name}})
+                self.backend_ready = healthy
+            await asyncio.sleep(self.settings.health_interval_s)
+
+    @property
+    def ready(self) -> bool:
+        """Accepting requests, with a backend (or its fallback) that can run them."""
+        return self.accepting and (self.backend_ready or self.fallback is not None)
+
+    async def stop(self, timeout: float = 30.0) -> int:
+        """Stop accepting, let in-flight requests finish (up to `timeout`), answer the others
+        Unavailable, then stop the workers. Returns the number of requests cut."""
         self.accepting = False
         if self._idle is not None:
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
-        for task in self._workers:
-            task.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        unfinished = [request for request in self.requests if not request.future.done()]
+        if unfinished:
+            self.cut += len(unfinished)
+            if self.metrics:
+                self.metrics.shutdown_cut.inc(len(unfinished))
+            log.error("shutdown: requests not finished within the grace period answered UNAVAILABLE",
+                      extra={"fields": {"requests": len(unfinished), "grace_s": timeout,
+                                        "images": sum(request.size for request in unfinished)}})
+            for request in unfinished:
+                self._fail(request, Unavailable("the gateway shut down before this request finished"), "failed")
+            await asyncio.sleep(0)  # their handlers answer before the workers go
+        if self._health_task is not None:
+            self._health_task.cancel()
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
         for _ in self._threads:
             self._jobs.put(None)
-        await asyncio.to_thread(lambda: [thread.join() for thread in self._threads])
-        self.backend.close()
+        # A backend call stuck past every deadline must not hold the shutdown: the threads are daemons.
+        await asyncio.to_thread(lambda: [thread.join(timeout=5) for thread in self._threads])
+        for backend in (self.backend, self.fallback):
+            if backend is not None:
+                backend.close()
+        return len(unfinished)
 
     @property
     def queue_depth(self) -> int:
         return sum(self.in_lane.values())
 
-    async def infer(self, inputs: np.ndarray, options: RequestOptions) -> CascadeResult:
-        """Run a batch of images (already normalised) through the cascade."""
+    def retry_after_s(self) -> float:
+        """How long the images inside the cascade take to drain, roughly (for Retry-After)."""
+        per_batch = [ms for lane, ms in self.run_ms.items() if ms and not lane.direct]
+        batch_ms = sum(per_batch) if per_batch else 100.0
+        batches = self.images_in / self.settings.max_batch_size
+        return max(1.0, batches * batch_ms / 1000 / self.settings.workers)
+
+    # -- requests -----------------------------------------------------------
+    async def infer(self, inputs: np.ndarray, options: RequestOptions, deadline: float | None = None) -> CascadeResult:
+        """Run a batch of images (already normalised) through the cascade; `deadline` is a
+        time.monotonic() by which it must be answered (or DeadlineExceeded)."""
         if not self.accepting:
             raise Unavailable("the gateway is shutting down")
-        request = _Request(options, len(inputs), time.monotonic(), self._loop.create_future())
-        self._active += 1
+        if not (self.backend_ready or self.fallback is not None):
+            raise Unavailable("the backend is not available")
+        now = time.monotonic()
+        size = len(inputs)
+        bound = self.settings.max_queue_images
+        if bound and self.images_in and self.images_in + size > bound:
+            raise Overloaded(f"the gateway is at capacity ({self.images_in} images in the cascade, limit {bound}); "
+                             f"retry later", self.retry_after_s())
+        if deadline is None:
+            deadline, key = math.inf, now + NO_DEADLINE_ORDER_S
+        else:
+            if deadline <= now:
+                raise DeadlineExceeded("the request's deadline passed before it was queued")
+            key = deadline
+        if options.budget_ms is not None:
+            key = min(key, now + options.budget_ms / 1000)
+        request = _Request(options, size, now, self._loop.create_future(), deadline, key)
+        if deadline < math.inf:
+            request.timer = self._loop.call_later(deadline - now, self._expire, request)
+        self.requests.add(request)
+        self.images_in += size
         self._idle.clear()
         lane = self.segment_lanes[0]
         if self.direct and options.policy in ("fixed", "full"):
             lane = self._direct_lane_of[options.exit_depth if options.policy == "fixed" else self.plan.depths[-1]]
         try:
             maximum = self.settings.max_batch_size
-            if len(inputs) <= maximum:
-                self._enqueue(lane, _Group(request, np.arange(len(inputs)), inputs))
+            if size <= maximum:
+                self._enqueue(lane, _Group(request, np.arange(size), inputs))
             else:
-                for start in range(0, len(inputs), maximum):
-                    stop = min(start + maximum, len(inputs))
+                for start in range(0, size, maximum):
+                    stop = min(start + maximum, size)
                     self._enqueue(lane, _Group(request, np.arange(start, stop), inputs[start:stop]))
+            self._schedule_pump()
             await request.future
             return request.result()
         finally:
-            self._active -= 1
-            if self._active == 0:
+            if request.waiting:  # the client left (its task was cancelled): out of every queue
+                self._drop(request, "cancelled")
+            if request.timer is not None:
+                request.timer.cancel()
+            self.requests.discard(request)
+            self.images_in -= size
+            if not self.requests:
                 self._idle.set()
 
-    def _enqueue(self, lane: Lane, group: _Group) -> None:
-        self.queues[lane].append(group)
-        self.in_lane[lane] += len(group.samples)
-        self._wakeups[lane].set()
+    def _expire(self, request: _Request) -> None:
+        """Its deadline passed: answered DeadlineExceeded and taken out of every queue."""
+        self._fail(request, DeadlineExceeded("the request's deadline passed before it was answered"), "expired")
 
-    def _take_batch(self, lane: Lane) -> list[_Group]:
-        queue, taken, size = self.queues[lane], [], 0
-        while queue and size + len(queue[0].samples) <= self.settings.max_batch_size:
-            group = queue.popleft()
+    def _fail(self, request: _Request, error: Exception, reason: str) -> None:
+        if not request.future.done():
+            request.future.set_exception(error)
+        self._drop(request, reason)
+
+    def _drop(self, request: _Request, reason: str) -> None:
+        """Take the request's waiting groups out of their queues (left in the heaps, skipped)."""
+        dropped = 0
+        for group in request.waiting:
+            count = len(group.samples)
+            group.live, group.inputs = False, None
+            self.queued[group.lane] -= count
+            self.in_lane[group.lane] -= count
+            dropped += count
+        request.waiting.clear()
+        if dropped:
+            self.dropped[reason] += dropped
+            if self.metrics:
+                self.metrics.dropped_samples.labels(reason).inc(dropped)
+            self._schedule_pump()  # a waiting deep lane may no longer have to wait
+
+    def _enqueue(self, lane: Lane, group: _Group) -> None:
+        group.lane = lane
+        heapq.heappush(self.queues[lane], (group.request.key, next(self._sequence), group))
+        group.request.waiting.append(group)
+        if not self.queued[lane]:
+            self._waiting_since[lane] = time.monotonic()
+        count = len(group.samples)
+        self.queued[lane] += count
+        self.in_lane[lane] += count
+
+    # -- scheduling -----------------------------------------------------------
+    def _schedule_pump(self) -> None:
+        """Run the scheduler once, after what else this event-loop iteration brings."""
+        if not self._pump_scheduled and self._loop is not None:
+            self._pump_scheduled = True
+            self._loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        """Give every free backend slot a batch: the ready lane whose first request is due first."""
+        self._pump_scheduled = False
+        now = time.monotonic()
+        wake = math.inf
+        while self._free > 0:
+            lane, wake = self._best_lane(now)
+            if lane is None:
+                break
+            groups = self._take_batch(lane, now)
+            if groups:
+                self._submit(lane, groups)
+        if wake < math.inf and self._free > 0:  # a deep lane waits for samples upstream: look again then
+            if self._wait_timer is not None:
+                self._wait_timer.cancel()
+            self._wait_timer = self._loop.call_later(max(0.0, wake - now), self._schedule_pump)
+
+    def _best_lane(self, now: float) -> tuple[Lane | None, float]:
+        best, best_key, wake = None, math.inf, math.inf
+        for lane in self.lanes:
+            heap = self.queues[lane]
+            while heap and not heap[0][2].live:
+                heapq.heappop(heap)
+            if not heap or heap[0][0] >= best_key:
+                continue
+            if self._must_wait(lane, now):
+                wake = min(wake, self._waiting_since[lane] + self.settings.max_wait_ms / 1000)
+                continue
+            best, best_key = lane, heap[0][0]
+        return best, wake
+
+    def _must_wait(self, lane: Lane, now: float) -> bool:
+        """A deep segment whose batch is not full waits (bounded) for samples still upstream."""
+        max_wait = self.settings.max_wait_ms / 1000
+        if max_wait <= 0 or lane.direct or lane.position == 0:
+            return False
+        if self.queued[lane] >= self.settings.max_batch_size or now >= self._waiting_since[lane] + max_wait:
+            return False
+        return any(self.in_lane[earlier] for earlier in self.segment_lanes[:lane.position])
+
+    def _take_batch(self, lane: Lane, now: float) -> list[_Group]:
+        """Up to a maximum batch of live groups, earliest deadline first; expired ones are answered."""
+        heap, taken, size = self.queues[lane], [], 0
+        while heap:
+            group = heap[0][2]
+            if not group.live:
+                heapq.heappop(heap)
+                continue
+            request = group.request
+            if request.deadline <= now:  # its timer has not fired yet
+                self._expire(request)
+                continue
+            count = len(group.samples)
+            if taken and size + count > self.settings.max_batch_size:
+                break
+            heapq.heappop(heap)
+            group.live = False
+            request.waiting.remove(group)
+            self.queued[lane] -= count
             taken.append(group)
-            size += len(group.samples)
-        if not taken and queue:  # never happens for groups split at entry, but be safe
-            taken.append(queue.popleft())
+            size += count
+        if self.queued[lane]:
+            self._waiting_since[lane] = now
         return taken
 
-    def _queued(self, lane: Lane) -> int:
-        return sum(len(group.samples) for group in self.queues[lane])
-
-    async def _lane_worker(self, lane: Lane) -> None:
-        """Worker of one lane.
-
-        It takes a backend slot (at most `workers` calls run at once, over all lanes)
-        before it takes its batch, so work queues up while every slot is busy, and a
-        lane under load can have several batches running on several cores.
-        """
-        wakeup, queued = self._wakeups[lane], self.queues[lane]
-        while True:
-            while not queued:
-                wakeup.clear()
-                await wakeup.wait()
-            await self._maybe_wait_for_more(lane)
-            await self._slots.acquire()
-            groups = self._take_batch(lane)
-            if not groups:  # another batch took them meanwhile
-                self._slots.release()
-                continue
-            if not queued:
-                wakeup.clear()
+    def _submit(self, lane: Lane, groups: list[_Group]) -> None:
+        self._free -= 1
+        try:
             batch = groups[0].inputs if len(groups) == 1 else np.concatenate([g.inputs for g in groups])
-            self._jobs.put((lane, groups, batch, time.monotonic()))
+        except Exception as error:  # nothing reaches a backend: the batch fails here
+            self._free += 1
+            self.in_lane[lane] -= sum(len(group.samples) for group in groups)
+            self._batch_failed(lane, groups, error)
+            return
+        latest = max(group.request.deadline for group in groups)
+        self._jobs.put((lane, groups, batch, latest))
 
     def _backend_thread(self) -> None:
         """A backend thread: runs batches, hands each outcome back to the event loop in one call."""
         while (job := self._jobs.get()) is not None:
-            lane, groups, batch, started = job
-            cpu = time.thread_time()
+            lane, groups, batch, deadline = job
+            backend = self.backend if self.backend_ready or self.fallback is None else self.fallback
+            started, cpu = time.monotonic(), time.thread_time()
             try:
+                kwargs = {}
+                if self._timeouts and backend is self.backend and deadline < math.inf:
+                    kwargs["timeout_s"] = max(0.001, deadline - started)
                 if lane.direct:
-                    outcome = self.backend.run_exit(lane.position, batch), None
+                    outcome = backend.run_exit(lane.position, batch, **kwargs), None
                 else:
-                    outcome = self.backend.run(lane.position, batch)
+                    outcome = backend.run(lane.position, batch, **kwargs)
             except Exception as error:  # a failing backend fails this batch's requests, not the worker
                 outcome = error
             cpu = time.thread_time() - cpu
             try:
-                self._loop.call_soon_threadsafe(self._finish_batch, lane, groups, len(batch), outcome, started, cpu)
+                self._loop.call_soon_threadsafe(self._finish_batch, lane, groups, len(batch), outcome, started,
+                                                time.monotonic(), cpu)
             except RuntimeError:  # the event loop is closed: nobody waits for this batch
                 pass
 
     def _finish_batch(self, lane: Lane, groups: list[_Group], size: int, outcome, started: float,
-                      cpu_seconds: float) -> None:
-        """On the event loop: a backend call's outcome to its requests."""
-        self._slots.release()
+                      finished: float, cpu_seconds: float) -> None:
+        """On the event loop: a backend call's outcome to its requests. Whatever raises here
+        fails this batch's requests; the slot and the counters are settled first."""
+        self._free += 1
         self.in_lane[lane] -= size
-        if self.metrics:
-            self._stage_metrics[lane].observe(size, time.monotonic() - started, cpu_seconds)
         try:
-            if isinstance(outcome, Exception):
+            if self.metrics:
+                self._stage_metrics[lane].observe(size, finished - started, cpu_seconds)
+            if isinstance(outcome, BaseException):
                 raise outcome
+            self._record_run_ms(lane, (finished - started) * 1000)
             logits, features = outcome
             if lane.direct:
                 self._dispatch_direct(lane, groups, logits)
             else:
                 self._dispatch(lane, groups, logits, features)
         except Exception as error:
-            failure = error if isinstance(error, GatewayError) else Unavailable(f"backend error: {error}")
-            for group in groups:
-                if not group.request.future.done():
-                    group.request.future.set_exception(failure)
+            self._batch_failed(lane, groups, error)
+        finally:
+            self._schedule_pump()
 
-    def _upstream(self, lane: Lane) -> int:
-        """Samples queued at or running in the segments before `lane`'s."""
-        return sum(self.in_lane[earlier] for earlier in self.segment_lanes[:lane.position])
-
-    async def _maybe_wait_for_more(self, lane: Lane) -> None:
-        """Wait (bounded) for samples still in earlier segments, if the batch is not full."""
-        max_wait = self.settings.max_wait_ms / 1000
-        if max_wait <= 0 or lane.direct or lane.position == 0:
-            return
-        wakeup = self._wakeups[lane]
-        deadline = time.monotonic() + max_wait
-        while (self._queued(lane) < self.settings.max_batch_size and self._upstream(lane) > 0
-               and (remaining := deadline - time.monotonic()) > 0):
-            wakeup.clear()
-            timer = self._loop.call_later(remaining, wakeup.set)  # a timeout without a task per wait
-            try:
-                await wakeup.wait()
-            finally:
-                timer.cancel()
+    def _batch_failed(self, lane: Lane, groups: list[_Group], error: Exception) -> None:
+        """Log and count a failed stage batch; its requests are answered with the error."""
+        stage = f"{self.plan.depths[lane.position]}{'-direct' if lane.direct else ''}"
+        self.failed_batches += 1
+        if self.metrics:
+            self.metrics.backend_errors.labels(stage).inc()
+        requests = {id(group.request): group.request for group in groups}
+        if isinstance(error, GatewayError):
+            log.error("stage batch failed", extra={"fields": {"stage": stage, "requests": len(requests),
+                                                              "error": str(error)}})
+            failure = error
+        else:
+            log.error("stage batch failed", exc_info=error,
+                      extra={"fields": {"stage": stage, "requests": len(requests)}})
+            failure = Unavailable("the backend failed on this request's batch")
+        for request in requests.values():
+            self._fail(request, failure, "failed")
 
     def _dispatch(self, lane: Lane, groups: list[_Group], logits: np.ndarray, features: np.ndarray | None) -> None:
         """Each sample of a segment lane leaves at its exit or continues in the next segment."""
         stage = lane.position
         now = time.monotonic()
         batch_scores = _BatchScores(logits)
-        next_ms = None if stage == self.stages - 1 else self._predicted_ms(stage + 1)
+        last = stage == self.stages - 1
+        ahead = None  # samples queued in the next segment before a given key, made when first needed
         offset, answered = 0, 0
         for group in groups:
             count = len(group.samples)
             rows = slice(offset, offset + count)
             offset += count
-            self._record_stage_time(stage, (now - group.enqueued) * 1000)
             request = group.request
-            if request.future.done():  # cancelled by the client, or failed
+            if request.future.done():  # expired, cancelled or failed meanwhile
+                continue
+            if request.deadline <= now:
+                self._expire(request)
                 continue
             scores = batch_scores(request.options.score)[rows]
+            next_ms = None
+            if not last and request.options.policy == "budget":
+                if ahead is None:
+                    ahead = self._ahead_counter(self.segment_lanes[stage + 1])
+                next_ms = self._predicted_ms(stage + 1, ahead(request.key))
             stop = should_stop(stage, scores, request.options, self.plan,
                                elapsed_ms=(now - request.started) * 1000, next_stage_ms=next_ms)
             stopping = int(np.count_nonzero(stop))
@@ -376,10 +600,23 @@ class Cascade:
         if self.metrics and answered:
             self._exit_counters[index].inc(answered)
 
-    def _record_stage_time(self, stage: int, milliseconds: float, alpha: float = 0.1) -> None:
-        previous = self.stage_ms[stage]
-        self.stage_ms[stage] = milliseconds if previous is None else (1 - alpha) * previous + alpha * milliseconds
+    # -- estimates for the budget policy --------------------------------------
+    def _record_run_ms(self, lane: Lane, milliseconds: float, alpha: float = 0.1) -> None:
+        previous = self.run_ms[lane]
+        self.run_ms[lane] = milliseconds if previous is None else (1 - alpha) * previous + alpha * milliseconds
 
-    def _predicted_ms(self, stage: int) -> float | None:
-        estimate = self.stage_ms[stage]
-        return None if estimate is None else estimate * self.settings.budget_margin
+    def _ahead_counter(self, lane: Lane):
+        """A function: live samples queued in `lane` whose order key is before a given key."""
+        entries = sorted((key, len(group.samples)) for key, _, group in self.queues[lane] if group.live)
+        keys = [key for key, _ in entries]
+        cumulative = list(itertools.accumulate(count for _, count in entries))
+        return lambda key: cumulative[position - 1] if (position := bisect_left(keys, key)) else 0
+
+    def _predicted_ms(self, stage: int, ahead: int = 0) -> float | None:
+        """Time to run segment `stage` for a request with `ahead` samples queued before it there:
+        the batches ahead share the backend slots, then its own batch runs (times the margin)."""
+        run = self.run_ms[self.segment_lanes[stage]]
+        if run is None:
+            return None
+        batches_ahead = math.ceil(ahead / self.settings.max_batch_size)
+        return run * (1 + batches_ahead / self.settings.workers) * self.settings.budget_margin

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import grpc
 
@@ -12,6 +13,7 @@ from serving.policy import PolicyError
 class GatewayError(Exception):
     http_status = 500
     grpc_code = grpc.StatusCode.INTERNAL
+    headers: dict[str, str] = {}  # extra HTTP response headers (never mutated)
 
 
 class InvalidInput(GatewayError):
@@ -45,11 +47,57 @@ class InvalidImage(GatewayError):
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class Unauthenticated(GatewayError):
+    """No API key, or the wrong one, on an endpoint that needs it."""
+
+    http_status = 401
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class RequestTimeout(GatewayError):
+    """The client took too long to send its request body."""
+
+    http_status = 408
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class InternalError(GatewayError):
+    """An unexpected exception: logged with its request id, answered without its details."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"internal error (request id {request_id})")
+        self.request_id = request_id
+
+
 class Unavailable(GatewayError):
     """Shutting down, or the backend cannot be reached."""
 
     http_status = 503
     grpc_code = grpc.StatusCode.UNAVAILABLE
+
+
+class Overloaded(GatewayError):
+    """Admission control: the cascade's queue is full; retry after `retry_after_s`
+    (HTTP 429 with a Retry-After header, gRPC RESOURCE_EXHAUSTED)."""
+
+    http_status = 429
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+class DeadlineExceeded(GatewayError):
+    """The request's deadline (gRPC deadline, `timeout`, or the server's default) passed
+    before it was answered: it was taken out of every queue."""
+
+    http_status = 504
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def invalid_parameter_on_policy_error(function):

@@ -130,7 +130,20 @@ class GatewayMetrics:
                                        "CPU time of the gateway's threads inside backend calls (thread CPU time "
                                        "around each call), by stage; gateway CPU minus this is its own cost",
                                        ("stage",))
+        self.dropped_samples = loop.family("gateway_dropped_samples", "Samples taken out of the cascade's "
+                                           "queues before their next backend call, by reason (expired: past "
+                                           "the request's deadline; cancelled: the client left; failed)",
+                                           ("reason",))
+        self.backend_errors = loop.family("gateway_backend_errors", "Stage batches that failed (backend call "
+                                          "or the dispatch after it), by stage", ("stage",))
+        self.shutdown_cut = loop.family("gateway_shutdown_cut_requests",
+                                        "Requests answered UNAVAILABLE because the shutdown grace period ended",
+                                        ()).labels()
         self.registry.register(loop)
+        self.admitted_images = Gauge("gateway_admitted_images", "Images of the requests inside the cascade "
+                                     "(what admission control bounds)", registry=self.registry)
+        self.backend_ready = Gauge("gateway_backend_ready", "1 when the backend answers its health check",
+                                   registry=self.registry)
         self.queue_depth = Gauge("gateway_queue_depth", "Samples queued or running in the cascade",
                                  registry=self.registry)
         self._ok: dict[str, Counter] = {}

@@ -11,24 +11,33 @@ normalised (`normalised_images`, FP32 NCHW) because the dataplane has normalised
 Triton's dynamic batcher batches requests; the model re-batches the samples that
 continue at every stage. `budget_ms` is passed on as it is: inside Triton it counts
 from when the cascade model starts executing the request's batch.
+
+As the embedded cascade does (issue 25), it bounds the images in flight
+(`max_queue_images`: beyond, `Overloaded`), gives every call the request's
+deadline (at most `timeout_s`), polls Triton's health (readiness follows it, and
+new requests are refused at once while Triton is down), and on `stop` answers the
+calls still running after the grace period `Unavailable`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 
 import numpy as np
 
 from common.manifest import Manifest
 from common.triton_cascade import NORMALISED_INPUT, cascade_model_name
-from serving.backends import triton_request
+from serving.backends import CONNECT_TIMEOUT_S, triton_client, triton_failure, triton_request
 from serving.cascade import CascadeResult
-from serving.errors import InvalidParameter, Unavailable
+from serving.errors import DeadlineExceeded, InvalidParameter, Overloaded, Unavailable
 from serving.metrics import GatewayMetrics
 from serving.policy import ExitPlan, RequestOptions
 
 OUTPUTS = ("logits", "exit_depth", "confidence")
+log = logging.getLogger("gateway.triton_cascade")
 
 
 def request_parameters(options: RequestOptions) -> dict:
@@ -47,7 +56,8 @@ class TritonCascade:
     name = "triton-cascade"
 
     def __init__(self, manifest: Manifest, plan: ExitPlan, url: str, protocol: str = "grpc",
-                 metrics: GatewayMetrics | None = None, timeout_s: float = 30.0) -> None:
+                 metrics: GatewayMetrics | None = None, timeout_s: float = 10.0,
+                 max_queue_images: int | None = None, health_interval_s: float = 0.25) -> None:
         if protocol not in ("http", "grpc"):
             raise ValueError(f"protocol must be http or grpc, not {protocol!r}")
         self.plan, self.metrics, self.url, self.protocol, self.timeout_s = plan, metrics, url, protocol, timeout_s
@@ -55,9 +65,21 @@ class TritonCascade:
         self.max_batch_size = manifest.max_batch_size
         self.depths = np.asarray(plan.depths)
         self.accepting = False
+        self.backend_ready = True
         self.in_flight = 0
+        self.images_in = 0
+        # Triton batches and queues itself: by default a few maximum batches may wait.
+        self.max_queue_images = max_queue_images or 4 * manifest.max_batch_size
+        self.health_interval_s = health_interval_s
+        self.cut = 0
+        self._calls: set[asyncio.Future] = set()
+        self._cutting = False
+        self._health_task: asyncio.Task | None = None
         self._idle: asyncio.Event | None = None
         self._client = None
+        if metrics:
+            metrics.admitted_images.set_function(lambda: self.images_in)
+            metrics.backend_ready.set_function(lambda: float(self.backend_ready))
         if protocol == "grpc":
             import tritonclient.grpc.aio as module
         else:
@@ -86,36 +108,107 @@ class TritonCascade:
     def queue_depth(self) -> int:
         return self.in_flight
 
+    @property
+    def ready(self) -> bool:
+        return self.accepting and self.backend_ready
+
     async def start(self, warmup_input: np.ndarray | None = None) -> None:
-        self._client = self.module.InferenceServerClient(self.url)
+        self._client = triton_client(self.module, self.protocol, self.url, self.timeout_s)
         self._idle = asyncio.Event()
         self._idle.set()
         if warmup_input is not None:
-            await self._call(warmup_input, {"policy": "full"})
+            await self._call(warmup_input, {"policy": "full"}, self.timeout_s)
+        self._health_task = asyncio.create_task(self._watch_health())
         self.accepting = True
 
-    async def stop(self, timeout: float = 30.0) -> None:
-        """Stop accepting, let in-flight requests finish (up to `timeout`), close the client."""
+    async def _healthy(self) -> bool:
+        client = triton_client(self.module, self.protocol, self.url, CONNECT_TIMEOUT_S)
+        try:
+            if self.protocol == "grpc":
+                return bool(await client.is_server_ready(client_timeout=CONNECT_TIMEOUT_S))
+            return bool(await client.is_server_ready())
+        except Exception:  # unreachable, frozen or restarting
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+    async def _watch_health(self) -> None:
+        """Poll Triton: readiness follows it; a fresh client once it is back."""
+        while True:
+            healthy = await self._healthy()
+            if healthy != self.backend_ready:
+                if healthy:
+                    old, self._client = self._client, triton_client(self.module, self.protocol, self.url,
+                                                                    self.timeout_s)
+                    with contextlib.suppress(Exception):
+                        await old.close()
+                    log.warning("Triton available again")
+                else:
+                    log.error("Triton unavailable: not ready until it answers its health check again")
+                self.backend_ready = healthy
+            await asyncio.sleep(self.health_interval_s)
+
+    async def stop(self, timeout: float = 30.0) -> int:
+        """Stop accepting, let in-flight requests finish (up to `timeout`), answer the others
+        Unavailable, close the client. Returns the number of requests cut."""
         self.accepting = False
         if self._idle is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout)
+        cut = 0
+        if self.in_flight:
+            cut = self.cut = self.in_flight
+            if self.metrics:
+                self.metrics.shutdown_cut.inc(cut)
+            log.error("shutdown: requests not finished within the grace period answered UNAVAILABLE",
+                      extra={"fields": {"requests": cut, "grace_s": timeout}})
+            self._cutting = True
+            for call in list(self._calls):
+                call.cancel()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), 1.0)
+        if self._health_task is not None:
+            self._health_task.cancel()
         if self._client is not None:
-            await self._client.close()
+            with contextlib.suppress(Exception):
+                await self._client.close()
+        return cut
 
-    async def infer(self, inputs: np.ndarray, options: RequestOptions) -> CascadeResult:
-        """Normalised images through `<model>_cascade` with the request's (resolved) options."""
+    async def infer(self, inputs: np.ndarray, options: RequestOptions, deadline: float | None = None) -> CascadeResult:
+        """Normalised images through `<model>_cascade` with the request's (resolved) options,
+        answered by `deadline` (a time.monotonic()) or DeadlineExceeded."""
         if not self.accepting:
             raise Unavailable("the gateway is shutting down")
+        if not self.backend_ready:
+            raise Unavailable("the backend is not available")
+        if self.images_in and self.images_in + len(inputs) > self.max_queue_images:
+            raise Overloaded(f"the gateway is at capacity ({self.images_in} images in flight, limit "
+                             f"{self.max_queue_images}); retry later")
+        timeout_s = self.timeout_s
+        if deadline is not None:
+            timeout_s = min(timeout_s, deadline - time.monotonic())
+            if timeout_s <= 0:
+                raise DeadlineExceeded("the request's deadline passed before it was sent")
         self.in_flight += 1
+        self.images_in += len(inputs)
         self._idle.clear()
         parameters, size = request_parameters(options), self.max_batch_size
-        try:  # the model's max_batch_size bounds a call: larger requests go in concurrent parts
-            parts = await asyncio.gather(*(self._call(inputs[start:start + size], parameters)
-                                           for start in range(0, len(inputs), size)))
+        # the model's max_batch_size bounds a call: larger requests go in concurrent parts
+        calls = asyncio.gather(*(self._call(inputs[start:start + size], parameters, timeout_s)
+                                 for start in range(0, len(inputs), size)))
+        self._calls.add(calls)
+        try:
+            parts = await calls
             logits, depths, confidence = (np.concatenate(outputs) for outputs in zip(*parts))
+        except asyncio.CancelledError:
+            if self._cutting and calls.cancelled():  # stop() cut it: answered, not dropped
+                raise Unavailable("the gateway shut down before this request finished") from None
+            raise
         finally:
+            self._calls.discard(calls)
             self.in_flight -= 1
+            self.images_in -= len(inputs)
             if self.in_flight == 0:
                 self._idle.set()
         exit_index = np.searchsorted(self.depths, depths).astype(np.int32)
@@ -124,9 +217,9 @@ class TritonCascade:
                 self.metrics.exits.labels(depth=str(self.plan.depths[index])).inc(int(count))
         return CascadeResult(logits, exit_index, confidence)
 
-    async def _call(self, inputs: np.ndarray, parameters: dict) -> tuple[np.ndarray, ...]:
+    async def _call(self, inputs: np.ndarray, parameters: dict, timeout_s: float) -> tuple[np.ndarray, ...]:
         tensor, requested, timeout = triton_request(self.module, self.protocol, NORMALISED_INPUT, inputs, OUTPUTS,
-                                                    self.timeout_s)
+                                                    timeout_s)
         try:
             result = await self._client.infer(self.model, [tensor], outputs=requested, parameters=parameters,
                                               **timeout)
@@ -136,9 +229,10 @@ class TritonCascade:
 
 
 def _gateway_error(model: str, error: Exception):
-    """Triton's answer as the gateway's error: its 400s stay the client's fault, the rest is 503."""
+    """Triton's answer as the gateway's error: its 400s stay the client's fault, a passed deadline is
+    DeadlineExceeded, the rest is 503 (no addresses or model names in what the client reads)."""
     status = str(getattr(error, "status", lambda: "")() or "")
     message = getattr(error, "message", lambda: str(error))() or str(error)
     if "INVALID_ARG" in status or status == "400":  # the dataplane validated first: rare
-        return InvalidParameter(f"{model}: {message}")
-    return Unavailable(f"Triton call to {model} failed: {message}")
+        return InvalidParameter(message.replace(model, "the cascade model"))
+    return triton_failure(error)
