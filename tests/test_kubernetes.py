@@ -292,9 +292,11 @@ def test_gpu_overlay_puts_triton_and_the_plan_build_on_one_gpu():
 
 
 def test_gpu_overlays_plan_build_writes_tensorrt_configs_with_gpu_instance_groups(tiny_checkpoint, imagefolder,
-                                                                                   tmp_path, monkeypatch):
+                                                                                   tiny_repository, tmp_path,
+                                                                                   monkeypatch):
     """The init container's exact to_trt.py arguments (paths swapped for this test's), run with a stand-in
-    engine builder: the repository Triton then loads has a plan per model and KIND_GPU instance groups."""
+    engine builder: the repository Triton then loads has a plan per model and KIND_GPU instance groups,
+    under the names and tensors of the ONNX repository's manifest, which the gateway reads."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -331,6 +333,14 @@ def test_gpu_overlays_plan_build_writes_tensorrt_configs_with_gpu_instance_group
             assert [(g.kind, g.count) for g in config.instance_group] == \
                 [(model_config_pb2.ModelInstanceGroup.KIND_GPU, instances)]
             assert (directory / "1" / "model.plan").read_bytes() == b"plan " + deployed.name.encode()
+    # The gateway's manifest (the shared repository, here the ONNX export of the same checkpoint) names
+    # the very models, with the very tensors, that Triton serves from the plans.
+    gateways = read_manifest(tiny_repository)
+
+    def served(m):
+        return [(e.depth, e.exit_model, e.segment_model) for e in m.exits]
+
+    assert served(gateways) == served(manifest)
 
 
 @pytest.mark.skipif(shutil.which("hadolint") is None and not (REPO_ROOT / ".venv/bin/hadolint").exists(),
@@ -361,52 +371,73 @@ def test_every_configmap_key_is_a_setting_the_gateway_accepts(overlay, monkeypat
     assert settings.backend == data["EE_BACKEND"] and settings.http_port == int(data["EE_HTTP_PORT"])
 
 
-def test_the_images_entrypoint_with_the_configmaps_environment_serves_through_triton(tiny_repository, triton_venv,
-                                                                                      tmp_path):
+def _triton_successes(triton) -> float:
+    """Requests Triton answered, all models together (its Prometheus counter)."""
+    import httpx
+
+    page = httpx.get(f"http://127.0.0.1:{triton.metrics_port}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
+               if line.startswith("nv_inference_request_success{"))
+
+
+@pytest.fixture(scope="module")
+def triton(tiny_repository, triton_venv, tmp_path_factory):
+    from benchmarks.triton_launcher import TritonServer
+
+    with TritonServer(tiny_repository, triton_venv, log_path=tmp_path_factory.mktemp("t") / "triton.log") as server:
+        yield server
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "kserve"])  # Triton over gRPC; the KServe predictor over HTTP
+def test_the_images_entrypoint_with_the_configmaps_environment_serves_through_triton(overlay, tiny_repository,
+                                                                                      triton, tmp_path):
     """The Dockerfile's ENTRYPOINT with the ConfigMap's environment (outside a container, as the Dockerfile
     test does), its Triton address, repository and ports swapped for a real local tritonserver's."""
     import httpx
     import numpy as np
     import tritonclient.http as httpclient
 
-    from benchmarks.triton_launcher import TritonServer, free_port
+    from benchmarks.triton_launcher import free_port
 
     from .test_deployment import _dockerfile
 
     image_env, entrypoint = _dockerfile()
-    deployment = _find(RENDERED["cpu"], "Deployment", "early-exit-gateway")
+    deployment = _find(RENDERED[overlay], "Deployment", "early-exit-gateway")
     gateway = _container(deployment, "gateway")
-    data = dict(_find(RENDERED["cpu"], "ConfigMap", "early-exit-gateway")["data"])
+    data = dict(_find(RENDERED[overlay], "ConfigMap", "early-exit-gateway")["data"])
     http_port, grpc_port = free_port(), free_port()
-    with TritonServer(tiny_repository, triton_venv, log_path=tmp_path / "triton.log") as triton:
-        data.update(EE_TRITON_URL=triton.grpc_url if data["EE_TRITON_PROTOCOL"] == "grpc" else triton.http_url,
-                    EE_MODEL_REPOSITORY=str(tiny_repository), EE_HOST="127.0.0.1",
-                    EE_HTTP_PORT=str(http_port), EE_GRPC_PORT=str(grpc_port))
-        env = {**os.environ, **image_env, **data}  # envFrom overrides the image's ENV
-        log = open(tmp_path / "gateway.log", "wb")
-        process = subprocess.Popen([sys.executable, *entrypoint[1:]], cwd=REPO_ROOT, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 60
-            ready = False
-            while not ready and time.monotonic() < deadline and process.poll() is None:
-                try:
-                    ready = httpx.get(f"http://127.0.0.1:{http_port}/v2/health/ready").status_code == 200
-                except httpx.HTTPError:
-                    time.sleep(0.1)
-            assert ready, (tmp_path / "gateway.log").read_text()
-            # Every probe of the Deployment answers 200 on the port it names.
-            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-                assert httpx.get(f"http://127.0.0.1:{http_port}{gateway[probe]['httpGet']['path']}").status_code == 200
-            client = httpclient.InferenceServerClient(f"127.0.0.1:{http_port}")
-            images = np.random.default_rng(0).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
-            tensor = httpclient.InferInput("images", list(images.shape), "UINT8")
-            tensor.set_data_from_numpy(images)
-            result = client.infer("mwresnet8_3", [tensor])
-            assert result.as_numpy("logits").shape == (3, 3) and len(result.as_numpy("exit_depth")) == 3
-            page = httpx.get(f"http://127.0.0.1:{http_port}/metrics").text  # what the ServiceMonitor scrapes
-            assert "\ngateway_queue_depth " in page
-        finally:
-            process.terminate()
-            assert process.wait(timeout=30) == 0
-            log.close()
+    data.update(EE_TRITON_URL=triton.grpc_url if data["EE_TRITON_PROTOCOL"] == "grpc" else triton.http_url,
+                EE_MODEL_REPOSITORY=str(tiny_repository), EE_HOST="127.0.0.1",
+                EE_HTTP_PORT=str(http_port), EE_GRPC_PORT=str(grpc_port))
+    env = {**os.environ, **image_env, **data}  # envFrom overrides the image's ENV
+    log = open(tmp_path / "gateway.log", "wb")
+    process = subprocess.Popen([sys.executable, *entrypoint[1:]], cwd=REPO_ROOT, env=env, stdout=log,
+                               stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        ready = False
+        while not ready and time.monotonic() < deadline and process.poll() is None:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{http_port}/v2/health/ready").status_code == 200
+            except httpx.HTTPError:
+                pass
+            if not ready:
+                time.sleep(0.1)  # polling the health endpoint, not waiting blindly
+        assert ready, (tmp_path / "gateway.log").read_text()
+        served_before = _triton_successes(triton)
+        # Every probe of the Deployment answers 200 on the port it names.
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert httpx.get(f"http://127.0.0.1:{http_port}{gateway[probe]['httpGet']['path']}").status_code == 200
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{http_port}")
+        images = np.random.default_rng(0).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+        tensor = httpclient.InferInput("images", list(images.shape), "UINT8")
+        tensor.set_data_from_numpy(images)
+        result = client.infer("mwresnet8_3", [tensor])
+        assert result.as_numpy("logits").shape == (3, 3) and len(result.as_numpy("exit_depth")) == 3
+        assert _triton_successes(triton) > served_before, "the answer did not come through Triton"
+        page = httpx.get(f"http://127.0.0.1:{http_port}/metrics").text  # what the ServiceMonitor scrapes
+        assert "\ngateway_queue_depth " in page
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+        log.close()
