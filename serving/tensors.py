@@ -25,10 +25,29 @@ class Tensor:
     parameters: dict = field(default_factory=dict)
 
 
+MAX_DIMENSIONS = 16
+MAX_ELEMENTS = 1 << 40  # far above any body's worth of data, far below what overflows int64
+
+
 def check_shape(name: str, shape) -> tuple[int, ...]:
-    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise InvalidInput(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+    """A tensor's shape: a list of at most MAX_DIMENSIONS non-negative integers (not booleans) whose
+    product, counting zeros as ones, stays within MAX_ELEMENTS, so no size computation can overflow."""
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_DIMENSIONS or \
+            not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise InvalidInput(f"input {name!r}: shape must be a list of at most {MAX_DIMENSIONS} non-negative "
+                           f"integers, got {_short(shape)}")
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+        raise InvalidInput(f"input {name!r}: shape {list(shape)} has more than {MAX_ELEMENTS} elements")
     return tuple(shape)
+
+
+def _short(value, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters (a message never echoes a whole hostile value)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"a deeply nested {type(value).__name__}"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 _LITTLE_ENDIAN: dict[str, np.dtype] = {}  # datatype -> little-endian numpy type, filled on first use
@@ -69,7 +88,7 @@ def from_list(name: str, datatype: str, shape: tuple[int, ...], data) -> np.ndar
         dtype = numeric_dtype(name, datatype)
         try:
             array = np.asarray(data, dtype=dtype)
-        except (TypeError, ValueError, OverflowError):
+        except (TypeError, ValueError, OverflowError, RecursionError):
             raise InvalidInput(f"input {name!r}: data is not a list of {datatype} values") from None
     expected = int(np.prod(shape, dtype=np.int64))
     if array.size != expected:
@@ -78,11 +97,18 @@ def from_list(name: str, datatype: str, shape: tuple[int, ...], data) -> np.ndar
 
 
 def _flatten(data):
-    if isinstance(data, list):
-        for item in data:
-            yield from _flatten(item)
-    else:
-        yield data
+    """The leaves of nested lists, depth first, without recursion (a hostile body may nest deeply)."""
+    stack = [iter([data])]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                if len(stack) > MAX_DIMENSIONS:
+                    raise InvalidInput("data is nested deeper than any tensor's shape")
+                stack.append(iter(item))
+                break
+            yield item
+        else:
+            stack.pop()
 
 
 def to_raw(array: np.ndarray, datatype: str) -> bytes:
