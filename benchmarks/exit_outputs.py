@@ -19,7 +19,7 @@ from common.paths import REPO_ROOT
 from serving.backends import OnnxRuntimeBackend
 from serving.policy import confidence_scores, softmax
 from serving.preprocess import normalise_uint8
-from training.datasets import heldout_split, load_split
+from training.datasets import heldout_split, load_split_for_model
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,11 @@ def load_images(manifest: Manifest, split: str, checkpoint: Path | None = None, 
     meta = checkpoint_metadata(manifest, checkpoint)
     source = meta.dataset_source(data)
     if split == "heldout":
-        train = load_split(source, "train")
+        train = load_split_for_model(source, "train", manifest.input.shape)
         _, index = heldout_split(len(train), meta.heldout.size, meta.heldout.seed)
         images, labels = train.images[index], train.labels[index]
     elif split == "test":
-        test = load_split(source, "test")
+        test = load_split_for_model(source, "test", manifest.input.shape)
         images, labels = test.images, test.labels
     else:
         raise UserError(f"unknown split {split!r}: use heldout or test")

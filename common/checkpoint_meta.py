@@ -15,6 +15,7 @@ from common.manifest import read_json_object
 from common.paths import DEFAULT_DATA
 
 FORMAT_VERSION = 1
+DEFAULT_INPUT_SIZE = (3, 32, 32)  # C, H, W of checkpoints written before the input size came from the data
 
 
 class CheckpointMetaError(UserError):
@@ -57,7 +58,7 @@ class CheckpointMeta:
     model: str
     num_classes: int
     classes: list[str]
-    input_size: list[int]  # C, H, W
+    input_size: list[int]  # C, H, W (C = 1 for grayscale, 3 for RGB); [3, 32, 32] where older metadata has none
     normalization: Normalization
     exits: list[CheckpointExit]
     heldout: HeldoutSplit
@@ -110,6 +111,7 @@ class CheckpointMeta:
         known = {item.name for item in fields(cls)} - {"extra"}
         try:
             values = {key: value for key, value in data.items() if key in known}
+            values.setdefault("input_size", list(DEFAULT_INPUT_SIZE))
             values.update(normalization=Normalization(**data["normalization"]),
                           heldout=HeldoutSplit(**data["heldout"]),
                           exits=[CheckpointExit(**entry) for entry in data["exits"]])

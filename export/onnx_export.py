@@ -146,10 +146,10 @@ def export_and_validate(
 
 def validation_images(checkpoint_meta: CheckpointMeta, data: Path | None, count: int) -> np.ndarray:
     """`count` normalised held-out images of the checkpoint's dataset (never test)."""
-    from training.datasets import heldout_split, load_split
+    from training.datasets import heldout_split, load_split_for_model
     from training.transforms import to_normalized
 
-    train = load_split(checkpoint_meta.dataset_source(data), "train")
+    train = load_split_for_model(checkpoint_meta.dataset_source(data), "train", checkpoint_meta.input_size)
     _, heldout_idx = heldout_split(len(train), checkpoint_meta.heldout.size, checkpoint_meta.heldout.seed)
     if len(heldout_idx) == 0:
         heldout_idx = np.arange(len(train))

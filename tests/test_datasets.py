@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from common.errors import UserError
 from training.datasets import channel_stats, detect_format, heldout_split, load_split
@@ -114,3 +115,46 @@ def test_cutout_zeroes_one_clipped_square_per_image_in_every_channel():
     plain = augment(batch, torch.Generator().manual_seed(0), padding=0)
     torch.testing.assert_close(plain, batch)
     assert (augment(batch, torch.Generator().manual_seed(0), padding=0, cutout=8) == 0).any()
+
+
+def _folder(root, sizes_and_modes):
+    for i, (size, mode) in enumerate(sizes_and_modes):
+        folder = root / "train" / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((*size, 3), 40 * i, np.uint8)).convert(mode).save(folder / f"{i}.png")
+    return root
+
+
+def test_size_and_channels_come_from_the_data(tmp_path):
+    gray = _folder(tmp_path / "gray", [((28, 28), "L")] * 4)
+    split = load_split(gray, "train", cache_dir=None)
+    assert split.images.shape == (4, 28, 28, 1) and split.input_size == (1, 28, 28)
+    assert load_split(gray, "train", image_size=32, channels=3, cache_dir=None).images.shape == (4, 32, 32, 3)
+    mixed = _folder(tmp_path / "mixed", [((20, 30), "L"), ((20, 30), "RGB")])
+    images = load_split(mixed, "train", cache_dir=None).images  # one colour image: all RGB, as Pillow converts
+    assert images.shape == (2, 20, 30, 3) and (images[0, :, :, 0] == images[0, :, :, 2]).all()
+    colour = load_split(mixed, "train", channels=1, cache_dir=None).images
+    assert colour.shape == (2, 20, 30, 1)
+    sizes = _folder(tmp_path / "sizes", [((28, 28), "L"), ((30, 30), "L")])
+    with pytest.raises(UserError, match="2 different sizes.*--image-size"):
+        load_split(sizes, "train", cache_dir=None)
+    assert load_split(sizes, "train", image_size=(16, 24), cache_dir=None).images.shape == (2, 16, 24, 1)
+
+
+def test_cifar_and_svhn_convert_to_the_requested_channels_and_size(cifar10_pickles, svhn_mat, tmp_path):
+    train = load_split(cifar10_pickles, "train", channels=1, image_size=28, cache_dir=tmp_path)
+    assert train.images.shape == (40, 28, 28, 1)
+    assert load_split(svhn_mat, "train", channels=1, cache_dir=tmp_path).images.shape == (12, 32, 32, 1)
+
+
+def test_rgb_at_a_square_size_keeps_the_cache_key_of_before(imagefolder_tar, tmp_path):
+    from training.datasets import _cache_path
+
+    explicit = _cache_path(tmp_path, imagefolder_tar, "test", "imagefolder", (32, 32), 3)
+    assert explicit.name.endswith(".npz") and explicit != _cache_path(tmp_path, imagefolder_tar, "test",
+                                                                        "imagefolder", None, None)
+    import hashlib
+
+    stat = imagefolder_tar.stat()
+    key = f"{imagefolder_tar.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|test|imagefolder|32"
+    assert hashlib.sha256(f"1|{key}".encode()).hexdigest()[:16] in explicit.name

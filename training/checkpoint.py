@@ -26,6 +26,7 @@ from common.checkpoint_meta import (
 )
 from common.errors import UserError
 from common.provenance import git_commit, machine_description, utc_timestamp
+from training import attach as _attach  # noqa: F401  (registers the backbone entries: tv_*, timm_*)
 from training.models import MultiExitNet, create_model
 
 
@@ -84,7 +85,8 @@ def load_metadata(path: Path) -> CheckpointMeta:
 def load_checkpoint(path: Path) -> tuple[MultiExitNet, CheckpointMeta]:
     """Rebuild the model from metadata and load its weights (eval mode)."""
     metadata = load_metadata(path)
-    model = create_model(metadata.model, num_classes=metadata.num_classes, **metadata.model_kwargs)
+    model = create_model(metadata.model, num_classes=metadata.num_classes, input_size=tuple(metadata.input_size),
+                         **metadata.model_kwargs)
     try:
         state = load_file(str(path))
     except Exception as error:  # safetensors raises its own error types

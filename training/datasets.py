@@ -2,8 +2,12 @@
 
 Sources: image-folder trees (`<root>/<split>/<class>/*.jpg|png`), `.tar.gz`
 archives of such trees, CIFAR-10/100 python pickles (directory or archive) and
-SVHN `.mat` files. Every source becomes a `Split`: an (N, H, W, 3) uint8 array
+SVHN `.mat` files. Every source becomes a `Split`: an (N, H, W, C) uint8 array
 and int64 labels, cached as `.npz` so JPEG decoding happens once.
+
+Size and channels come from the data unless asked for: grayscale images stay one
+channel (C = 1; any colour image makes the whole split RGB, C = 3), and images keep
+their size when they all share one. `image_size` and `channels` override both.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from common.errors import UserError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CACHE_VERSION = 1
 FORMATS = ("auto", "imagefolder", "cifar", "svhn")
+CHANNELS = (1, 3)
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # Pillow modes that decode to one channel
 
 
 def default_cache_dir() -> Path:
@@ -34,7 +40,7 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class Split:
-    images: np.ndarray  # (N, H, W, 3) uint8
+    images: np.ndarray  # (N, H, W, C) uint8, C = 1 (grayscale) or 3 (RGB)
     labels: np.ndarray  # (N,) int64
     classes: tuple[str, ...]
 
@@ -44,16 +50,39 @@ class Split:
     def subset(self, indices: np.ndarray) -> Split:
         return Split(self.images[indices], self.labels[indices], self.classes)
 
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """(C, H, W): the network input these images make."""
+        _, height, width, channels = self.images.shape
+        return channels, height, width
+
+
+ImageSize = int | tuple[int, int] | None  # None: the data's own; an int: square
+
+
+def _size_tuple(image_size: ImageSize) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if height < 1 or width < 1:
+        raise UserError(f"image size must be positive, got {image_size}")
+    return int(height), int(width)
+
 
 def load_split(
     source: str | Path,
     split: str,
     data_format: str = "auto",
-    image_size: int = 32,
+    image_size: ImageSize = None,
+    channels: int | None = None,
     cache_dir: Path | None | Literal["default"] = "default",
 ) -> Split:
     """Load `split` ("train" or "test") of a dataset, decoding at most once.
 
+    `image_size` (an int for square images, or (height, width)) resizes every image
+    (bilinear); None keeps the data's own size, which all images must share.
+    `channels` (1 or 3) converts every image to grayscale or RGB; None takes it from the
+    data: 1 if every image is grayscale, else 3.
     Decoded arrays are cached in `cache_dir`: by default `default_cache_dir()`,
     read at each call; None turns the cache off.
     """
@@ -64,15 +93,18 @@ def load_split(
         raise UserError(f"unknown data format {data_format!r}; known: {', '.join(FORMATS)}")
     if split not in ("train", "test"):
         raise UserError(f"unknown split {split!r}; use train or test")
+    if channels is not None and channels not in CHANNELS:
+        raise UserError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    size = _size_tuple(image_size)
     data_format = detect_format(path) if data_format == "auto" else data_format
     if cache_dir == "default":
         cache_dir = default_cache_dir()
-    cache_file = _cache_path(cache_dir, path, split, data_format, image_size)
+    cache_file = _cache_path(cache_dir, path, split, data_format, size, channels)
     if cache_file is not None and cache_file.exists():
         with np.load(cache_file, allow_pickle=False) as cached:
             return Split(cached["images"], cached["labels"], tuple(cached["classes"].tolist()))
     loader = {"imagefolder": _load_imagefolder, "cifar": _load_cifar, "svhn": _load_svhn}
-    result = loader[data_format](path, split, image_size)
+    result = loader[data_format](path, split, size, channels)
     if len(result) == 0:
         raise UserError(f"no {split} images found in {path} (format {data_format})")
     if cache_file is not None:
@@ -109,39 +141,64 @@ def detect_format(path: Path) -> str:
     )
 
 
-def _cache_path(cache_dir, path: Path, split: str, data_format: str, size: int) -> Path | None:
+def load_split_for_model(source: str | Path, split: str, input_size, data_format: str = "auto",
+                         cache_dir: Path | None | Literal["default"] = "default") -> Split:
+    """`split` as a network of `input_size` (C, H, W) takes it: resized and converted to match."""
+    channels, height, width = input_size
+    return load_split(source, split, data_format, image_size=(height, width), channels=channels,
+                      cache_dir=cache_dir)
+
+
+def _cache_path(cache_dir, path: Path, split: str, data_format: str, size: tuple[int, int] | None,
+                channels: int | None) -> Path | None:
     if cache_dir is None:
         return None
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{split}|{data_format}|{size}"
+    if size is not None and size[0] == size[1] and channels == 3:
+        shape = str(size[0])  # the key of RGB at one square size, as caches before channels were chosen
+    else:
+        shape = f"{'x'.join(map(str, size)) if size else 'native'}-c{channels or 'auto'}"
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{split}|{data_format}|{shape}"
     digest = hashlib.sha256(f"{CACHE_VERSION}|{key}".encode()).hexdigest()[:16]
     return Path(cache_dir) / f"{path.name}-{split}-{digest}.npz"
 
 
-def _decode_image(data: bytes | Path, image_size: int) -> np.ndarray:
+def _decode_image(data: bytes | Path, size: tuple[int, int] | None, channels: int | None) -> np.ndarray:
+    """(H, W, C) uint8: grayscale images as one channel unless `channels` is 3, colour as RGB."""
     source = io.BytesIO(data) if isinstance(data, bytes) else data
     with Image.open(source) as image:
-        image = image.convert("RGB")
-        if image.size != (image_size, image_size):
-            image = image.resize((image_size, image_size), Image.BILINEAR)
-        return np.asarray(image, dtype=np.uint8)
+        gray = channels == 1 or (channels is None and image.mode in GRAY_MODES)
+        image = image.convert("L" if gray else "RGB")
+        if size is not None and image.size != (size[1], size[0]):
+            image = image.resize((size[1], size[0]), Image.BILINEAR)
+        array = np.asarray(image, dtype=np.uint8)
+        return array[:, :, None] if array.ndim == 2 else array
 
 
-def _stack(images: list[np.ndarray], labels: list[int], classes) -> Split:
+def _stack(images: list[np.ndarray], labels: list[int], classes, where: object = "") -> Split:
+    """One array of the decoded images: a grayscale image among colour ones becomes RGB (as Pillow
+    converts it); differing sizes are an error naming them (give an image size)."""
     if not images:
         return Split(np.zeros((0, 0, 0, 3), np.uint8), np.zeros(0, np.int64), tuple(classes))
+    if len({image.shape[2] for image in images}) > 1:
+        images = [np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image for image in images]
+    sizes = sorted({image.shape[:2] for image in images})
+    if len(sizes) > 1:
+        shown = ", ".join(f"{h}x{w}" for h, w in sizes[:4])
+        raise UserError(f"images in {where} have {len(sizes)} different sizes ({shown}...): "
+                        "give an image size (--image-size) to resize them to one")
     return Split(np.stack(images), np.asarray(labels, dtype=np.int64), tuple(classes))
 
 
-def _load_imagefolder(path: Path, split: str, image_size: int) -> Split:
+def _load_imagefolder(path: Path, split: str, size: tuple[int, int] | None, channels: int | None) -> Split:
     """`<root>/<split>/<class>/<image>`; classes are the sorted class folder names."""
     if path.is_dir():
         files = [p for p in (path / split).glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES]
         entries = sorted((p.parent.name, p.name, p) for p in files)
         classes = sorted({cls for cls, _, _ in entries})
         index = {cls: i for i, cls in enumerate(classes)}
-        images = [_decode_image(p, image_size) for _, _, p in entries]
-        return _stack(images, [index[cls] for cls, _, _ in entries], classes)
+        images = [_decode_image(p, size, channels) for _, _, p in entries]
+        return _stack(images, [index[cls] for cls, _, _ in entries], classes, path / split)
     entries = []
     with tarfile.open(path) as archive:
         for member in archive:
@@ -151,14 +208,14 @@ def _load_imagefolder(path: Path, split: str, image_size: int) -> Split:
             if parts[-3] != split:
                 continue
             data = archive.extractfile(member).read()
-            entries.append((parts[-2], parts[-1], _decode_image(data, image_size)))
+            entries.append((parts[-2], parts[-1], _decode_image(data, size, channels)))
     entries.sort(key=lambda entry: entry[:2])
     classes = sorted({cls for cls, _, _ in entries})
     index = {cls: i for i, cls in enumerate(classes)}
-    return _stack([e[2] for e in entries], [index[e[0]] for e in entries], classes)
+    return _stack([e[2] for e in entries], [index[e[0]] for e in entries], classes, f"{path} ({split})")
 
 
-def _load_cifar(path: Path, split: str, image_size: int) -> Split:
+def _load_cifar(path: Path, split: str, size: tuple[int, int] | None, channels: int | None) -> Split:
     """CIFAR-10 (`data_batch_*`, `test_batch`) or CIFAR-100 (`train`, `test`) pickles."""
     blobs: dict[str, bytes] = {}
     if path.is_dir():
@@ -188,13 +245,11 @@ def _load_cifar(path: Path, split: str, image_size: int) -> Split:
         labels.extend(batch[label_key])
     if not images:
         return _stack([], [], classes)
-    array = np.concatenate(images)
-    if image_size != 32:
-        array = np.stack([_resize(image, image_size) for image in array])
-    return Split(np.ascontiguousarray(array), np.asarray(labels, np.int64), tuple(classes))
+    array = _conform(np.concatenate(images), size, channels)
+    return Split(array, np.asarray(labels, np.int64), tuple(classes))
 
 
-def _load_svhn(path: Path, split: str, image_size: int) -> Split:
+def _load_svhn(path: Path, split: str, size: tuple[int, int] | None, channels: int | None) -> Split:
     """SVHN cropped digits: `train_32x32.mat` / `test_32x32.mat` (label 10 means 0)."""
     from scipy.io import loadmat
 
@@ -209,13 +264,23 @@ def _load_svhn(path: Path, split: str, image_size: int) -> Split:
     content = loadmat(file)
     images = np.asarray(content["X"], np.uint8).transpose(3, 0, 1, 2)
     labels = np.asarray(content["y"], np.int64).reshape(-1) % 10
-    if image_size != 32:
-        images = np.stack([_resize(image, image_size) for image in images])
-    return Split(np.ascontiguousarray(images), labels, tuple(str(d) for d in range(10)))
+    return Split(_conform(images, size, channels), labels, tuple(str(d) for d in range(10)))
 
 
-def _resize(image: np.ndarray, image_size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR))
+def _conform(images: np.ndarray, size: tuple[int, int] | None, channels: int | None) -> np.ndarray:
+    """RGB (N, H, W, 3) images at the requested size and channels (Pillow's resize and conversion)."""
+    if (size is None or images.shape[1:3] == size) and channels in (None, 3):
+        return np.ascontiguousarray(images)
+    converted = []
+    for image in images:
+        picture = Image.fromarray(image)
+        if channels == 1:
+            picture = picture.convert("L")
+        if size is not None and picture.size != (size[1], size[0]):
+            picture = picture.resize((size[1], size[0]), Image.BILINEAR)
+        array = np.asarray(picture, dtype=np.uint8)
+        converted.append(array[:, :, None] if array.ndim == 2 else array)
+    return np.stack(converted)
 
 
 def _unpickle(blob: bytes) -> dict:

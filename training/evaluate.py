@@ -21,7 +21,7 @@ from common.errors import UserError, run_cli
 from common.paths import DEFAULT_CHECKPOINT
 from common.provenance import git_commit, utc_timestamp
 from training.checkpoint import load_checkpoint, this_machine
-from training.datasets import FORMATS, heldout_split, load_split
+from training.datasets import FORMATS, heldout_split, load_split_for_model
 from training.models import MultiExitNet
 from training.transforms import to_normalized
 
@@ -60,8 +60,8 @@ def evaluate_checkpoint(checkpoint: Path, data: Path | None = None, data_format:
     model, metadata = load_checkpoint(checkpoint)
     heldout = metadata.heldout
     source = metadata.dataset_source(data)
-    train = load_split(source, "train", data_format)
-    test = load_split(source, "test", data_format)
+    train = load_split_for_model(source, "train", metadata.input_size, data_format)
+    test = load_split_for_model(source, "test", metadata.input_size, data_format)
     if tuple(train.classes) != tuple(metadata.classes):
         raise UserError(f"dataset classes {list(train.classes)[:5]}... differ from the checkpoint's")
     _, heldout_idx = heldout_split(len(train), heldout.size, heldout.seed)
