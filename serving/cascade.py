@@ -36,6 +36,8 @@ float32 softmax per batch; a request answered by one batch keeps that batch's ro
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import heapq
 import itertools
 import logging
@@ -56,6 +58,21 @@ from serving.policy import ExitPlan, RequestOptions, confidence_scores, should_s
 log = logging.getLogger("gateway.cascade")
 
 NO_DEADLINE_ORDER_S = 3600.0  # ordering key of a request without a deadline: its arrival plus this
+TRIM_AFTER_IDLE_S = 1.0  # an idle cascade gives freed heap memory back to the system after this
+TRIM_AFTER_IMAGES = 256  # ... when at least this many images went through since the last time
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None elsewhere: returns the heap's free pages to the system (the
+    arenas of the backend threads keep what bursts of requests freed, otherwise)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+MALLOC_TRIM = _malloc_trim()
 
 
 @dataclass(frozen=True)
@@ -148,6 +165,9 @@ class CascadeSettings:
     max_wait_ms: float = 2.0
     workers: int = 2
     budget_margin: float = 1.1  # predicted stage time is multiplied by this for the budget policy
+    # Share of a budget kept for what the cascade does not see (front end, transport, the load that a
+    # deeper stage adds to everyone's queue): a request continues only if it would finish before the rest.
+    budget_reserve: float = 0.2
     max_queue_images: int = 0  # images admitted at once (0: no bound)
     health_interval_s: float = 0.25  # how often a backend with a health check is polled
 
@@ -206,6 +226,8 @@ class Cascade:
         self._pump_scheduled = False
         self._wait_timer: asyncio.TimerHandle | None = None
         self._health_task: asyncio.Task | None = None
+        self._trim_timer: asyncio.TimerHandle | None = None
+        self._images_since_trim = 0
         self._idle: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.accepting = False
@@ -286,8 +308,9 @@ class Cascade:
             await asyncio.sleep(0)  # their handlers answer before the workers go
         if self._health_task is not None:
             self._health_task.cancel()
-        if self._wait_timer is not None:
-            self._wait_timer.cancel()
+        for timer in (self._wait_timer, self._trim_timer):
+            if timer is not None:
+                timer.cancel()
         for _ in self._threads:
             self._jobs.put(None)
         # A backend call stuck past every deadline must not hold the shutdown: the threads are daemons.
@@ -357,8 +380,19 @@ class Cascade:
                 request.timer.cancel()
             self.requests.discard(request)
             self.images_in -= size
+            self._images_since_trim += size
             if not self.requests:
                 self._idle.set()
+                if (self._trim_timer is None and MALLOC_TRIM is not None
+                        and self._images_since_trim >= TRIM_AFTER_IMAGES):
+                    self._trim_timer = self._loop.call_later(TRIM_AFTER_IDLE_S, self._trim_if_idle)
+
+    def _trim_if_idle(self) -> None:
+        """Memory back to its baseline when idle: freed heap pages go back to the system."""
+        self._trim_timer = None
+        if not self.requests:
+            self._images_since_trim = 0
+            self._loop.run_in_executor(None, MALLOC_TRIM, 0)
 
     def _expire(self, request: _Request) -> None:
         """Its deadline passed: answered DeadlineExceeded and taken out of every queue."""
@@ -443,15 +477,17 @@ class Cascade:
         return any(self.in_lane[earlier] for earlier in self.segment_lanes[:lane.position])
 
     def _take_batch(self, lane: Lane, now: float) -> list[_Group]:
-        """Up to a maximum batch of live groups, earliest deadline first; expired ones are answered."""
+        """Up to a maximum batch of live groups, earliest deadline first; requests whose deadline
+        passes before a batch of this lane usually finishes are answered DeadlineExceeded instead."""
         heap, taken, size = self.queues[lane], [], 0
+        expected = (self.run_ms[lane] or 0.0) / 1000  # a batch's usual backend time in this lane
         while heap:
             group = heap[0][2]
             if not group.live:
                 heapq.heappop(heap)
                 continue
             request = group.request
-            if request.deadline <= now:  # its timer has not fired yet
+            if request.deadline <= now + expected:  # expired, or would be before this batch is done
                 self._expire(request)
                 continue
             count = len(group.samples)
@@ -549,6 +585,7 @@ class Cascade:
         batch_scores = _BatchScores(logits)
         last = stage == self.stages - 1
         ahead = None  # samples queued in the next segment before a given key, made when first needed
+        upstream = sum(self.queued[lane] for lane in self.segment_lanes[:stage + 1])
         offset, answered = 0, 0
         for group in groups:
             count = len(group.samples)
@@ -565,7 +602,11 @@ class Cascade:
             if not last and request.options.policy == "budget":
                 if ahead is None:
                     ahead = self._ahead_counter(self.segment_lanes[stage + 1])
-                next_ms = self._predicted_ms(stage + 1, ahead(request.key))
+                # Ahead of it: what waits in the next segment before it, and the samples waiting upstream,
+                # which share the backend slots and whose wait its continuing lengthens.
+                next_ms = self._predicted_ms(stage + 1, ahead(request.key) + upstream)
+                if next_ms is not None:
+                    next_ms += self.settings.budget_reserve * request.options.budget_ms
             stop = should_stop(stage, scores, request.options, self.plan,
                                elapsed_ms=(now - request.started) * 1000, next_stage_ms=next_ms)
             stopping = int(np.count_nonzero(stop))

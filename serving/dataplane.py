@@ -10,6 +10,7 @@ and `confidence` per sample; `classification` (top-k labels) on either of the fi
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from common.manifest import Manifest
 from serving import policy
 from serving.cascade import Cascade
 from serving.errors import (
+    DeadlineExceeded,
     InvalidInput,
     InvalidParameter,
     ModelNotFound,
@@ -27,7 +29,7 @@ from serving.errors import (
 )
 from serving.metrics import GatewayMetrics
 from serving.policy import POLICY_PARAMETERS, RequestOptions, softmax
-from serving.preprocess import normalise_uint8
+from serving.preprocess import match_channels, normalise_uint8
 from serving.tensors import Tensor
 
 SERVER_NAME = "early-exit-gateway"
@@ -72,9 +74,11 @@ resolve_options = invalid_parameter_on_policy_error(policy.resolve_options)
 
 class DataPlane:
     def __init__(self, manifest: Manifest, cascade: Cascade, metrics: GatewayMetrics,
-                 default_policy: str = "confidence", max_request_batch: int = 256) -> None:
+                 default_policy: str = "confidence", max_request_batch: int = 256,
+                 request_timeout_s: float = 0.0) -> None:
         self.manifest, self.cascade, self.metrics = manifest, cascade, metrics
         self.default_policy = default_policy
+        self.request_timeout_s = request_timeout_s  # deadline of requests that bring none (0: none)
         self.max_request_batch = max_request_batch
         self.plan = cascade.plan
         self._depths = np.asarray(self.plan.depths, np.int32)
@@ -99,12 +103,27 @@ class DataPlane:
         self._options[key] = options
         return options
 
+    def deadline(self, parameters: dict | None = None, timeout_s: float | str | None = None) -> float | None:
+        """The request's deadline as a time.monotonic(): the earliest of its client's (`timeout_s`:
+        the gRPC deadline's time remaining, or the HTTP `timeout` header, in seconds), its `timeout`
+        parameter (microseconds, as tritonclient sends it) and the server's default timeout."""
+        now = time.monotonic()
+        limits = [self.request_timeout_s] if self.request_timeout_s > 0 else []
+        if isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool) and timeout_s <= 0:
+            raise DeadlineExceeded("the request's deadline passed before it was queued")
+        if timeout_s is not None:
+            limits.append(_positive_seconds("timeout", timeout_s, 1.0))
+        if parameters and parameters.get("timeout") is not None:
+            limits.append(_positive_seconds("timeout", parameters["timeout"], 1e-6))
+        return now + min(limits) if limits else None
+
     # -- health and metadata ------------------------------------------------
     def live(self) -> bool:
         return True
 
     def ready(self) -> bool:
-        return self.cascade.accepting
+        """Accepting requests (not shutting down) with a backend that answers its health check."""
+        return self.cascade.ready
 
     def check_model(self, name: str, version: str = "") -> None:
         if name != self.manifest.model:
@@ -170,12 +189,16 @@ class DataPlane:
                 raise InvalidParameter(f"classification applies to logits or probabilities, not {output.name}")
         return requested
 
-    async def infer(self, request: InferRequest, protocol: str = "http") -> InferResponse:
+    async def infer(self, request: InferRequest, protocol: str = "http",
+                    timeout_s: float | str | None = None) -> InferResponse:
+        """`timeout_s`: the client's own deadline, in seconds from now (gRPC's time remaining,
+        or an HTTP `timeout` header), if it gave one."""
         started = time.perf_counter()
+        deadline = self.deadline(request.parameters, timeout_s)
         self.check_model(request.model_name, request.model_version)
         images = self._images(request)
         outputs = self._check_outputs(request.outputs)
-        result = await self.cascade.infer(images, self.request_options(request.parameters))
+        result = await self.cascade.infer(images, self.request_options(request.parameters), deadline)
         tensors = [self._output_tensor(output, result) for output in outputs]
         self.metrics.answered(protocol, len(images), time.perf_counter() - started)
         return InferResponse(self.manifest.model, "1", request.id, tensors, outputs)
@@ -201,10 +224,12 @@ class DataPlane:
         return Tensor(output.name, "BYTES", (len(values), k), np.array(labels, dtype=object))
 
     async def classify(self, images: np.ndarray, options: RequestOptions, top_k: int = 3) -> list[dict]:
-        """Friendly endpoint: uint8 NHWC images -> label, confidence, exit depth, top-k."""
+        """Friendly endpoint: uint8 NHWC images -> label, confidence, exit depth, top-k. Decoded uploads
+        of another channel count than the model's (RGB for a grayscale model) are converted first."""
+        images = match_channels(images, self.manifest.input.shape[0])
         tensor = Tensor(INPUT_NAME, "UINT8", images.shape, images)
         normalised = self.normalise(INPUT_NAME, tensor)
-        result = await self.cascade.infer(normalised, resolve_options(options, self.plan))
+        result = await self.cascade.infer(normalised, resolve_options(options, self.plan), self.deadline())
         probabilities = softmax(result.logits)
         self.metrics.samples.inc(len(images))
         answers = []
@@ -219,3 +244,16 @@ class DataPlane:
                           for j in order],
             })
         return answers
+
+
+def _positive_seconds(name: str, value, unit: float) -> float:
+    """A timeout `value` (a number or a numeric string, in `unit` seconds) in seconds."""
+    if isinstance(value, bool):
+        raise InvalidParameter(f"{name} must be a positive number, got {value!r}")
+    try:
+        seconds = float(value) * unit
+    except (TypeError, ValueError):
+        raise InvalidParameter(f"{name} must be a positive number, got {value!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise InvalidParameter(f"{name} must be a positive number, got {value!r}")
+    return seconds
