@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHECKPOINT ?= checkpoints/mwresnet56_5.safetensors
 
-.PHONY: setup triton serve test lint evaluate bench clean
+.PHONY: setup triton serve test lint evaluate bench robustness clean
 
 TRITON_VENV := .venv-triton
 TRITON_STAMP := $(TRITON_VENV)/.installed
@@ -48,6 +48,12 @@ $(REPOSITORY)/manifest.json: $(CHECKPOINT)
 # The latency-accuracy benchmark (short, a few minutes); BENCH_ARGS=--full for the long one.
 bench: $(STAMP) $(TRITON_STAMP) $(REPOSITORY)/manifest.json
 	$(BIN)/python -m benchmarks.run --model-repository $(REPOSITORY) $(BENCH_ARGS)
+
+# The robustness run (issue 25: overload, cancellation, shutdown, Triton killed, budget, soak, image bomb;
+# about 15 minutes, most of it the 10-minute soak): benchmarks/results/<date>-<machine>-robustness/robustness.json.
+# ROBUSTNESS_ARGS="--phases overload,budget --overload-s 30" picks phases and durations; --quick: seconds each.
+robustness: $(STAMP) $(TRITON_STAMP) $(REPOSITORY)/manifest.json
+	$(BIN)/python -m benchmarks.robustness --model-repository $(REPOSITORY) $(ROBUSTNESS_ARGS)
 
 evaluate: $(STAMP)
 	$(BIN)/python -m training.evaluate --checkpoint $(CHECKPOINT)
