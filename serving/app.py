@@ -15,11 +15,11 @@ import numpy as np
 from common.errors import UserError
 from common.manifest import Manifest, ManifestError, read_manifest
 from serving.backends import OnnxRuntimeBackend, StageBackend, TritonBackend
-from serving.cascade import Cascade, CascadeSettings
+from serving.cascade import Cascade, CascadeSettings, default_queue_images
 from serving.dataplane import DataPlane
 from serving.errors import Unavailable
 from serving.grpc_api import start_grpc_server
-from serving.http_api import create_http_app
+from serving.http_api import HttpOptions, create_http_app
 from serving.metrics import GatewayMetrics
 from serving.policy import exit_plan
 from serving.settings import Settings
@@ -63,14 +63,16 @@ def make_backend(settings: Settings, manifest: Manifest) -> StageBackend:
         except FileNotFoundError as error:
             raise UserError(str(error)) from None
     try:
-        return TritonBackend(manifest, settings.triton_url, settings.triton_protocol)
+        return TritonBackend(manifest, settings.triton_url, settings.triton_protocol, settings.triton_timeout_s)
     except Unavailable as error:
         raise UserError(str(error)) from None
 
 
 def make_triton_cascade(settings: Settings, manifest: Manifest, plan, metrics: GatewayMetrics) -> TritonCascade:
     try:
-        return TritonCascade(manifest, plan, settings.triton_url, settings.triton_protocol, metrics)
+        return TritonCascade(manifest, plan, settings.triton_url, settings.triton_protocol, metrics,
+                             settings.triton_timeout_s, settings.max_queue_images or None,
+                             settings.health_interval_ms / 1000)
     except Unavailable as error:
         raise UserError(str(error)) from None
 
@@ -78,6 +80,31 @@ def make_triton_cascade(settings: Settings, manifest: Manifest, plan, metrics: G
 def profiled_stage_ms(manifest: Manifest) -> list[float | None]:
     """Batch-1 latency of each segment from the manifest's profile, if profiled."""
     return [entry.latency_ms.get("segment_model", {}).get("1") for entry in manifest.exits]
+
+
+def profiled_image_ms(manifest: Manifest) -> float | None:
+    """The full cascade's profiled cost per image at the largest profiled batch, if profiled."""
+    total = 0.0
+    for entry in manifest.exits:
+        table = entry.latency_ms.get("segment_model", {})
+        if not table:
+            return None
+        batch = max(table, key=int)
+        total += table[batch] / int(batch)
+    return total
+
+
+def http_options(settings: Settings, max_body_bytes: int) -> HttpOptions:
+    return HttpOptions(max_body_bytes=max_body_bytes, max_image_bytes=int(settings.max_image_mb * 1024 * 1024),
+                       max_image_pixels=settings.max_image_pixels, max_request_pixels=settings.max_request_pixels,
+                       decode_threads=settings.decode_threads, docs=settings.docs,
+                       api_key=settings.api_key.get_secret_value() if settings.api_key else None)
+
+
+def grpc_security(settings: Settings) -> dict:
+    """start_grpc_server's keywords: the API key, and TLS when a certificate is given."""
+    tls = (settings.tls_key.read_bytes(), settings.tls_cert.read_bytes()) if settings.tls_cert else None
+    return {"api_key": settings.api_key.get_secret_value() if settings.api_key else None, "tls": tls}
 
 
 class Gateway:
@@ -92,22 +119,59 @@ class Gateway:
             self.cascade = self.backend = make_triton_cascade(settings, self.manifest, plan, self.metrics)
         else:
             self.backend = backend or make_backend(settings, self.manifest)
-            cascade_settings = CascadeSettings(settings.max_batch_size, settings.max_wait_ms, settings.workers)
+            queue_images = settings.max_queue_images or default_queue_images(
+                profiled_image_ms(self.manifest), settings.workers, settings.max_queue_ms, settings.max_batch_size)
+            cascade_settings = CascadeSettings(settings.max_batch_size, settings.max_wait_ms, settings.workers,
+                                               max_queue_images=queue_images,
+                                               health_interval_s=settings.health_interval_ms / 1000)
+            fallback = None
+            if settings.backend == "triton" and settings.triton_fallback and backend is None:
+                fallback = make_backend(settings.model_copy(update={"backend": "onnxruntime"}), self.manifest)
             self.cascade = Cascade(self.backend, plan, cascade_settings, self.metrics,
-                                   profiled_stage_ms(self.manifest))
+                                   profiled_stage_ms(self.manifest), fallback=fallback)
         self.dataplane = DataPlane(self.manifest, self.cascade, self.metrics, settings.default_policy,
-                                   settings.max_request_batch)
+                                   settings.max_request_batch, settings.request_timeout_s)
+        self.cut = 0  # requests the shutdown answered UNAVAILABLE (the exit status says so)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._shutdown: asyncio.Task | None = None
         self.grpc_server = None
         self.max_body_bytes = int(settings.max_body_mb * 1024 * 1024)
-        self.http_app = create_http_app(self.dataplane, self.max_body_bytes, lifespan=self.lifespan)
+        self.http_app = create_http_app(self.dataplane, http_options(settings, self.max_body_bytes),
+                                        lifespan=self.lifespan)
+
+    def request_shutdown(self) -> None:
+        """From the SIGTERM/SIGINT handler (any thread): start the shutdown on the event loop."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.begin_shutdown)
+
+    def begin_shutdown(self) -> asyncio.Task:
+        """Readiness false and no new requests on either front end at once; in-flight requests get
+        `shutdown_grace_s`, then whatever is left is answered UNAVAILABLE (counted in `cut`)."""
+        if self._shutdown is None:
+            self._shutdown = asyncio.get_running_loop().create_task(self._drain())
+        return self._shutdown
+
+    async def _drain(self) -> None:
+        grace = self.settings.shutdown_grace_s
+        log.info("shutting down: finishing in-flight requests", extra={"fields": {"grace_s": grace}})
+        # Readiness goes false first; from now on both front ends answer new requests UNAVAILABLE at once
+        # (uvicorn also stops listening). gRPC's own stop would answer calls still on the wire CANCELLED,
+        # so it comes after the drain, when every request has its answer.
+        self.cascade.accepting = False
+        self.cut = await self.cascade.stop(grace)
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace=1)
+        if self.cut:
+            log.error("shutdown cut requests: answered UNAVAILABLE", extra={"fields": {"requests": self.cut}})
 
     @asynccontextmanager
     async def lifespan(self, app):
+        self._loop = asyncio.get_running_loop()
         warmup = np.zeros((1, *self.manifest.input.shape), np.float32)
         await self.cascade.start(warmup_input=warmup)
         if self.settings.grpc_port >= 0:
             self.grpc_server = await start_grpc_server(self.dataplane, self.settings.host, self.settings.grpc_port,
-                                                       self.max_body_bytes)
+                                                       self.max_body_bytes, **grpc_security(self.settings))
         log.info("gateway ready", extra={"fields": {
             "model": self.manifest.model, "exits": self.manifest.exit_depths, "backend": self.backend.name,
             "event_loop": type(asyncio.get_running_loop()).__module__,
@@ -116,8 +180,6 @@ class Gateway:
         try:
             yield
         finally:
-            log.info("shutting down: finishing in-flight requests")
-            if self.grpc_server is not None:
-                await self.grpc_server.stop(grace=10)
-            await self.cascade.stop()
+            await self.begin_shutdown()
+            self.http_app.state.image_decoder.close()
             log.info("stopped")

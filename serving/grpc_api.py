@@ -3,13 +3,23 @@ it): a thin adapter over the dataplane, on grpc.aio."""
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import logging
+import math
+import uuid
+
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from serving.dataplane import DataPlane, InferRequest, RequestedOutput
-from serving.errors import GatewayError, InvalidInput, InvalidParameter
+from serving.errors import GatewayError, InternalError, InvalidInput, InvalidParameter
 from serving.tensors import Tensor, check_shape, from_list, from_raw, to_raw
+
+log = logging.getLogger("gateway.grpc")
+OPEN_METHODS = ("ServerLive", "ServerReady", "ModelReady")  # answered without an API key
 
 # InferTensorContents field holding each datatype when raw_input_contents is not used.
 CONTENT_FIELDS = {
@@ -22,6 +32,15 @@ CONTENT_FIELDS = {
 def _parameter_value(parameter: service_pb2.InferParameter):
     kind = parameter.WhichOneof("parameter_choice")
     return None if kind is None else getattr(parameter, kind)
+
+
+def _parameters(parameters, where: str) -> dict:
+    """A map of InferParameter as plain values; a NaN or infinite double is no option value."""
+    values = {key: _parameter_value(value) for key, value in parameters.items()}
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidInput(f"{where} {name!r} must be a finite number, got {value!r}")
+    return values
 
 
 def parse_model_infer(request: service_pb2.ModelInferRequest) -> InferRequest:
@@ -39,12 +58,12 @@ def parse_model_infer(request: service_pb2.ModelInferRequest) -> InferRequest:
         inputs.append(Tensor(spec.name, spec.datatype, shape, data))
     outputs = []
     for spec in request.outputs:
-        parameters = {key: _parameter_value(value) for key, value in spec.parameters.items()}
+        parameters = _parameters(spec.parameters, f"output {spec.name!r} parameter")
         classification = parameters.get("classification", 0)
         if isinstance(classification, bool) or not isinstance(classification, int):
-            raise InvalidParameter("classification must be an integer")
+            raise InvalidParameter(f"output {spec.name!r}: classification must be an integer")
         outputs.append(RequestedOutput(spec.name, classification, parameters))
-    parameters = {key: _parameter_value(value) for key, value in request.parameters.items()}
+    parameters = _parameters(request.parameters, "parameter")
     return InferRequest(request.model_name, inputs, request.model_version, request.id, outputs, parameters)
 
 
@@ -57,6 +76,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.metrics.errors.labels(protocol="grpc", error=type(error).__name__).inc()
         self.metrics.requests.labels(protocol="grpc", outcome="error").inc()
         await context.abort(error.grpc_code, str(error))
+
+    @staticmethod
+    def _internal(context, method: str) -> InternalError:
+        """An unexpected exception (being handled): logged with a request id; the client's error names
+        neither its type nor anything internal (grpc would answer UNKNOWN with the exception's text)."""
+        given = dict(context.invocation_metadata() or ()).get("x-request-id", "")
+        request_id = given if given.isascii() and given.isalnum() and len(given) <= 64 else uuid.uuid4().hex[:16]
+        log.exception("internal error", extra={"fields": {"request_id": request_id, "method": method,
+                                                          "protocol": "grpc"}})
+        return InternalError(request_id)
 
     async def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=self.dataplane.live())
@@ -81,6 +110,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             meta = self.dataplane.model_metadata(request.name, request.version)
         except GatewayError as error:
             await self._fail(context, error)
+        except Exception:
+            await self._fail(context, self._internal(context, "ModelMetadata"))
         tensor = service_pb2.ModelMetadataResponse.TensorMetadata
         return service_pb2.ModelMetadataResponse(
             name=meta["name"], versions=meta["versions"], platform=meta["platform"],
@@ -90,24 +121,108 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         try:
             parsed = parse_model_infer(request)
-            response = await self.dataplane.infer(parsed, "grpc")
+            response = await self.dataplane.infer(parsed, "grpc", context.time_remaining())  # client's deadline
+            reply = service_pb2.ModelInferResponse(model_name=response.model_name,
+                                                   model_version=response.model_version, id=response.id)
+            for tensor in response.outputs:
+                reply.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape))
+                reply.raw_output_contents.append(to_raw(np.asarray(tensor.data), tensor.datatype))
         except GatewayError as error:
             await self._fail(context, error)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            await self._fail(context, self._internal(context, "ModelInfer"))
         self.metrics.ok("grpc")
-        reply = service_pb2.ModelInferResponse(model_name=response.model_name,
-                                               model_version=response.model_version, id=response.id)
-        for tensor in response.outputs:
-            reply.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape))
-            reply.raw_output_contents.append(to_raw(np.asarray(tensor.data), tensor.datatype))
         return reply
 
 
-async def start_grpc_server(dataplane: DataPlane, host: str, port: int, max_message_bytes: int) -> grpc.aio.Server:
+MALFORMED = object()  # what a request that is no valid protobuf message deserializes to
+
+
+def _tolerant_parser(message_class):
+    """The message's parser, answering MALFORMED instead of raising (grpc would answer UNKNOWN with
+    the exception's class name)."""
+
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except DecodeError:
+            return MALFORMED
+
+    return parse
+
+
+def _refusing_malformed(method, message_name: str, metrics):
+    async def handle(request, context):
+        if request is MALFORMED:
+            metrics.errors.labels(protocol="grpc", error="InvalidInput").inc()
+            metrics.requests.labels(protocol="grpc", outcome="error").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {message_name} message")
+        return await method(request, context)
+
+    return handle
+
+
+def add_servicer(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """GRPCInferenceService's methods that `servicer` implements (the others answer UNIMPLEMENTED), with
+    parsers that turn an undecodable message into INVALID_ARGUMENT."""
+    service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:
+        if method.name not in InferenceServicer.__dict__:
+            continue
+        request_class = getattr(service_pb2, method.input_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _refusing_malformed(getattr(servicer, method.name), method.input_type.full_name, servicer.metrics),
+            request_deserializer=_tolerant_parser(request_class),
+            response_serializer=lambda message: message.SerializeToString())
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Every call but the health ones needs the key, as metadata `authorization: Bearer KEY` or
+    `x-api-key: KEY` (compared in constant time); others get UNAUTHENTICATED."""
+
+    def __init__(self, key: str, metrics) -> None:
+        self.key, self.metrics = key.encode(), metrics
+
+    def allowed(self, metadata) -> bool:
+        for name, value in metadata or ():
+            value = value.encode() if isinstance(value, str) else value
+            if name == "authorization" and value[:7].lower() == b"bearer ":
+                return hmac.compare_digest(value[7:].strip(), self.key)
+            if name == "x-api-key":
+                return hmac.compare_digest(value.strip(), self.key)
+        return False
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        if method in OPEN_METHODS or self.allowed(handler_call_details.invocation_metadata):
+            return await continuation(handler_call_details)
+        metrics = self.metrics
+
+        async def refuse(request, context):
+            metrics.errors.labels(protocol="grpc", error="Unauthenticated").inc()
+            metrics.requests.labels(protocol="grpc", outcome="error").inc()
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or wrong API key (metadata authorization: Bearer KEY or x-api-key: KEY)")
+
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+async def start_grpc_server(dataplane: DataPlane, host: str, port: int, max_message_bytes: int, *,
+                            api_key: str | None = None, tls: tuple[bytes, bytes] | None = None) -> grpc.aio.Server:
+    """`tls`: (PEM private key, PEM certificate chain) to serve over TLS."""
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes)]
-    server = grpc.aio.server(options=options)
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    interceptors = [ApiKeyInterceptor(api_key, dataplane.metrics)] if api_key else []
+    server = grpc.aio.server(options=options, interceptors=interceptors)
+    add_servicer(InferenceServicer(dataplane), server)
+    if tls is not None:
+        bound = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([tls]))
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind gRPC to {host}:{port}")
     await server.start()

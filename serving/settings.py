@@ -13,7 +13,7 @@ import textwrap
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
 
 from common.errors import UserError
@@ -44,8 +44,53 @@ class Settings(BaseSettings):
     default_threshold: float = Field(0.9, ge=0, description="threshold of exits the manifest has none for")
     max_body_mb: float = Field(32, gt=0, description="largest request body (HTTP) or message (gRPC)")
     max_request_batch: int = Field(256, ge=1, description="most images in one request")
+    # front ends: limits on uploads, and security (issue 25); the defaults keep a loopback gateway open
+    max_image_mb: float = Field(8, gt=0, description="largest file in one /v1/classify upload")
+    max_image_pixels: int = Field(16_777_216, ge=1, description="most pixels of one uploaded image (its header "
+                                                                "says; refused before decoding)")
+    max_request_pixels: int = Field(67_108_864, ge=1, description="most pixels of all images of one upload")
+    decode_threads: int = Field(2, ge=1, le=64, description="threads decoding uploaded images")
+    api_key: SecretStr | None = Field(None, description="key that inference, metadata and metrics requests must "
+                                                        "send (Authorization: Bearer KEY or X-API-Key: KEY); "
+                                                        "health stays open; none: open")
+    docs: bool = Field(True, description="serve /docs and /openapi.json")
+    tls_cert: Path | None = Field(None, description="PEM certificate: HTTPS and gRPC over TLS (with --tls-key)")
+    tls_key: Path | None = Field(None, validate_default=True, description="PEM private key of --tls-cert")
+    max_connections: int | None = Field(None, ge=1, description="HTTP connections and requests at once; "
+                                                                "more are answered 503 (none: no limit)")
+    read_timeout_s: float = Field(30, gt=0, description="longest an HTTP client may take to send one request "
+                                                        "(headers and body); slower ones are disconnected")
+    keep_alive_s: int = Field(5, ge=1, description="idle HTTP keep-alive connections close after this")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     access_log: bool = Field(False, description="log every HTTP request")
+    # Overload, deadlines and shutdown (issue 25).
+    request_timeout_s: float = Field(30.0, ge=0, description="deadline of requests whose client gives none "
+                                     "(gRPC deadline, `timeout` parameter or header); 0: none")
+    max_queue_images: int = Field(0, ge=0, description="images admitted into the cascade at once; beyond, "
+                                  "429 / RESOURCE_EXHAUSTED (0: --max-queue-ms of work at the profiled speed)")
+    max_queue_ms: float = Field(300.0, gt=0, description="work the default queue bound holds, in ms")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may run "
+                                    "before they are answered UNAVAILABLE (exit status 3 if any)")
+    health_interval_ms: float = Field(250.0, gt=0, le=10000, description="how often the Triton backend's "
+                                      "health is polled (readiness follows it)")
+    triton_timeout_s: float = Field(10.0, gt=0, description="longest Triton call (a request's deadline "
+                                    "shortens it)")
+    triton_fallback: bool = Field(False, description="run on embedded ONNX Runtime while Triton is down "
+                                  "(--backend triton)")
+
+    @field_validator("tls_cert", "tls_key")
+    @classmethod
+    def _existing_file(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"no file {path}")
+        return path
+
+    @field_validator("tls_key")
+    @classmethod
+    def _tls_pair(cls, key: Path | None, info: ValidationInfo) -> Path | None:
+        if (key is None) != (info.data.get("tls_cert") is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        return key
 
 
 def env_name(field: str) -> str:
