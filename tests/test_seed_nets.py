@@ -3,12 +3,31 @@ run exit by exit and exported to ONNX (validated against PyTorch per exit and pe
 
 from __future__ import annotations
 
+import json
+
+import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 
+from common.errors import UserError
 from export.onnx_export import export_and_validate
-from training.models import create_model, list_models
+from training.cheap_conv import OFFSETS, cheap_conv, parse_conv, shift, shift_groups
+from training.checkpoint import build_metadata, load_checkpoint, load_metadata, save_checkpoint
+from training.losses import MultiExitLoss, online_distillation_loss
+from training.models import count_macs, create_model, list_models
+from training.online_distill import (
+    DEFAULT_STUDENT_WEIGHT,
+    DEFAULT_TEACHER_WEIGHT,
+    DEFAULT_TEMPERATURE,
+    OnlineDistillLoss,
+    OnlineTeacherGroup,
+    final_classifier,
+)
 from training.seed_nets import WidePreActBlock
+from training.train import TrainConfig
+
+from .conftest import run_module
 
 # name -> (exit depths, exit blocks)
 AUX = {
@@ -108,3 +127,231 @@ def test_exports_per_exit_and_per_segment_match_pytorch(name, built):
     exported = export_and_validate(model, images, exits, tolerance=1e-4 * max(1.0, scale), min_agreement=1.0)
     assert {(m.kind, m.exit_index) for m in exported} == {(kind, i) for kind in ("exit", "segment") for i in exits}
     assert all(m.top1_agreement == 1.0 for m in exported)
+
+
+# ----------------------------------------------------------------------------
+# Cheap convolutions
+
+
+def _reference_group_conv(x, weight, stride, groups):
+    """Group convolution as G standard convolutions on channel slices, concatenated."""
+    in_per, out_per = x.shape[1] // groups, weight.shape[0] // groups
+    return torch.cat([F.conv2d(x[:, g * in_per:(g + 1) * in_per], weight[g * out_per:(g + 1) * out_per],
+                               stride=stride, padding=1) for g in range(groups)], dim=1)
+
+
+def _reference_depthwise_separable(x, depthwise, pointwise, stride):
+    """One single-channel convolution per channel, then the 1x1 convolution as a channel matmul."""
+    per_channel = torch.cat([F.conv2d(x[:, c:c + 1], depthwise[c:c + 1], stride=stride, padding=1)
+                             for c in range(x.shape[1])], dim=1)
+    return torch.einsum("oc,nchw->nohw", pointwise[:, :, 0, 0], per_channel)
+
+
+def _reference_shift(x, pointwise, stride):
+    """The shift as a fixed depth-wise convolution with one-hot 3x3 kernels, then the 1x1 convolution."""
+    channels = x.shape[1]
+    kernel = torch.zeros(channels, 1, 3, 3)
+    for (start, end), (dy, dx) in zip(shift_groups(channels), OFFSETS):
+        kernel[start:end, 0, 1 + dy, 1 + dx] = 1.0
+    shifted = F.conv2d(x, kernel, padding=1, groups=channels)
+    return F.conv2d(shifted, pointwise, stride=stride)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("in_channels,out_channels", [(16, 32), (10, 12)])
+def test_cheap_convolutions_match_reference_implementations(stride, in_channels, out_channels):
+    torch.manual_seed(0)
+    x = torch.randn(3, in_channels, 9, 9)
+    standard = torch.nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+    group = cheap_conv(standard, "group", 2)
+    assert group.groups == 2 and group.weight.shape == (out_channels, in_channels // 2, 3, 3)
+    depthwise = cheap_conv(standard, "depthwise", 1)
+    shifted = cheap_conv(standard, "shift", 1)
+    with torch.no_grad():
+        torch.testing.assert_close(group(x), _reference_group_conv(x, group.weight, stride, 2))
+        torch.testing.assert_close(depthwise(x), _reference_depthwise_separable(
+            x, depthwise.depthwise.weight, depthwise.pointwise.weight, stride))
+        torch.testing.assert_close(shifted(x), _reference_shift(x, shifted.pointwise.weight, stride))
+    # Honest counts: a shift costs nothing, only its 1x1 convolution does.
+    size = (9 + 2 - 3) // stride + 1
+    assert count_macs(shifted, x[:1]) == size * size * in_channels * out_channels
+    assert count_macs(group, x[:1]) == count_macs(standard, x[:1]) // 2
+    assert count_macs(depthwise, x[:1]) == size * size * (9 * in_channels + in_channels * out_channels)
+    assert sum(p.numel() for p in shifted.parameters()) == in_channels * out_channels
+
+
+def test_shift_moves_each_channel_group_by_its_offset():
+    x = torch.arange(9 * 5 * 5, dtype=torch.float32).reshape(1, 9, 5, 5)
+    out = shift(x)
+    for channel, (dy, dx) in enumerate(OFFSETS):  # nine channels: one a group
+        assert out[0, channel, 2, 2] == x[0, channel, 2 + dy, 2 + dx]
+    assert out[0, 0, 0, 0] == 0 and out[0, 8, 4, 4] == 0  # zeros shifted in at the border
+    assert shift_groups(16) == [(0, 1), (1, 3), (3, 5), (5, 7), (7, 8), (8, 10), (10, 12), (12, 14), (14, 16)]
+
+
+@pytest.mark.parametrize("text", ["group:1", "group:x", "dense", "depthwise:2"])
+def test_unknown_cheap_convolution_is_a_user_error(text):
+    with pytest.raises(UserError, match="known: standard, group:G, depthwise, shift"):
+        parse_conv(text)
+    with pytest.raises(UserError, match="does not divide"):
+        create_model("mwresnet8_3", conv="group:3")
+
+
+def _conv3x3(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+
+
+@pytest.mark.parametrize("name,kwargs", [("mwresnet8_3", {}), ("mwwrn26_2_10", {"width": 4})])
+@pytest.mark.parametrize("conv", ["group:4", "depthwise", "shift"])
+def test_cheap_student_of_a_registry_network_counts_honestly_and_exports(name, kwargs, conv):
+    torch.manual_seed(0)
+    reference = create_model(name, num_classes=5, **kwargs).eval()
+    student = create_model(name, num_classes=5, conv=conv, **kwargs).eval()
+    # Only the stem's 3x3 convolution stays dense; the rest are grouped, depth-wise or gone.
+    dense = [m for m in _conv3x3(student) if m.groups == 1]
+    assert dense == [student.stem]
+    if conv == "shift":
+        assert _conv3x3(student) == [student.stem]
+    for ref, cheap in zip(reference.exits, student.exits):
+        assert cheap.params < ref.params and cheap.macs < ref.macs
+    # MACs are what the convolutions and linear layers left cost: the sum over the modules.
+    expected = _module_macs(student)
+    assert abs(student.exits[-1].standalone_macs - expected) <= 0.001 * expected
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        full = student(x)
+        for index in range(len(student.exits)):
+            torch.testing.assert_close(student.forward_until(index, x)[0], full[index])
+    images = x.numpy()
+    scale = max(1.0, max(float(logits.abs().max()) for logits in full))
+    exits = list(range(len(student.exits)))
+    exported = export_and_validate(student, images, exits, tolerance=1e-4 * scale, min_agreement=1.0)
+    assert len(exported) == 2 * len(exits)
+    if conv == "shift":  # exported as data movement: Pad, Slice and Concat, and 1x1 convolutions
+        graph = onnx.load_from_string(exported[0].onnx_bytes).graph
+        op_types = {node.op_type for node in graph.node}
+        assert {"Pad", "Slice", "Concat"} <= op_types
+        kernels = [list(attr.ints) for node in graph.node if node.op_type == "Conv"
+                   for attr in node.attribute if attr.name == "kernel_shape"]
+        assert kernels.count([3, 3]) == 1  # the stem
+
+
+def _module_macs(model):
+    """MACs of the final exit's path (no early heads) from layer shapes, hooked on every conv and FC."""
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        if isinstance(module, torch.nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            total += output[0].numel() * k
+        else:
+            total += module.in_features * module.out_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    from training.models import _trunk_until
+
+    with torch.no_grad():
+        last = len(model.exits) - 1
+        model.heads[last](_trunk_until(model, last, torch.zeros(1, 3, 32, 32)))
+    for handle in handles:
+        handle.remove()
+    return total
+
+
+def test_cheap_student_round_trips_through_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("mwresnet8_3", num_classes=3, conv="shift")
+    meta = build_metadata(model, classes=["a", "b", "c"], mean=[0.5] * 3, std=[0.25] * 3,
+                          heldout={"seed": 0, "size": 0, "source": "none", "num_train": 0},
+                          training={"model_kwargs": {"width": 16, "conv": "shift"}},
+                          epochs_completed=0, epochs_planned=0, heldout_acc=[0.0] * 3)
+    save_checkpoint(tmp_path / "student.safetensors", model, meta)
+    loaded, loaded_meta = load_checkpoint(tmp_path / "student.safetensors")
+    assert loaded_meta.model_kwargs["conv"] == "shift"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[-1], model.eval()(x)[-1])
+    assert [e.macs for e in loaded.exits] == [e.macs for e in model.exits]
+
+
+# ----------------------------------------------------------------------------
+# Online distillation
+
+
+def test_online_distillation_loss_reaches_every_student_and_the_teacher_head():
+    torch.manual_seed(0)
+    students = [create_model("mwresnet8_3", num_classes=4, width=4, conv="depthwise") for _ in range(3)]
+    group = OnlineTeacherGroup(students).train()
+    assert group.teacher_head.in_features == 3 * final_classifier(students[0]).in_features
+    x, targets = torch.randn(6, 3, 32, 32), torch.randint(0, 4, (6,))
+    outputs = group(x)
+    assert len(outputs.students) == 3 and outputs.teacher.shape == (6, 4)
+    assert list(outputs) == outputs.students[0]  # reads as the first student's exits
+    loss = OnlineDistillLoss(MultiExitLoss((1.0, 1.0, 1.0)))
+    value = loss(outputs, targets)
+    value.backward()
+    assert torch.isfinite(value)
+    assert group.teacher_head.weight.grad.abs().sum() > 0
+    for student in students:
+        for module in (student.stem, student.segments[0][0].conv1.depthwise, student.heads[0].fc,
+                       student.heads[-1].fc):
+            assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
+
+
+def test_online_distillation_terms_and_their_gradient_directions():
+    torch.manual_seed(0)
+    targets = torch.tensor([0, 1, 2])
+    student = [torch.randn(3, 3, requires_grad=True), torch.randn(3, 3, requires_grad=True)]
+    teacher = torch.randn(3, 3, requires_grad=True)
+    plain = MultiExitLoss((1.0, 1.0))
+    t = 3.0
+    # No KL weights: the sum of the cross-entropies.
+    base = online_distillation_loss([student], teacher, targets, plain, t, 0.0, 0.0)
+    torch.testing.assert_close(base, plain(student, targets) + F.cross_entropy(teacher, targets))
+    # The student term moves the student's final exit only; the teacher term the teacher only.
+    to_student = (online_distillation_loss([student], teacher, targets, plain, t, 1.0, 0.0)
+                  - online_distillation_loss([student], teacher, targets, plain, t, 0.0, 0.0))
+    expected = t * t * F.kl_div(F.log_softmax(student[1] / t, 1), F.softmax(teacher / t, 1), reduction="batchmean")
+    torch.testing.assert_close(to_student, expected)
+    grads = torch.autograd.grad(to_student, [student[0], student[1], teacher], allow_unused=True)
+    assert _no_gradient(grads[0]) and grads[1].abs().sum() > 0 and _no_gradient(grads[2])
+    to_teacher = (online_distillation_loss([student], teacher, targets, plain, t, 0.0, 1.0)
+                  - online_distillation_loss([student], teacher, targets, plain, t, 0.0, 0.0))
+    grads = torch.autograd.grad(to_teacher, [student[1], teacher], allow_unused=True)
+    assert _no_gradient(grads[0]) and grads[1].abs().sum() > 0
+
+
+def _no_gradient(grad):
+    return grad is None or not grad.abs().sum() > 0
+
+
+def test_online_distill_defaults_agree_with_the_training_flags():
+    config = TrainConfig()
+    assert (config.od_temperature, config.od_student_weight, config.od_teacher_weight) == (
+        DEFAULT_TEMPERATURE, DEFAULT_STUDENT_WEIGHT, DEFAULT_TEACHER_WEIGHT)
+
+
+def test_online_distill_training_keeps_one_cheap_student_and_records_the_method(imagefolder, tmp_path):
+    checkpoint = tmp_path / "od.safetensors"
+    result = run_module("training.train", "--model", "mwresnet8_3", "--width", "4", "--heldout-size", "30",
+                        "--batch-size", "45", "--no-progress", "--threads", "1", "--epochs", "1",
+                        "--conv", "shift", "--online-distill", "2", "--data", str(imagefolder),
+                        "--output", str(checkpoint))
+    assert result.returncode == 0, result.stderr
+    meta = load_metadata(checkpoint)
+    assert meta.model_kwargs["conv"] == "shift"
+    recorded = meta.training["online_distill"]
+    assert recorded["students"] == 2 and recorded["kept_student"] in (0, 1)
+    assert (recorded["temperature"], recorded["student_weight"], recorded["teacher_weight"]) == (3.0, 1.0, 1.0)
+    assert len(recorded["students_heldout_acc"]) == 2 and 0 <= recorded["teacher_heldout_acc"] <= 1
+    model, _ = load_checkpoint(checkpoint)  # one student: an ordinary multi-exit network
+    assert model.exit_depths == [3, 5, 8]
+    assert not any(key.startswith("students.") or "teacher" in key for key in model.state_dict())
+    # The resume state holds the whole group: every student and the teacher head.
+    state = torch.load(checkpoint.with_suffix(".resume.pt"), weights_only=False)
+    assert any(key.startswith("students.1.") for key in state["model"]) and "teacher_head.weight" in state["model"]
+    log = json.loads(checkpoint.with_suffix(".log.jsonl").read_text().splitlines()[-1])
+    assert log["kept_student"] == recorded["kept_student"]
+    assert log["heldout_acc"] == recorded["students_heldout_acc"][recorded["kept_student"]]

@@ -195,10 +195,23 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, num_classes: int = 10, **kwargs) -> MultiExitNet:
-    """Build a registry entry; exits get their params and MACs measured."""
-    if name not in _REGISTRY:
-        raise UserError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    model = _REGISTRY[name](num_classes=num_classes, **kwargs)
+    """Build a registry entry; exits get their params and MACs measured. `<entry>_split<S>`
+    builds S co-trained members of the entry as an anytime ensemble (training/cotrain.py)."""
+    from training.cotrain import divide, parse_split_name
+
+    conv = kwargs.pop("conv", "standard")
+    split = parse_split_name(name)
+    if split is not None and split[0] in _REGISTRY:
+        model = divide(split[0], split[1], num_classes=num_classes, **kwargs)
+    elif name in _REGISTRY:
+        model = _REGISTRY[name](num_classes=num_classes, **kwargs)
+    else:
+        raise UserError(f"unknown model {name!r}; known models: {', '.join(list_models())} "
+                        "(any of them with a _split<S> suffix: S co-trained members)")
+    if conv != "standard":  # cheap-convolution student (training/cheap_conv.py)
+        from training.cheap_conv import cheapen
+
+        cheapen(model, conv, model.input_size[0])
     model.exits = measure_exits(model)
     return model
 
@@ -321,3 +334,8 @@ def _trunk_until(model: MultiExitNet, index: int, x: torch.Tensor) -> torch.Tens
     for segment in model.segments[: index + 1]:
         x = segment(x)
     return x
+
+
+# Registry entries that live in their own modules register themselves on import.
+from training import delugenet as _delugenet  # noqa: E402,F401
+from training import seed_nets as _seed_nets  # noqa: E402,F401

@@ -32,7 +32,8 @@ from training.checkpoint import (
     save_resume_state,
     snapshot_path,
 )
-from training.datasets import FORMATS, channel_stats, heldout_split, load_split
+from training.cotrain import DEFAULT_AGREEMENT_WEIGHT, DEFAULT_WARMUP_EPOCHS, AnytimeEnsemble, CoTrainingLoss
+from training.datasets import CHANNELS, FORMATS, channel_stats, heldout_split, load_split
 from training.evaluate import evaluate_exits
 from training.losses import MultiExitLoss, parse_exit_weights
 from training.models import HEADS, create_model, list_models
@@ -48,9 +49,13 @@ class TrainConfig:
     model: str = "mwresnet56_5"
     width: int = 16
     early_head: str = "linear"
+    conv: str = "standard"  # cheap convolutions: group:G, depthwise, shift (training/cheap_conv.py)
+    dropout: float = 0.0  # wide ResNets (mwwrn*): dropout between a block's convolutions
     # data
     data: Path = DEFAULT_DATA
     data_format: str = "auto"
+    image_size: int | None = None  # None: the data's own size
+    channels: int | None = None  # None: from the data (1 if every image is grayscale, else 3)
     heldout_size: int = 5000
     heldout_seed: int = 0
     cutout: int = 0
@@ -67,7 +72,14 @@ class TrainConfig:
     distill_weight: float = 0.0
     head_grad_scale: float = 1.0
     freeze_trunk: bool = False
+    freeze_backbone: bool = False
     temperature: float = 3.0
+    online_distill: int = 0  # K students + an online teacher (training/online_distill.py); 0 = off
+    od_temperature: float = 3.0  # defaults: training/online_distill.py's DEFAULT_*
+    od_student_weight: float = 1.0
+    od_teacher_weight: float = 1.0
+    agreement_weight: float = DEFAULT_AGREEMENT_WEIGHT  # co-training (<entry>_split<S> models)
+    agreement_warmup: int = DEFAULT_WARMUP_EPOCHS
     # run
     output: Path | None = None  # None: checkpoints/<model>.safetensors
     resume: bool = False
@@ -78,6 +90,7 @@ class TrainConfig:
     channels_last: str = "auto"
     amp: str = "auto"
     init_from: Path | None = None
+    pretrained: Path | None = None
     snapshots: bool = False
     no_progress: bool = False
 
@@ -88,6 +101,13 @@ class TrainConfig:
             raise UserError("--cutout must be 0 (off) or a square size in pixels")
         if self.freeze_trunk and not (self.init_from or self.resume):
             raise UserError("--freeze-trunk needs trained weights: give --init-from (or --resume)")
+        if self.freeze_trunk and self.freeze_backbone:
+            raise UserError("--freeze-trunk and --freeze-backbone are alternatives: the first also keeps the "
+                            "final exit as loaded, the second trains every exit head")
+        if self.pretrained and self.init_from:
+            raise UserError("--pretrained loads a backbone's weights, --init-from a multi-exit checkpoint: give one")
+        if self.image_size is not None and self.image_size < 1:
+            raise UserError("--image-size must be positive")
         if not 0.0 <= self.head_grad_scale <= 1.0:
             raise UserError("--head-grad-scale must be between 0 and 1")
         if self.schedule not in SCHEDULES:
@@ -102,6 +122,10 @@ class TrainConfig:
         kwargs: dict = {"width": self.width}
         if self.early_head != "linear":
             kwargs["early_head"] = self.early_head
+        if self.conv != "standard":
+            kwargs["conv"] = self.conv
+        if self.dropout:
+            kwargs["dropout"] = self.dropout
         return kwargs
 
     @property
@@ -129,10 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--early-head", choices=HEADS,
                        help="the early exits' heads: linear (the paper's BN-ReLU-pool-FC, the default) or conv1/"
                             "conv2 (one or two 3x3 convolutions and mixed pooling first; their MACs count)")
+    model.add_argument("--conv", metavar="KIND",
+                       help="cheap-convolution student: swap the 3x3 convolutions (not the stem's) for group:G, "
+                            "depthwise (separable) or shift (+ 1x1; the shift costs no MACs); default standard")
+    model.add_argument("--dropout", type=float, help="wide ResNets (mwwrn*): dropout between a block's convolutions")
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path,
                       help="image-folder tree or .tar.gz, CIFAR pickles, or SVHN .mat (default: the shared CIFAR-10)")
     data.add_argument("--data-format", choices=FORMATS)
+    data.add_argument("--image-size", type=int, metavar="PIXELS",
+                      help="resize every image to PIXELS x PIXELS (default: the data's own size, which all images "
+                           "must share)")
+    data.add_argument("--channels", type=int, choices=CHANNELS,
+                      help="1 (grayscale) or 3 (RGB) (default: from the data, 1 if every image is grayscale)")
     data.add_argument("--heldout-size", type=int,
                       help="images carved from train/ for calibration, never trained on (default 5000)")
     data.add_argument("--heldout-seed", type=int, help="seed of the held-out split (recorded)")
@@ -163,7 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="train only the early exits' heads; the trunk and the final exit (weights and "
                            "batch-norm statistics) stay as loaded. With --init-from: refit the early heads "
                            "to a trunk that changed, e.g. after weight averaging")
+    loss.add_argument("--freeze-backbone", action="store_true",
+                      help="train only the exit heads, every exit's: the stem and segments (weights and batch-norm "
+                           "statistics) stay as built or loaded, e.g. a --pretrained backbone")
     loss.add_argument("--temperature", type=float, help="distillation temperature")
+    loss.add_argument("--agreement-weight", type=float,
+                      help="co-training of a <entry>_split<S> model: weight of the members' Jensen-Shannon "
+                           "agreement term (default %(default)s)")
+    loss.add_argument("--agreement-warmup", type=int, metavar="EPOCHS",
+                      help="epochs over which the agreement weight rises linearly from 0 (default %(default)s)")
+    loss.add_argument("--online-distill", type=int, metavar="K",
+                      help="online distillation: train K students and an online teacher (a classifier on their "
+                           "concatenated features) with mutual KL; the checkpoint keeps the best student on held-out")
+    loss.add_argument("--od-temperature", type=float, help="online distillation temperature (default %(default)s)")
+    loss.add_argument("--od-student-weight", type=float,
+                      help="weight of KL(teacher || student) (default %(default)s)")
+    loss.add_argument("--od-teacher-weight", type=float,
+                      help="weight of KL(student || teacher), averaged over students (default %(default)s)")
     run = parser.add_argument_group("run")
     run.add_argument("--output", type=Path,
                      help="checkpoint path (default checkpoints/<model>.safetensors)")
@@ -181,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--init-from", type=Path,
                      help="start from this checkpoint's weights with a fresh optimiser and schedule "
                           "(recorded in the checkpoint)")
+    run.add_argument("--pretrained", type=Path, metavar="PATH",
+                     help="a backbone entry's (tv_*, timm_*) pre-trained weights: a local state dict (.pth/.pt or "
+                          ".safetensors) of the original network, loaded before the exits are attached (nothing is "
+                          "downloaded)")
     run.add_argument("--snapshots", action="store_true",
                      help="also keep every epoch's weights in <output stem>.snapshots/ (for training.average)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -225,7 +278,9 @@ class Trainer:
     def _build_model(self) -> None:
         config = self.config
         torch.manual_seed(config.seed)
-        self.model = create_model(config.model, num_classes=len(self.classes), **config.model_kwargs)
+        pretrained = {"pretrained": config.pretrained} if config.pretrained else {}
+        self.model = create_model(config.model, num_classes=len(self.classes), input_size=self.input_size,
+                                  **config.model_kwargs, **pretrained)
         self.model.head_grad_scale = config.head_grad_scale
         self.model.to(self.device)
         self.channels_last = config.channels_last == "on" or (
@@ -236,8 +291,16 @@ class Trainer:
             self.model.requires_grad_(False)
             for head in self.model.heads[:-1]:
                 head.requires_grad_(True)
+        if config.freeze_backbone:
+            self.model.requires_grad_(False)
+            self.model.heads.requires_grad_(True)
         self.loss = MultiExitLoss(parse_exit_weights(config.exit_weights, len(self.model.exits)),
                                   config.distill_weight, config.temperature)
+        # Co-trained members (divide and co-train) learn from their own logits, not the ensemble exits.
+        self.cotrain = CoTrainingLoss(config.agreement_weight, config.agreement_warmup) \
+            if isinstance(self.model, AnytimeEnsemble) else None
+        if self.cotrain is not None and self.world > 1:
+            raise UserError("co-training a _split model runs in one process (no DDP yet)")
 
     def _build_optimisation(self) -> None:
         config = self.config
@@ -293,8 +356,10 @@ class Trainer:
 
     def _load_data(self) -> None:
         config = self.config
-        train = load_split(config.data, "train", config.data_format)
+        train = load_split(config.data, "train", config.data_format, image_size=config.image_size,
+                           channels=config.channels)
         self.classes = train.classes
+        self.input_size = train.input_size  # (C, H, W) from the data unless --image-size/--channels say otherwise
         train_idx, heldout_idx = heldout_split(len(train), config.heldout_size, config.heldout_seed)
         if config.limit_train:  # a random subset, so every class stays represented
             rng = np.random.default_rng(config.seed)
@@ -329,6 +394,9 @@ class Trainer:
     def _init_from(self, path: Path) -> None:
         config = self.config
         source, meta = load_checkpoint(path)
+        if tuple(meta.input_size) != tuple(self.input_size):
+            raise UserError(f"--init-from {path} takes inputs of {meta.input_size} (C, H, W), the data here "
+                            f"{list(self.input_size)}: give --image-size/--channels to match")
         width, head = meta.model_kwargs.get("width", 16), meta.model_kwargs.get("early_head", "linear")
         if (meta.model, meta.num_classes, width, head) != (config.model, len(self.classes), config.width,
                                                            config.early_head):
@@ -361,6 +429,9 @@ class Trainer:
         if config.freeze_trunk:  # frozen parts keep their batch-norm statistics too
             for module in (self.model.stem, *self.model.segments, self.model.heads[-1]):
                 module.eval()
+        if config.freeze_backbone:
+            for module in (self.model.stem, *self.model.segments):
+                module.eval()
         num_exits = len(self.model.exits)
         loss_sum, seen = 0.0, 0
         correct = torch.zeros(num_exits, device=self.device)
@@ -370,14 +441,19 @@ class Trainer:
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
             if len(index) == 0:
                 break
-            batch = to_normalized(self.train_images[index], self.mean, self.std)
-            batch = augment(batch.to(self.device), generator, cutout=config.cutout)
+            clean = to_normalized(self.train_images[index], self.mean, self.std).to(self.device)
+            batch = augment(clean, generator, cutout=config.cutout)
             if self.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             target = self.train_labels[index]
             with self.autocast():
-                logits = self.network(batch)
-                loss = self.loss(logits, target)
+                if self.cotrain is not None:  # every member on its own augmentation of the batch
+                    views = [batch, *(augment(clean, generator, cutout=config.cutout) for _ in self.model.segments[1:])]
+                    logits = self.model.member_logits(views)
+                    loss = self.cotrain(logits, target, epoch + step / self.steps_per_epoch)
+                else:
+                    logits = self.network(batch)
+                    loss = self.loss(logits, target)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -399,8 +475,9 @@ class Trainer:
         config = self.config
         if self.rank == 0:
             depths = ", ".join(f"{e.depth} ({e.params / 1e6:.3f} M, {e.macs / 1e6:.1f} MMAC)" for e in self.model.exits)
+            shape = "x".join(map(str, self.input_size))
             print(f"{config.model}: {len(self.train_labels)} train / {len(self.heldout_labels)} held-out images "
-                  f"on {self.device} x{self.world}; exits {depths}")
+                  f"({shape}, C x H x W) on {self.device} x{self.world}; exits {depths}")
         for epoch in range(self.start_epoch, config.last_epoch):
             started = time.time()
             stats = self.train_epoch(epoch)
@@ -444,7 +521,10 @@ class Trainer:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    Trainer(TrainConfig(**vars(args))).run()
+    trainer_class = Trainer
+    if args.online_distill:
+        from training.online_distill import OnlineDistillTrainer as trainer_class
+    trainer_class(TrainConfig(**vars(args))).run()
     return 0
 
 
