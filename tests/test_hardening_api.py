@@ -730,3 +730,18 @@ def test_schemathesis_finds_no_5xx(openapi_schema):
 
         call()
     assert 200 in statuses and any(400 <= status < 500 for status in statuses)
+
+
+def test_mutation_fuzzer_finds_nothing(gateway, tiny_repository):
+    """benchmarks.fuzz (the robustness run's 50,000-request fuzzer), bounded: every kind of mutated
+    request (JSON, binary, raw bodies, uploads, gRPC messages and undecodable gRPC bytes) is answered,
+    none with a 5xx, UNKNOWN or INTERNAL, none dropped or hanging."""
+    from benchmarks.fuzz import KINDS, fuzz
+    from common.manifest import read_manifest
+
+    shape = tuple(read_manifest(tiny_repository).input.shape)
+    result = asyncio.run(fuzz(gateway.http_url, gateway.grpc_url, MODEL, shape, requests=600, concurrency=4,
+                              seed=1))
+    assert result["requests"] == 600 and result["bad"] == 0, result["findings"]
+    assert {key.split(":")[0] for key in result["answers"]} == set(KINDS)
+    assert any(key.endswith(":200") or key.endswith(":OK") for key in result["answers"])
