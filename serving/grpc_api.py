@@ -153,13 +153,22 @@ def _tolerant_parser(message_class):
     return parse
 
 
-def _refusing_malformed(method, message_name: str, metrics):
+def _guarded(servicer: InferenceServicer, name: str, message_name: str):
+    """`servicer`'s method `name`: an undecodable request is INVALID_ARGUMENT, and an exception the
+    method does not answer itself is INTERNAL with a request id (logged), never UNKNOWN with its text."""
+    method = getattr(servicer, name)
+
     async def handle(request, context):
         if request is MALFORMED:
-            metrics.errors.labels(protocol="grpc", error="InvalidInput").inc()
-            metrics.requests.labels(protocol="grpc", outcome="error").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {message_name} message")
-        return await method(request, context)
+            await servicer._fail(context, InvalidInput(f"request is not a valid {message_name} message"))
+        try:
+            return await method(request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except GatewayError as error:
+            await servicer._fail(context, error)
+        except Exception:
+            await servicer._fail(context, servicer._internal(context, name))
 
     return handle
 
@@ -174,7 +183,7 @@ def add_servicer(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
             continue
         request_class = getattr(service_pb2, method.input_type.name)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _refusing_malformed(getattr(servicer, method.name), method.input_type.full_name, servicer.metrics),
+            _guarded(servicer, method.name, method.input_type.full_name),
             request_deserializer=_tolerant_parser(request_class),
             response_serializer=lambda message: message.SerializeToString())
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
