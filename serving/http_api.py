@@ -41,7 +41,7 @@ from serving.preprocess import MAX_PIXELS, declared_pixels, decode_image
 from serving.tensors import Tensor, check_shape, from_list, from_raw, to_raw
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-OPEN_PATHS = ("/v2/health/", "/docs", "/openapi.json")  # answered without an API key
+OPEN_PATHS = ("/v2/health/", "/docs", "/redoc", "/openapi.json")  # answered without an API key
 MODEL_READY = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/ready$")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 log = logging.getLogger("gateway.http")
