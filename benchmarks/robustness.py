@@ -125,6 +125,8 @@ class Caller:
             outcome = "ok"
         except Exception as error:  # InferenceServerException and transport errors alike
             outcome = status_name(error)
+            if outcome == "UNAVAILABLE" and "before this request finished" in str(error):
+                outcome = "UNAVAILABLE_CUT"  # in flight at the end of a shutdown's grace period
         return outcome, (time.perf_counter() - started) * 1000
 
     async def close(self) -> None:
@@ -291,14 +293,14 @@ class Run:
             outcomes, admitted, status, elapsed = asyncio.run(self._backlog_then_sigterm(gateway, calls, batch))
         finally:
             gateway.stop()
-        answered = sum(outcomes.count(name) for name in ("ok", "UNAVAILABLE"))
+        answered = sum(outcomes.count(name) for name in ("ok", "UNAVAILABLE", "UNAVAILABLE_CUT"))
         result = {"backlog_s": self.durations["backlog_s"], "images_per_s": round(rate, 1),
                   "backlog_at_sigterm_s": round(admitted / rate, 3) if rate else None, "grace_s": grace,
                   "calls": calls,
                   "images_per_call": batch, "admitted_images_at_sigterm": admitted, "outcomes": counts(outcomes),
                   "exit_status": status, "exit_after_sigterm_s": round(elapsed, 3),
-                  "cut": outcomes.count("UNAVAILABLE")}
-        cut = outcomes.count("UNAVAILABLE") > 0
+                  "cut": outcomes.count("UNAVAILABLE_CUT"), "refused": outcomes.count("UNAVAILABLE")}
+        cut = outcomes.count("UNAVAILABLE_CUT") > 0
         self.targets += [
             target("shutdown_every_request_answered", "success or UNAVAILABLE for all",
                    f"{answered}/{len(outcomes)}", answered == len(outcomes)),

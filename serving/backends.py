@@ -63,13 +63,32 @@ class OnnxRuntimeBackend:
         self.input_names = [entry.segment_model.inputs[0].name for entry in manifest.exits]
         self.has_exit_models = all(entry.exit_model is not None for entry in manifest.exits)
         self.exit_sessions = [session(entry.exit_model) for entry in manifest.exits] if self.has_exit_models else []
+        # One input row per session, kept from its first call, to run it once with arena shrinkage.
+        self._probes: dict[tuple[str, int], np.ndarray] = {}
 
     def run(self, stage: int, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if ("segment", stage) not in self._probes:
+            self._probes["segment", stage] = inputs[:1].copy()
         results = self.sessions[stage].run(self.outputs[stage], {self.input_names[stage]: inputs})
         return results[0], (results[1] if len(results) > 1 else None)
 
     def run_exit(self, index: int, images: np.ndarray) -> np.ndarray:
+        if ("exit", index) not in self._probes:
+            self._probes["exit", index] = images[:1].copy()
         return self.exit_sessions[index].run([LOGITS_OUTPUT], {IMAGE_INPUT: images})[0]
+
+    def release_memory(self) -> None:
+        """Give the memory ONNX Runtime's arenas grew to under load back (the cascade calls this when
+        idle): one batch-1 run of each session with arena shrinkage."""
+        import onnxruntime
+
+        options = onnxruntime.RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        for (kind, index), probe in list(self._probes.items()):
+            if kind == "segment" and index < len(self.sessions):
+                self.sessions[index].run(self.outputs[index], {self.input_names[index]: probe}, options)
+            elif kind == "exit" and index < len(self.exit_sessions):
+                self.exit_sessions[index].run([LOGITS_OUTPUT], {IMAGE_INPUT: probe}, options)
 
     def close(self) -> None:
         self.sessions.clear()

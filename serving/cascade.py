@@ -181,6 +181,15 @@ def default_queue_images(per_image_ms: float | None, workers: int, queue_ms: flo
     return max(minimum, int(queue_ms / per_image_ms * workers))
 
 
+async def until_quiet(cascade, quiet_s: float = 0.2, at_most_s: float = 2.0) -> None:
+    """After a drain: wait (bounded) until no new request has been refused for `quiet_s`. Clients
+    still sending (gRPC calls queued behind the connection's stream limit, say) get their
+    UNAVAILABLE answers before the front ends close, instead of a cancelled call."""
+    end = time.monotonic() + at_most_s
+    while time.monotonic() < end and time.monotonic() - cascade.last_refusal < quiet_s:
+        await asyncio.sleep(quiet_s / 4)
+
+
 class Cascade:
     def __init__(self, backend: StageBackend, plan: ExitPlan, settings: CascadeSettings,
                  metrics: GatewayMetrics | None = None, profiled_ms: list[float | None] | None = None,
@@ -207,6 +216,7 @@ class Cascade:
         self.requests: set[_Request] = set()
         self.backend_ready = True
         self.cut = 0  # requests answered Unavailable because stop's grace period ended
+        self.last_refusal = 0.0  # time.monotonic() of the last request refused while stopping
         self.dropped = {"expired": 0, "cancelled": 0, "failed": 0}  # samples dropped from queues
         self.failed_batches = 0
         self._has_health = callable(getattr(backend, "healthy", None))
@@ -306,6 +316,7 @@ class Cascade:
             for request in unfinished:
                 self._fail(request, Unavailable("the gateway shut down before this request finished"), "failed")
             await asyncio.sleep(0)  # their handlers answer before the workers go
+        await until_quiet(self)
         if self._health_task is not None:
             self._health_task.cancel()
         for timer in (self._wait_timer, self._trim_timer):
@@ -336,6 +347,7 @@ class Cascade:
         """Run a batch of images (already normalised) through the cascade; `deadline` is a
         time.monotonic() by which it must be answered (or DeadlineExceeded)."""
         if not self.accepting:
+            self.last_refusal = time.monotonic()
             raise Unavailable("the gateway is shutting down")
         if not (self.backend_ready or self.fallback is not None):
             raise Unavailable("the backend is not available")
@@ -383,8 +395,7 @@ class Cascade:
             self._images_since_trim += size
             if not self.requests:
                 self._idle.set()
-                if (self._trim_timer is None and MALLOC_TRIM is not None
-                        and self._images_since_trim >= TRIM_AFTER_IMAGES):
+                if self._trim_timer is None and self._images_since_trim >= TRIM_AFTER_IMAGES:
                     self._trim_timer = self._loop.call_later(TRIM_AFTER_IDLE_S, self._trim_if_idle)
 
     def _trim_if_idle(self) -> None:
@@ -392,7 +403,19 @@ class Cascade:
         self._trim_timer = None
         if not self.requests:
             self._images_since_trim = 0
-            self._loop.run_in_executor(None, MALLOC_TRIM, 0)
+            self._loop.run_in_executor(None, self._release_memory)
+
+    def _release_memory(self) -> None:
+        """(A worker thread) the backends' arenas, then the heap's free pages, back to the system."""
+        for backend in (self.backend, self.fallback):
+            release = getattr(backend, "release_memory", None)
+            if release is not None:
+                try:
+                    release()
+                except Exception:  # a best effort: memory stays, requests are unaffected
+                    log.warning("releasing the backend's memory failed", exc_info=True)
+        if MALLOC_TRIM is not None:
+            MALLOC_TRIM(0)
 
     def _expire(self, request: _Request) -> None:
         """Its deadline passed: answered DeadlineExceeded and taken out of every queue."""

@@ -31,7 +31,7 @@ import numpy as np
 from common.manifest import Manifest
 from common.triton_cascade import NORMALISED_INPUT, cascade_model_name
 from serving.backends import CONNECT_TIMEOUT_S, triton_client, triton_failure, triton_request
-from serving.cascade import CascadeResult
+from serving.cascade import CascadeResult, until_quiet
 from serving.errors import DeadlineExceeded, InvalidParameter, Overloaded, Unavailable
 from serving.metrics import GatewayMetrics
 from serving.policy import ExitPlan, RequestOptions
@@ -72,6 +72,7 @@ class TritonCascade:
         self.max_queue_images = max_queue_images or 4 * manifest.max_batch_size
         self.health_interval_s = health_interval_s
         self.cut = 0
+        self.last_refusal = 0.0  # time.monotonic() of the last request refused while stopping
         self._calls: set[asyncio.Future] = set()
         self._cutting = False
         self._health_task: asyncio.Task | None = None
@@ -168,6 +169,7 @@ class TritonCascade:
                 call.cancel()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), 1.0)
+        await until_quiet(self)
         if self._health_task is not None:
             self._health_task.cancel()
         if self._client is not None:
@@ -179,6 +181,7 @@ class TritonCascade:
         """Normalised images through `<model>_cascade` with the request's (resolved) options,
         answered by `deadline` (a time.monotonic()) or DeadlineExceeded."""
         if not self.accepting:
+            self.last_refusal = time.monotonic()
             raise Unavailable("the gateway is shutting down")
         if not self.backend_ready:
             raise Unavailable("the backend is not available")

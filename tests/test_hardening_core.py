@@ -1,0 +1,546 @@
+"""Issue 25, the core: every request answered exactly once whatever fails, deadlines and
+cancellation, admission control, deadline-ordered queues, shutdown with a grace period,
+and a Triton backend that comes and goes. In-process cascades on the tiny exported model
+with the real ONNX Runtime backend, real gateway processes called by real clients, and a
+real tritonserver for the backend faults. No timing assertions beyond generous bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from common.manifest import read_manifest
+from serving.backends import OnnxRuntimeBackend
+from serving.cascade import Cascade, CascadeSettings, default_queue_images
+from serving.errors import DeadlineExceeded, Overloaded, Unavailable
+from serving.metrics import GatewayMetrics
+from serving.policy import RequestOptions, exit_plan, resolve_options
+
+from .conftest import GatewayProcess
+
+MODEL = "mwresnet8_3"
+
+
+class GatedBackend:
+    """The real ONNX Runtime backend, recording every call (lane, batch size, the first value of
+    each image, which tests set to tell requests apart) and optionally held at a gate."""
+
+    name = "gated"
+
+    def __init__(self, inner, direct: bool = True) -> None:
+        self.inner = inner
+        self.has_exit_models = direct
+        self.calls: list[tuple[str, int, list[float]]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.lock = threading.Lock()
+        self.corrupt_marker: float | None = None  # a batch holding this image gets malformed logits
+        self.held_lane: str | None = None  # the gate holds only this lane's calls (None: every lane)
+
+    def _record(self, lane, inputs):
+        with self.lock:
+            self.calls.append((lane, len(inputs), [float(v) for v in inputs[:, 0, 0, 0]]))
+        if self.held_lane in (None, lane):
+            self.entered.set()
+            self.gate.wait(30)
+
+    def run(self, stage, inputs):
+        self._record(f"seg{stage}", inputs)
+        logits, features = self.inner.run(stage, inputs)
+        if self.corrupt_marker is not None and stage == 0 and self.corrupt_marker in inputs[:, 0, 0, 0]:
+            return logits[:, 0], features  # one-dimensional logits: the dispatch after the call raises
+        return logits, features
+
+    def run_exit(self, index, images):
+        self._record(f"exit{index}", images)
+        return self.inner.run_exit(index, images)
+
+    def close(self):
+        self.inner.close()
+
+    released = 0
+
+    def release_memory(self):
+        self.released += 1
+        self.inner.release_memory()
+
+    def markers(self) -> set[float]:
+        with self.lock:
+            return {marker for _, _, values in self.calls for marker in values}
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_repository):
+    return read_manifest(tiny_repository)
+
+
+def marked(manifest, marker: float, count: int = 1) -> np.ndarray:
+    images = np.random.default_rng(int(marker * 10) % 1000).standard_normal((count, *manifest.input.shape))
+    images = images.astype(np.float32)
+    images[:, 0, 0, 0] = marker
+    return images
+
+
+def options(manifest, **kwargs) -> RequestOptions:
+    return resolve_options(RequestOptions(**kwargs), exit_plan(manifest))
+
+
+def make(tiny_repository, manifest, **settings):
+    backend = GatedBackend(OnnxRuntimeBackend(tiny_repository, manifest))
+    cascade = Cascade(backend, exit_plan(manifest), CascadeSettings(**settings), GatewayMetrics())
+    return cascade, backend
+
+
+async def until(condition, timeout: float = 20.0) -> None:
+    """Poll (on the event loop) until `condition()`; a generous bound, not a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never met"
+        await asyncio.sleep(0.005)
+
+
+async def hold(cascade, backend, manifest):
+    """Close the gate and occupy the only backend slot with one request; returns its task."""
+    backend.gate.clear()
+    backend.entered.clear()
+    task = asyncio.create_task(cascade.infer(marked(manifest, 900.0), options(manifest, policy="fixed",
+                                                                             exit_depth=3)))
+    await until(backend.entered.is_set)
+    return task
+
+
+def settled(cascade) -> bool:
+    """Nothing left in any queue or counter once every request is answered."""
+    return (cascade.images_in == 0 and cascade.queue_depth == 0 and not cascade.requests
+            and all(count == 0 for count in cascade.queued.values()) and cascade._free == cascade.settings.workers)
+
+
+# -- every request answered exactly once -------------------------------------
+
+def test_an_exception_in_the_dispatch_fails_that_batch_and_nothing_else(tiny_repository, manifest, caplog):
+    async def run():
+        cascade, backend = make(tiny_repository, manifest, workers=1)
+        await cascade.start()
+        backend.corrupt_marker = 7.0
+        good = options(manifest, thresholds=(2.0,))  # never confident: through every stage
+        bad = asyncio.create_task(cascade.infer(marked(manifest, 7.0, 3), good))
+        with pytest.raises(Unavailable, match="backend failed"):
+            await asyncio.wait_for(bad, 20)
+        answers = await asyncio.gather(*(cascade.infer(marked(manifest, 8.0 + i, 2), good) for i in range(4)))
+        failed_batches, clean = cascade.failed_batches, settled(cascade)
+        await cascade.stop()
+        return answers, failed_batches, clean, cascade.metrics
+
+    answers, failed_batches, clean, metrics = asyncio.run(run())
+    assert failed_batches == 1 and clean
+    assert all((answer.exit_index == 2).all() for answer in answers)
+    assert metrics.registry.get_sample_value("gateway_backend_errors_total", {"stage": "3"}) == 1
+    assert "stage batch failed" in caplog.text  # logged, with the traceback
+
+
+def test_stop_answers_unfinished_requests_unavailable(tiny_repository, manifest):
+    async def run():
+        cascade, backend = make(tiny_repository, manifest, workers=1)
+        await cascade.start()
+        blocker = await hold(cascade, backend, manifest)
+        waiting = [asyncio.create_task(cascade.infer(marked(manifest, 10.0 + i), options(manifest)))
+                   for i in range(3)]
+        await asyncio.sleep(0.05)
+        stopping = asyncio.create_task(cascade.stop(timeout=0.2))
+        results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 20)
+        backend.gate.set()
+        cut = await asyncio.wait_for(stopping, 20)
+        return cut, results, await asyncio.gather(blocker, return_exceptions=True), cascade
+
+    cut, results, blocker, cascade = asyncio.run(run())
+    assert cut == 4 and cascade.cut == 4
+    assert all(isinstance(result, Unavailable) for result in results + blocker)
+    assert cascade.metrics.registry.get_sample_value("gateway_shutdown_cut_requests_total") == 4
+
+
+# -- deadlines and cancellation ---------------------------------------------
+
+def test_expired_and_cancelled_requests_never_reach_another_backend_call(tiny_repository, manifest):
+    async def run():
+        cascade, backend = make(tiny_repository, manifest, workers=1)
+        await cascade.start()
+        blocker = await hold(cascade, backend, manifest)
+        expiring = asyncio.create_task(cascade.infer(marked(manifest, 20.0, 4), options(manifest),
+                                                     deadline=time.monotonic() + 0.05))
+        leaving = asyncio.create_task(cascade.infer(marked(manifest, 21.0, 4), options(manifest)))
+        staying = asyncio.create_task(cascade.infer(marked(manifest, 22.0, 4), options(manifest)))
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(expiring, 20)
+        leaving.cancel()
+        await asyncio.sleep(0.01)
+        dropped = dict(cascade.dropped)
+        backend.gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker, staying), 20)
+        clean = settled(cascade)
+        await cascade.stop()
+        return backend.markers(), dropped, clean, leaving.cancelled()
+
+    markers, dropped, clean, cancelled = asyncio.run(run())
+    assert cancelled and clean
+    assert 20.0 not in markers and 21.0 not in markers and 22.0 in markers
+    assert dropped["expired"] == 4 and dropped["cancelled"] == 4
+
+
+def test_an_expired_request_leaves_deep_stages_too(tiny_repository, manifest):
+    """A request that expires between stages is not carried into the next segment."""
+    async def run():
+        cascade, backend = make(tiny_repository, manifest, workers=1, max_wait_ms=0)
+        await cascade.start()
+        backend.held_lane, backend.entered = "seg1", threading.Event()
+        backend.gate.clear()
+        task = asyncio.create_task(cascade.infer(marked(manifest, 30.0, 2), options(manifest, thresholds=(2.0,)),
+                                                 deadline=time.monotonic() + 0.3))
+        await until(backend.entered.is_set)  # stage 1 is held until the deadline has passed
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(task, 20)
+        backend.gate.set()
+        await until(lambda: settled(cascade))
+        await cascade.stop()
+        return [lane for lane, _, _ in backend.calls]
+
+    lanes = asyncio.run(run())
+    assert "seg2" not in lanes
+
+
+# -- admission control --------------------------------------------------------
+
+def test_a_full_cascade_refuses_at_once_with_a_retry_hint(tiny_repository, manifest):
+    async def run():
+        cascade, backend = make(tiny_repository, manifest, workers=1, max_queue_images=6)
+        await cascade.start()
+        blocker = await hold(cascade, backend, manifest)
+        admitted = asyncio.create_task(cascade.infer(marked(manifest, 40.0, 5), options(manifest)))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded) as refused:
+            await cascade.infer(marked(manifest, 41.0, 1), options(manifest))
+        backend.gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker, admitted), 20)
+        after = await cascade.infer(marked(manifest, 42.0, 6), options(manifest))  # an idle cascade admits
+        clean = settled(cascade)
+        await cascade.stop()
+        return refused.value, after, clean
+
+    refused, after, clean = asyncio.run(run())
+    assert refused.http_status == 429 and int(refused.headers["Retry-After"]) >= 1
+    assert refused.grpc_code.name == "RESOURCE_EXHAUSTED"
+    assert len(after.exit_index) == 6 and clean
+
+
+def test_an_idle_cascade_gives_memory_back(tiny_repository, manifest):
+    """After a burst, once idle, the backend's arenas shrink and the heap is trimmed (RSS itself is
+    left to the robustness run)."""
+    async def run():
+        cascade, backend = make(tiny_repository, manifest)
+        await cascade.start()
+        await asyncio.gather(*(cascade.infer(marked(manifest, 45.0 + i, 64), options(manifest, policy="full"))
+                               for i in range(5)))
+        await until(lambda: backend.released == 1)
+        await cascade.stop()
+        return backend.released
+
+    assert asyncio.run(run()) == 1
+
+
+def test_the_default_queue_bound_follows_the_profile():
+    assert default_queue_images(3.0, 2, 300, 64) == 200  # 300 ms of 3 ms images on 2 slots
+    assert default_queue_images(100.0, 1, 300, 64) == 64  # never below a maximum batch
+    assert default_queue_images(None, 2, 300, 64) == 4096  # unprofiled
+
+
+# -- deadline-ordered queues and the budget policy ---------------------------
+
+def test_queues_are_earliest_deadline_first_and_direct_requests_do_not_overtake(tiny_repository, manifest):
+    async def run():
+        cascade, backend = make(tiny_repository, manifest, workers=1, max_batch_size=1)
+        await cascade.start()
+        blocker = await hold(cascade, backend, manifest)
+        now = time.monotonic()
+        late = asyncio.create_task(cascade.infer(marked(manifest, 50.0), options(manifest), deadline=now + 20))
+        soon = asyncio.create_task(cascade.infer(marked(manifest, 51.0), options(manifest), deadline=now + 5))
+        budget = asyncio.create_task(cascade.infer(marked(manifest, 52.0),
+                                                   options(manifest, policy="budget", budget_ms=500.0)))
+        await asyncio.sleep(0)
+        backend.gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker, late, soon, budget), 20)
+        first_order = [values[0] for lane, _, values in backend.calls if lane == "seg0"]
+
+        # A cascade request in its deep stages goes before direct requests that arrived after it.
+        backend.calls.clear()
+        blocker = await hold(cascade, backend, manifest)
+        staged = asyncio.create_task(cascade.infer(marked(manifest, 60.0), options(manifest, thresholds=(2.0,))))
+        await asyncio.sleep(0)
+        direct = [asyncio.create_task(cascade.infer(marked(manifest, 61.0 + i), options(manifest, policy="full")))
+                  for i in range(4)]
+        await asyncio.sleep(0)
+        backend.gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker, staged, *direct), 20)
+        await cascade.stop()
+        return first_order, [(lane, values[0]) for lane, _, values in backend.calls]
+
+    first_order, second = asyncio.run(run())
+    assert first_order == [52.0, 51.0, 50.0]
+    lanes = [lane for lane, _ in second]  # (deep segments get activations, not the marked images)
+    assert lanes.index("seg2") < lanes.index("exit2") and lanes.count("exit2") == 4
+    assert second[lanes.index("seg0")][1] == 60.0
+
+
+def test_the_budget_policy_counts_the_queue_ahead(tiny_repository, manifest):
+    cascade, _ = make(tiny_repository, manifest, workers=2, max_batch_size=8)
+    cascade.run_ms[cascade.segment_lanes[1]] = 2.0
+    alone = cascade._predicted_ms(1, ahead=0)
+    behind = cascade._predicted_ms(1, ahead=64)
+    assert alone == pytest.approx(2.0 * 1.1) and behind == pytest.approx(2.0 * (1 + 8 / 2) * 1.1)
+
+
+def test_a_request_past_its_budget_stops_at_the_first_exit(tiny_repository, manifest):
+    async def run():
+        cascade, backend = make(tiny_repository, manifest, workers=1)
+        await cascade.start()
+        result = await cascade.infer(marked(manifest, 70.0, 3),
+                                     options(manifest, policy="budget", budget_ms=0.001, thresholds=(2.0,)))
+        await cascade.stop()
+        return result, [lane for lane, _, _ in backend.calls]
+
+    result, lanes = asyncio.run(run())
+    assert (result.exit_index == 0).all() and lanes == ["seg0"]
+
+
+# -- a real gateway process ----------------------------------------------------
+
+def _metric(text: str, name: str, labels: str = "") -> float:
+    match = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def _infer_grpc(url, images, parameters=None, client_timeout=None):
+    client = grpcclient.InferenceServerClient(url)
+    tensor = grpcclient.InferInput("images", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images)
+    try:
+        return client.infer(MODEL, [tensor], parameters=parameters or {}, client_timeout=client_timeout)
+    finally:
+        client.close()
+
+
+def _infer_http(url, images, parameters=None):
+    """KServe v2 over HTTP with the binary-tensor extension (httpx: the answer's headers are readable)."""
+    header = json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": list(images.shape),
+                                     "parameters": {"binary_data_size": images.nbytes}}],
+                         "parameters": parameters or {}}).encode()
+    return httpx.post(f"http://{url}/v2/models/{MODEL}/infer", content=header + images.tobytes(), timeout=60,
+                      headers={"Inference-Header-Content-Length": str(len(header)),
+                               "Content-Type": "application/octet-stream"})
+
+
+@pytest.fixture(scope="module")
+def slow_gateway(tiny_repository, tmp_path_factory):
+    """One sample per backend call on one worker: requests stay in flight long enough to see."""
+    log = tmp_path_factory.mktemp("slow") / "gateway.log"
+    process = GatewayProcess(tiny_repository, "--workers", "1", "--max-batch-size", "1", "--max-wait-ms", "0",
+                             "--max-queue-images", "1100", log_path=log)
+    yield process
+    assert process.stop() == 0
+
+
+def test_a_grpc_deadline_takes_the_request_out_of_the_cascade(slow_gateway, manifest):
+    images = marked(manifest, 80.0, 256)
+    before = slow_gateway.metrics()
+
+    def call(_):
+        try:
+            _infer_grpc(slow_gateway.grpc_url, images, {"threshold": 2.0}, client_timeout=0.1)
+            return "ok"
+        except InferenceServerException as error:
+            return str(error.status())
+
+    with ThreadPoolExecutor(4) as pool:  # 4 x 768 single-sample calls: far more than 0.1 s of work
+        outcomes = list(pool.map(call, range(4)))
+    assert "StatusCode.DEADLINE_EXCEEDED" in outcomes and set(outcomes) <= {"ok", "StatusCode.DEADLINE_EXCEEDED"}
+    # The gateway drops what is left of it (a generous bound: its 768 stage calls never all run).
+    text = ""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = slow_gateway.metrics()
+        if _metric(text, "gateway_admitted_images") == 0:
+            break
+        time.sleep(0.05)
+    dropped = sum(_metric(text, "gateway_dropped_samples_total", f'{{reason="{reason}"}}')
+                  - _metric(before, "gateway_dropped_samples_total", f'{{reason="{reason}"}}')
+                  for reason in ("expired", "cancelled"))
+    assert dropped > 0 and _metric(text, "gateway_admitted_images") == 0
+    computed = sum(_metric(text, "gateway_stage_batch_size_count", f'{{depth="{depth}"}}')
+                   - _metric(before, "gateway_stage_batch_size_count", f'{{depth="{depth}"}}') for depth in (3, 5, 8))
+    assert computed < 4 * 3 * len(images)
+    # A `timeout` parameter (microseconds, as tritonclient sends it) is a deadline too: 504.
+    answer = _infer_http(slow_gateway.http_url, images[:1], {"timeout": 1})
+    assert answer.status_code == 504, answer.text[:200]
+    assert _infer_http(slow_gateway.http_url, images[:1], {"timeout": 30_000_000}).status_code == 200
+
+
+def test_overload_is_refused_with_429_and_resource_exhausted(slow_gateway, manifest):
+    images = marked(manifest, 90.0, 256)  # 768 single-sample calls each: 4 fit in the bound, 6 arrive at once
+
+    def grpc_call(_):
+        try:
+            _infer_grpc(slow_gateway.grpc_url, images, {"threshold": 2.0})
+            return "ok"
+        except InferenceServerException as error:
+            return str(error.status())
+
+    def http_call(_):
+        answer = _infer_http(slow_gateway.http_url, images, {"threshold": 2.0})
+        return answer.status_code, answer.headers.get("retry-after")
+
+    with ThreadPoolExecutor(12) as pool:
+        grpc_results = list(pool.map(grpc_call, range(6)))
+        http_results = list(pool.map(http_call, range(6)))
+    assert "ok" in grpc_results and "StatusCode.RESOURCE_EXHAUSTED" in grpc_results
+    assert set(grpc_results) <= {"ok", "StatusCode.RESOURCE_EXHAUSTED"}
+    statuses = {status for status, _ in http_results}
+    assert 200 in statuses and 429 in statuses and statuses <= {200, 429}
+    assert all(int(retry) >= 1 for status, retry in http_results if status == 429)
+    assert _metric(slow_gateway.metrics(), "gateway_admitted_images") == 0
+
+
+def test_sigterm_answers_every_request_and_the_exit_status_says_what_was_cut(tiny_repository, manifest, tmp_path):
+    log = tmp_path / "gateway.log"
+    process = GatewayProcess(tiny_repository, "--workers", "1", "--max-batch-size", "1", "--max-wait-ms", "0",
+                             "--shutdown-grace-s", "0", "--max-queue-images", "100000", log_path=log)
+    images = marked(manifest, 95.0, 256)
+    try:
+        def call(position):
+            try:
+                if position % 2:
+                    client = httpclient.InferenceServerClient(process.http_url, network_timeout=60)
+                    tensor = httpclient.InferInput("images", list(images.shape), "FP32")
+                    tensor.set_data_from_numpy(images)
+                    client.infer(MODEL, [tensor], parameters={"threshold": 2.0})
+                else:
+                    _infer_grpc(process.grpc_url, images, {"threshold": 2.0})
+                return "ok"
+            except InferenceServerException as error:
+                return str(error.status())
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(call, position) for position in range(8)]
+            deadline = time.monotonic() + 60
+            while _metric(process.metrics(), "gateway_admitted_images") < 8 * len(images):
+                assert time.monotonic() < deadline and not any(f.done() for f in futures)
+                time.sleep(0.02)
+            process.process.send_signal(signal.SIGTERM)
+            time.sleep(0.1)
+            with pytest.raises(Exception):  # no new calls once the drain has begun  # noqa: B017
+                _infer_grpc(process.grpc_url, images[:1], client_timeout=5)
+            outcomes = [future.result(timeout=60) for future in futures]
+        status = process.process.wait(timeout=60)
+    finally:
+        process.stop()
+    assert set(outcomes) <= {"ok", "503", "StatusCode.UNAVAILABLE"}, outcomes
+    assert set(outcomes) & {"503", "StatusCode.UNAVAILABLE"}  # a grace of 0: what is running is cut
+    assert status == 3
+    text = log.read_text()
+    assert "answered UNAVAILABLE" in text and "stopped" in text
+
+
+# -- a Triton backend that comes and goes ---------------------------------------
+
+def _ready(process) -> bool:
+    try:
+        return httpx.get(f"http://{process.http_url}/v2/health/ready", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never met"
+        time.sleep(0.05)
+
+
+def test_readiness_follows_triton_and_the_gateway_reconnects(tiny_repository, triton_venv, manifest, tmp_path):
+    from benchmarks.triton_launcher import TritonServer
+
+    images = marked(manifest, 99.0, 3)
+    triton = TritonServer(tiny_repository, triton_venv, log_path=tmp_path / "triton.log").start()
+    plain = fallback = whole = None
+    try:
+        plain = GatewayProcess(tiny_repository, "--backend", "triton", "--triton-url", triton.grpc_url,
+                               "--health-interval-ms", "100", log_path=tmp_path / "plain.log")
+        fallback = GatewayProcess(tiny_repository, "--backend", "triton", "--triton-url", triton.grpc_url,
+                                  "--health-interval-ms", "100", "--triton-fallback", log_path=tmp_path / "fb.log")
+        whole = GatewayProcess(tiny_repository, "--backend", "triton-cascade", "--triton-url", triton.grpc_url,
+                               "--health-interval-ms", "100", log_path=tmp_path / "whole.log")
+        expected = _infer_grpc(plain.grpc_url, images, {"threshold": 0.6}).as_numpy("exit_depth")
+
+        triton.process.kill()  # kill -9: no goodbye
+        triton.process.wait()
+        _wait_for(lambda: not _ready(plain) and not _ready(whole))
+        for gateway in (plain, whole):
+            answer = _infer_http(gateway.http_url, images)
+            assert answer.status_code == 503 and "127.0.0.1" not in answer.text and MODEL not in answer.text
+        assert _ready(fallback)  # the fallback gateway answers from embedded ONNX Runtime meanwhile
+        assert _infer_grpc(fallback.grpc_url, images, {"threshold": 0.6}).as_numpy("exit_depth").tolist() \
+            == expected.tolist()
+
+        back = TritonServer(tiny_repository, triton_venv, log_path=tmp_path / "triton-back.log")
+        back.http_port, back.grpc_port, back.metrics_port = triton.http_port, triton.grpc_port, triton.metrics_port
+        triton = back.start()
+        _wait_for(lambda: _ready(plain) and _ready(whole))
+        for gateway in (plain, whole):
+            assert _infer_grpc(gateway.grpc_url, images, {"threshold": 0.6}).as_numpy("exit_depth").tolist() \
+                == expected.tolist()
+        assert "backend unavailable" in (tmp_path / "plain.log").read_text()
+    finally:
+        for process in (plain, fallback, whole):
+            if process is not None:
+                assert process.stop() == 0
+        triton.stop()
+
+
+# -- the robustness run, tiny ------------------------------------------------------
+
+def test_the_robustness_run_writes_every_phase(tiny_repository, tmp_path):
+    """`make robustness` at seconds per phase on the tiny model: every phase runs and records its
+    figures and targets; what must hold whatever the machine (no request lost at shutdown, no
+    error or duplicate in the soak) holds. The figures themselves mean nothing here."""
+
+    from benchmarks.robustness import PHASES, main
+    from benchmarks.triton_launcher import triton_installed
+
+    phases = [phase for phase in PHASES if phase != "triton" or triton_installed()]
+    output = tmp_path / "run"
+    assert main(["--model-repository", str(tiny_repository), "--output", str(output), "--quick", "--images", "60",
+                 "--phases", ",".join(phases), "--capacity-s", "1", "--overload-s", "1", "--settle-s", "0.5",
+                 "--budget-s", "1", "--soak-s", "2", "--backlog-s", "1", "--grace-s", "0.2",
+                 "--cancel-calls", "10"]) == 0
+    document = json.loads((output / "robustness.json").read_text())
+    assert set(document["phases"]) == set(phases)
+    assert not [phase for phase, result in document["phases"].items() if "error" in result]
+    targets = document["targets"]
+    shutdown = document["phases"]["shutdown"]
+    assert targets["shutdown_every_request_answered"]["met"] and targets["shutdown_exit_status"]["met"], shutdown
+    assert targets["soak_errors"]["met"] and targets["soak_duplicates"]["met"]
+    assert document["phases"]["overload"]["outcomes"].get("ok", 0) > 0
+    assert document["phases"]["bomb"]["status"] >= 400  # refused, whatever its time
+    if "triton" in document["phases"]:
+        assert document["phases"]["triton"]["request_while_down"] == "UNAVAILABLE"
+    assert document["commit"] and document["command"].startswith("python -m benchmarks.robustness")
