@@ -337,5 +337,6 @@ def _trunk_until(model: MultiExitNet, index: int, x: torch.Tensor) -> torch.Tens
 
 
 # Registry entries that live in their own modules register themselves on import.
+from training import attach as _attach  # noqa: E402,F401  (tv_*/timm_* backbones, EE_MODEL_MODULES)
 from training import delugenet as _delugenet  # noqa: E402,F401
 from training import seed_nets as _seed_nets  # noqa: E402,F401
