@@ -340,14 +340,14 @@ def _infer_grpc(url, images, parameters=None, client_timeout=None):
         client.close()
 
 
-def _infer_http(url, images, parameters=None):
+def _infer_http(url, images, parameters=None, headers=None):
     """KServe v2 over HTTP with the binary-tensor extension (httpx: the answer's headers are readable)."""
     header = json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": list(images.shape),
                                      "parameters": {"binary_data_size": images.nbytes}}],
                          "parameters": parameters or {}}).encode()
     return httpx.post(f"http://{url}/v2/models/{MODEL}/infer", content=header + images.tobytes(), timeout=60,
                       headers={"Inference-Header-Content-Length": str(len(header)),
-                               "Content-Type": "application/octet-stream"})
+                               "Content-Type": "application/octet-stream", **(headers or {})})
 
 
 @pytest.fixture(scope="module")
@@ -393,6 +393,9 @@ def test_a_grpc_deadline_takes_the_request_out_of_the_cascade(slow_gateway, mani
     answer = _infer_http(slow_gateway.http_url, images[:1], {"timeout": 1})
     assert answer.status_code == 504, answer.text[:200]
     assert _infer_http(slow_gateway.http_url, images[:1], {"timeout": 30_000_000}).status_code == 200
+    # So is an HTTP `timeout` header (seconds).
+    assert _infer_http(slow_gateway.http_url, images[:1], headers={"timeout": "0.000001"}).status_code == 504
+    assert _infer_http(slow_gateway.http_url, images[:1], headers={"timeout": "30"}).status_code == 200
 
 
 def test_overload_is_refused_with_429_and_resource_exhausted(slow_gateway, manifest):
