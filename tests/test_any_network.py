@@ -261,3 +261,14 @@ def test_224x224_round_trip_train_export_serve_and_load(tmp_path):
         level = asyncio.run(closed_loop(target, normalise(raw, manifest), np.zeros(2, np.int64), concurrency=2,
                                         max_requests=40, max_seconds=3))
         assert level.completed > 0 and level.errors == 0 and sum(level.exits.values()) == level.completed
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--model", "mwresnet8_3", "--pretrained", "weights.pth"], "mwresnet8_3 has none: use --init-from"),
+    (["--model", "tv_resnet18", "--freeze-backbone", "--freeze-trunk", "--init-from", "x.safetensors"],
+     "alternatives"),
+    (["--model", "tv_resnet18", "--channels", "2"], "invalid choice"),
+])
+def test_bad_backbone_options_are_one_line_errors(imagefolder, extra, message):
+    result = run_module("training.train", "--data", str(imagefolder), *extra)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr

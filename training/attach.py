@@ -23,6 +23,7 @@ training.train) loads a local state dict of the original network first.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -325,6 +326,14 @@ def _backbone_entry(entry: str, build: Callable[[], nn.Module], after: list[str]
     builder.__name__ = entry
     builder.__doc__ = f"{source} with exits after {', '.join(after)} and its own classifier as the final exit."
     return builder
+
+
+def takes_pretrained(model_name: str) -> bool:
+    """Whether registry entry `model_name` loads pre-trained backbone weights (a `pretrained` parameter)."""
+    from training.models import _REGISTRY
+
+    builder = _REGISTRY.get(model_name)
+    return builder is not None and "pretrained" in inspect.signature(builder).parameters
 
 
 BACKBONE_ENTRIES = {

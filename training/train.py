@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from common.errors import UserError, run_cli
 from common.paths import DEFAULT_DATA, REPO_ROOT
+from training.attach import takes_pretrained
 from training.checkpoint import (
     build_metadata,
     load_checkpoint,
@@ -268,6 +269,10 @@ class Trainer:
     def _check_choices(self) -> None:
         if self.config.model not in list_models():
             create_model(self.config.model)  # raises the error that lists the known models
+        if self.config.pretrained and not takes_pretrained(self.config.model):
+            raise UserError(f"--pretrained loads a backbone's weights into an entry built over one (tv_*, timm_*, "
+                            f"or yours with a `pretrained` parameter); {self.config.model} has none: use --init-from "
+                            "for a multi-exit checkpoint")
         self.amp_dtype = self._amp_dtype()
 
     def _name_files(self) -> None:
