@@ -1,8 +1,17 @@
 """The model-repository manifest: what export writes and the gateway reads.
 
 Stdlib only, so that export (with torch) and serving (without) share one schema
-and one set of naming rules. The manifest is `manifest.json` at the root of a
-Triton model repository. Bump SCHEMA_VERSION on any incompatible change.
+and one set of naming rules. Bump SCHEMA_VERSION on any incompatible change.
+
+Layout: a repository holds one manifest per early-exit model, as files at its
+root (Triton ignores files there, and loads only directories as models):
+`manifest.json` for the first model exported into it (a repository of one model
+is laid out as it always was), and `manifest.<model>.json` for each further one
+(`write_manifest` picks the file by the manifest's model name). `read_manifest`
+without a model reads `manifest.json`; `list_manifests` finds them all, the
+`manifest.json` one first (the gateway's default model). A model's version is the
+newest Triton version its manifest points to (`manifest_version`): exporting the
+model again adds numbered version directories and rewrites its manifest.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from pathlib import Path
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+MODEL_MANIFEST_PREFIX = "manifest."  # manifest.<model>.json: the manifests of further models
 
 # Tensor names of the exported models.
 IMAGE_INPUT = "images"  # per-exit models and the first segment: normalised NCHW float32
@@ -160,16 +170,70 @@ def read_json_object(path: Path, error: type[Exception], what: str) -> dict:
     return data
 
 
-def read_manifest(repository: str | Path) -> Manifest:
-    path = Path(repository) / MANIFEST_FILE
+def model_manifest_file(model: str) -> str:
+    """File name of the manifest of a model that is not the repository's first."""
+    return f"{MODEL_MANIFEST_PREFIX}{model}.json"
+
+
+def manifest_version(manifest: Manifest) -> int:
+    """The model's version: the newest Triton version among the models its manifest points to."""
+    deployed = [entry.segment_model for entry in manifest.exits]
+    deployed += [entry.exit_model for entry in manifest.exits if entry.exit_model is not None]
+    return max((model.version for model in deployed), default=1)
+
+
+def _root_model(repository: Path) -> str | None:
+    """The model name in `manifest.json`, None if there is none (or it is unreadable)."""
+    try:
+        data = json.loads((repository / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("model") if isinstance(data, dict) and isinstance(data.get("model"), str) else None
+
+
+def manifest_path(repository: str | Path, model: str | None = None) -> Path:
+    """Where the manifest of `model` is (or goes): `manifest.json` for the repository's first model
+    (or when `model` is None), `manifest.<model>.json` for the others."""
+    repository = Path(repository)
+    if model is None or _root_model(repository) in (None, model):
+        return repository / MANIFEST_FILE
+    return repository / model_manifest_file(model)
+
+
+def list_manifests(repository: str | Path) -> dict[str, Path]:
+    """Every model's manifest file by model name, `manifest.json`'s model first, the others sorted.
+    The names come from the file names (an unreadable `manifest.json` is listed as "")."""
+    repository = Path(repository)
+    found: dict[str, Path] = {}
+    if (repository / MANIFEST_FILE).exists():
+        found[_root_model(repository) or ""] = repository / MANIFEST_FILE
+    for path in sorted(repository.glob(f"{MODEL_MANIFEST_PREFIX}*.json")):
+        model = path.name[len(MODEL_MANIFEST_PREFIX):-len(".json")]
+        if model and path.name != MANIFEST_FILE:
+            found.setdefault(model, path)
+    return found
+
+
+def read_manifest_file(path: str | Path) -> Manifest:
+    return Manifest.from_dict(read_json_object(Path(path), ManifestError, "manifest"))
+
+
+def read_manifest(repository: str | Path, model: str | None = None) -> Manifest:
+    """The manifest of `model` in `repository` (default: the first model's, `manifest.json`)."""
+    path = manifest_path(repository, model)
     if not path.exists():
-        raise ManifestError(f"no {MANIFEST_FILE} in {repository}: export a model there first")
-    return Manifest.from_dict(read_json_object(path, ManifestError, "manifest"))
+        what = MANIFEST_FILE if model is None else f"manifest of {model!r}"
+        raise ManifestError(f"no {what} in {repository}: export a model there first")
+    manifest = read_manifest_file(path)
+    if model is not None and manifest.model != model:
+        raise ManifestError(f"{path} is the manifest of {manifest.model!r}, not of {model!r}")
+    return manifest
 
 
 def write_manifest(repository: str | Path, manifest: Manifest) -> None:
-    """Atomically replace the manifest (write a temporary file, then rename)."""
-    path = Path(repository) / MANIFEST_FILE
-    temporary = path.with_name(f".{MANIFEST_FILE}.{os.getpid()}.tmp")
+    """Atomically replace the manifest of `manifest.model` (write a temporary file, then rename):
+    `manifest.json` when the repository has none or it is this model's, else `manifest.<model>.json`."""
+    path = manifest_path(repository, manifest.model)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
     os.replace(temporary, path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from common.provenance import git_commit
 from export.triton_config import BatchingConfig
 
 DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class ExportOptions:
     tolerance: float = 1e-4
     force: bool = False
     batching: BatchingConfig = BatchingConfig()
+    model_name: str | None = None  # the served name (default: the checkpoint's registry name)
 
 
 def add_export_arguments(parser: argparse.ArgumentParser, backends=BACKENDS, default_backend="python") -> None:
@@ -48,7 +51,10 @@ def add_export_arguments(parser: argparse.ArgumentParser, backends=BACKENDS, def
     parser.add_argument("--max-queue-delay-us", type=int, default=200, help="Triton dynamic batcher delay")
     parser.add_argument("--instances", type=int, default=1, help="Triton instances per model")
     parser.add_argument("--force", action="store_true",
-                        help="replace existing models instead of adding a new version beside them")
+                        help="replace the repository's models (all of them) instead of adding a new version")
+    parser.add_argument("--model-name", default=None,
+                        help="name the model is served under (default: the checkpoint's registry name); a "
+                             "repository holds several models of different names, each with its own manifest")
 
 
 def options_from_args(args: argparse.Namespace) -> ExportOptions:
@@ -56,8 +62,11 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
         raise UserError("--max-batch-size, --instances and --validation-images must be positive")
     preferred = tuple(b for b in (8, 16, 32, 64) if b <= args.max_batch_size)
     batching = BatchingConfig(args.max_batch_size, preferred, args.max_queue_delay_us, args.instances)
+    model_name = getattr(args, "model_name", None)
+    if model_name is not None and not MODEL_NAME.match(model_name):
+        raise UserError(f"--model-name must be letters, digits, '_' or '-' (at most 64), got {model_name!r}")
     return ExportOptions(args.checkpoint, args.exits, args.output, args.backend, args.data,
-                         args.validation_images, args.tolerance, args.force, batching)
+                         args.validation_images, args.tolerance, args.force, batching, model_name)
 
 
 def parse_exit_depths(text: str | None, available: list[int]) -> list[int]:
@@ -84,7 +93,8 @@ def export_checkpoint(options: ExportOptions, plan_builder=None, log=print) -> M
     depths = parse_exit_depths(options.exits, model.exit_depths)
     indices = [model.exit_index(depth) for depth in depths]
     images = validation_images(meta, options.data, options.validation_images)
-    log(f"exporting {meta.model} exits {depths} ({len(images)} held-out validation images)")
+    name = options.model_name or meta.model
+    log(f"exporting {meta.model} as {name} exits {depths} ({len(images)} held-out validation images)")
     try:
         exported = export_and_validate(model, images, indices, options.tolerance)
     except ExportValidationError as error:
@@ -98,6 +108,6 @@ def export_checkpoint(options: ExportOptions, plan_builder=None, log=print) -> M
               "validation": {"images": len(images), "tolerance": options.tolerance,
                              "max_abs_error": max(item.max_abs_error for item in exported)}}
     manifest = write_repository(options.output, exported, meta, options.backend, options.batching,
-                                options.force, source, plan_builder, progress=log)
+                                options.force, source, plan_builder, progress=log, model_name=name)
     log(f"wrote {len(exported)} models and the manifest to {options.output}")
     return manifest

@@ -21,6 +21,7 @@ from common import onnxruntime_session, triton_cascade
 from common.checkpoint_meta import CheckpointMeta
 from common.manifest import (
     MANIFEST_FILE,
+    MODEL_MANIFEST_PREFIX,
     DeployedModel,
     ExitEntry,
     Manifest,
@@ -92,6 +93,11 @@ def _clean_stale_staging(target: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def _is_manifest(file_name: str) -> bool:
+    """`manifest.json` or a further model's `manifest.<model>.json` (see common.manifest)."""
+    return file_name == MANIFEST_FILE or (file_name.startswith(MODEL_MANIFEST_PREFIX) and file_name.endswith(".json"))
+
+
 def _prepare_staging(target: Path, force: bool) -> Path:
     _clean_stale_staging(target)
     staging = target.with_name(f".{target.name}.staging-{os.getpid()}")
@@ -103,7 +109,7 @@ def _prepare_staging(target: Path, force: bool) -> Path:
         staging.mkdir(parents=True)
         if target.exists():  # --force: keep the repository's own files (README), drop models
             for item in target.iterdir():
-                if item.is_file() and item.name != MANIFEST_FILE:
+                if item.is_file() and not _is_manifest(item.name):
                     os.link(item, staging / item.name)
     return staging
 
@@ -167,14 +173,21 @@ def write_repository(
     source: dict | None = None,
     plan_builder: PlanBuilder | None = None,
     progress: Callable[[str], None] = lambda message: None,
+    model_name: str | None = None,
 ) -> Manifest:
-    """Lay out `exported` models under `target` with a manifest; returns the manifest."""
+    """Lay out `exported` models under `target` with a manifest; returns the manifest.
+
+    `model_name` (default: the checkpoint's registry name) names the model and its Triton models.
+    Models of other names already in the repository stay (their manifests too): the first model's
+    manifest is `manifest.json`, each further one's `manifest.<model>.json` (common.manifest). Without
+    `force`, exporting a model that is already there adds a new version of it; with `force`, the
+    repository holds only this model afterwards."""
     batching = batching or BatchingConfig()
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = _prepare_staging(target, force)
     try:
-        model_name = checkpoint_meta.model
+        model_name = model_name or checkpoint_meta.model
         exits_meta = checkpoint_meta.exits
         heldout_acc = checkpoint_meta.heldout_acc or [None] * len(exits_meta)
         exit_models, segment_models = {}, {}
