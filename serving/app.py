@@ -1,4 +1,5 @@
-"""Assemble the gateway: manifest -> backend -> cascade -> dataplane -> HTTP + gRPC."""
+"""Assemble the gateway: per model in the repository, manifest -> backend -> cascade ->
+dataplane; a model store routing by name (serving.model_store) -> HTTP + gRPC."""
 
 from __future__ import annotations
 
@@ -10,10 +11,8 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import numpy as np
-
 from common.errors import UserError
-from common.manifest import Manifest, ManifestError, read_manifest
+from common.manifest import MANIFEST_FILE, Manifest, ManifestError, manifest_path, read_manifest
 from serving.backends import OnnxRuntimeBackend, StageBackend, TritonBackend
 from serving.cascade import Cascade, CascadeSettings, default_queue_images
 from serving.dataplane import DataPlane
@@ -21,6 +20,7 @@ from serving.errors import Unavailable
 from serving.grpc_api import start_grpc_server
 from serving.http_api import HttpOptions, create_http_app
 from serving.metrics import GatewayMetrics
+from serving.model_store import ModelStore, NotServable
 from serving.policy import exit_plan
 from serving.settings import Settings
 from serving.triton_cascade import TritonCascade
@@ -55,6 +55,13 @@ def load_manifest(repository: Path) -> Manifest:
         raise UserError(str(error)) from None
 
 
+def stage_backend(settings: Settings, manifest: Manifest) -> StageBackend:
+    """The backend running `manifest`'s stages (FileNotFoundError, Unavailable when it cannot)."""
+    if settings.backend == "onnxruntime":
+        return OnnxRuntimeBackend(settings.model_repository, manifest, settings.intra_op_threads, settings.device)
+    return TritonBackend(manifest, settings.triton_url, settings.triton_protocol, settings.triton_timeout_s)
+
+
 def make_backend(settings: Settings, manifest: Manifest) -> StageBackend:
     if settings.backend == "onnxruntime":
         try:
@@ -75,6 +82,31 @@ def make_triton_cascade(settings: Settings, manifest: Manifest, plan, metrics: G
                              settings.health_interval_ms / 1000)
     except Unavailable as error:
         raise UserError(str(error)) from None
+
+
+def ensure_triton_models(settings: Settings, manifest: Manifest) -> None:
+    """Ask Triton to load the manifest's models that it does not have ready at their versions (Triton in
+    explicit model-control mode loads them; in poll mode it loads them itself, and in none mode it refuses,
+    which leaves TritonBackend's readiness check to say what is missing)."""
+    if settings.triton_protocol == "grpc":
+        import tritonclient.grpc as module
+    else:
+        import tritonclient.http as module
+    from serving.backends import triton_client
+
+    client = triton_client(module, settings.triton_protocol, settings.triton_url, settings.triton_timeout_s)
+    try:
+        deployed = [entry.segment_model for entry in manifest.exits]
+        deployed += [entry.exit_model for entry in manifest.exits if entry.exit_model is not None]
+        for model in deployed:
+            try:
+                if not client.is_model_ready(model.name, str(model.version)):
+                    client.load_model(model.name)
+            except Exception as error:  # none mode, or Triton unreachable: the backend's check reports it
+                log.debug("Triton did not load a model", extra={"fields": {"model": model.name,
+                                                                           "error": str(error)}})
+    finally:
+        client.close()
 
 
 def profiled_stage_ms(manifest: Manifest) -> list[float | None]:
@@ -108,29 +140,24 @@ def grpc_security(settings: Settings) -> dict:
 
 
 class Gateway:
-    """Everything one gateway process runs; the front ends share its dataplane."""
+    """Everything one gateway process runs: every model of the repository (a backend, cascade and
+    dataplane per model version) behind one model store, which both front ends call."""
 
     def __init__(self, settings: Settings, backend: StageBackend | None = None) -> None:
         self.settings = settings
-        self.manifest = load_manifest(settings.model_repository)
         self.metrics = GatewayMetrics()
-        plan = exit_plan(self.manifest, settings.default_threshold)
-        if settings.backend == "triton-cascade" and backend is None:  # the whole cascade in Triton
-            self.cascade = self.backend = make_triton_cascade(settings, self.manifest, plan, self.metrics)
-        else:
-            self.backend = backend or make_backend(settings, self.manifest)
-            queue_images = settings.max_queue_images or default_queue_images(
-                profiled_image_ms(self.manifest), settings.workers, settings.max_queue_ms, settings.max_batch_size)
-            cascade_settings = CascadeSettings(settings.max_batch_size, settings.max_wait_ms, settings.workers,
-                                               max_queue_images=queue_images,
-                                               health_interval_s=settings.health_interval_ms / 1000)
-            fallback = None
-            if settings.backend == "triton" and settings.triton_fallback and backend is None:
-                fallback = make_backend(settings.model_copy(update={"backend": "onnxruntime"}), self.manifest)
-            self.cascade = Cascade(self.backend, plan, cascade_settings, self.metrics,
-                                   profiled_stage_ms(self.manifest), fallback=fallback)
-        self.dataplane = DataPlane(self.manifest, self.cascade, self.metrics, settings.default_policy,
-                                   settings.max_request_batch, settings.request_timeout_s)
+        self._given_backend = backend  # a caller's backend: the first model's
+        self.store = ModelStore(settings.model_repository, self.build, self.make_dataplane, self.metrics,
+                                settings.default_policy, settings.max_request_batch,
+                                drain_timeout_s=settings.shutdown_grace_s)
+        try:
+            self.store.load_initial()
+        except (ManifestError, FileNotFoundError, Unavailable) as error:
+            raise UserError(str(error)) from None
+        first = self.store.models[self.store.default_model]
+        self.manifest, self.cascade = first.manifest, first.cascade  # the default model's
+        self.backend = getattr(self.cascade, "backend", self.cascade)
+        self.dataplane = self.store  # what the front ends call: it routes by model name
         self.cut = 0  # requests the shutdown answered UNAVAILABLE (the exit status says so)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shutdown: asyncio.Task | None = None
@@ -157,23 +184,56 @@ class Gateway:
         # Readiness goes false first; from now on both front ends answer new requests UNAVAILABLE at once
         # (uvicorn also stops listening). gRPC's own stop would answer calls still on the wire CANCELLED,
         # so it comes after the drain, when every request has its answer.
-        self.cascade.accepting = False
-        self.cut = await self.cascade.stop(grace)
+        self.store.accepting = False
+        self.cut = await self.store.stop(grace)
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=1)
         if self.cut:
             log.error("shutdown cut requests: answered UNAVAILABLE", extra={"fields": {"requests": self.cut}})
 
+    def build(self, manifest: Manifest):
+        """(backend, cascade) of one model version (blocking: opens its sessions or checks Triton)."""
+        settings = self.settings
+        plan = exit_plan(manifest, settings.default_threshold)
+        backend, self._given_backend = self._given_backend, None
+        if settings.backend == "triton-cascade" and backend is None:  # the whole cascade in Triton
+            if manifest_path(settings.model_repository, manifest.model).name != MANIFEST_FILE:
+                raise NotServable("--backend triton-cascade serves only the repository's first model (the "
+                                  "<model>_cascade model in Triton reads manifest.json)")
+            cascade = TritonCascade(manifest, plan, settings.triton_url, settings.triton_protocol, self.metrics,
+                                    settings.triton_timeout_s, settings.max_queue_images or None,
+                                    settings.health_interval_ms / 1000)
+            return cascade, cascade
+        if settings.backend != "onnxruntime" and backend is None:
+            ensure_triton_models(settings, manifest)
+        backend = backend or stage_backend(settings, manifest)
+        queue_images = settings.max_queue_images or default_queue_images(
+            profiled_image_ms(manifest), settings.workers, settings.max_queue_ms, settings.max_batch_size)
+        cascade_settings = CascadeSettings(settings.max_batch_size, settings.max_wait_ms, settings.workers,
+                                           max_queue_images=queue_images,
+                                           health_interval_s=settings.health_interval_ms / 1000)
+        fallback = None
+        if settings.backend == "triton" and settings.triton_fallback and backend.name == "triton":
+            fallback = stage_backend(settings.model_copy(update={"backend": "onnxruntime"}), manifest)
+        return backend, Cascade(backend, plan, cascade_settings, self.metrics, profiled_stage_ms(manifest),
+                                fallback=fallback)
+
+    def make_dataplane(self, manifest: Manifest, cascade) -> DataPlane:
+        settings = self.settings
+        return DataPlane(manifest, cascade, self.metrics, settings.default_policy, settings.max_request_batch,
+                         settings.request_timeout_s)
+
     @asynccontextmanager
     async def lifespan(self, app):
         self._loop = asyncio.get_running_loop()
-        warmup = np.zeros((1, *self.manifest.input.shape), np.float32)
-        await self.cascade.start(warmup_input=warmup)
+        await self.store.start(self.settings.poll_repository_s)
         if self.settings.grpc_port >= 0:
             self.grpc_server = await start_grpc_server(self.dataplane, self.settings.host, self.settings.grpc_port,
                                                        self.max_body_bytes, **grpc_security(self.settings))
         log.info("gateway ready", extra={"fields": {
             "model": self.manifest.model, "exits": self.manifest.exit_depths, "backend": self.backend.name,
+            "models": {name: version.version for name, version in self.store.models.items()},
+            "poll_repository_s": self.settings.poll_repository_s or None,
             "event_loop": type(asyncio.get_running_loop()).__module__,
             "http": f"{self.settings.host}:{self.settings.http_port}",
             "grpc": f"{self.settings.host}:{self.settings.grpc_port}" if self.grpc_server else None}})

@@ -1,5 +1,6 @@
 """KServe v2 over gRPC (`inference.GRPCInferenceService`, as tritonclient.grpc calls
-it): a thin adapter over the dataplane, on grpc.aio."""
+it) and Triton's repository index: a thin adapter over the
+model store (serving.model_store), on grpc.aio."""
 
 from __future__ import annotations
 
@@ -95,10 +96,18 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         try:
-            self.dataplane.check_model(request.name, request.version)
+            ready = self.dataplane.model_ready(request.name, request.version)
         except GatewayError:
-            return service_pb2.ModelReadyResponse(ready=False)
-        return service_pb2.ModelReadyResponse(ready=self.dataplane.ready())
+            ready = False
+        return service_pb2.ModelReadyResponse(ready=ready)
+
+    # -- Triton's repository extension (serving.model_store) --------------------------------------------
+    async def RepositoryIndex(self, request, context):
+        index = self.dataplane.repository_index(request.ready)
+        model = service_pb2.RepositoryIndexResponse.ModelIndex
+        return service_pb2.RepositoryIndexResponse(models=[model(**entry) for entry in index])
+    # Loading and unloading are HTTP's (POST /v2/repository/models/NAME/load, /unload); over gRPC they
+    # stay UNIMPLEMENTED, as tests/test_hardening_api.py expects of RepositoryModelLoad.
 
     async def ServerMetadata(self, request, context):
         meta = self.dataplane.server_metadata()

@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.requests import ClientDisconnect
 
-from serving.dataplane import DataPlane, InferRequest, InferResponse, RequestedOutput, options_from_parameters
+from serving.dataplane import InferRequest, InferResponse, RequestedOutput, options_from_parameters
 from serving.errors import (
     GatewayError,
     InvalidImage,
@@ -36,6 +36,7 @@ from serving.errors import (
     RequestTimeout,
 )
 from serving.metrics import GatewayMetrics
+from serving.model_store import ModelStore
 from serving.openapi import CLASSIFY_BODY, INFER_BODY
 from serving.preprocess import MAX_PIXELS, declared_pixels, decode_image
 from serving.tensors import Tensor, check_shape, from_list, from_raw, to_raw
@@ -318,11 +319,14 @@ class ImageDecoder:
             raise PayloadTooLarge(f"{total} pixels in one upload exceed the limit of "
                                   f"{self.options.max_request_pixels}")
 
-    async def decode(self, uploads: list, contents: list[bytes]) -> np.ndarray:
+    async def decode(self, uploads: list, contents: list[bytes],
+                     input_shape: tuple[int, int, int] | None = None) -> np.ndarray:
+        """`input_shape` (C, H, W): the model's, when not the one the decoder was made for."""
         self.check(uploads, contents)
+        channels, size = (input_shape[0], tuple(input_shape[1:])) if input_shape else (self.channels, self.size)
         loop = asyncio.get_running_loop()
-        jobs = [loop.run_in_executor(self.pool, decode_image, content, self.size, self.options.max_image_pixels,
-                                     self.channels) for content in contents]
+        jobs = [loop.run_in_executor(self.pool, decode_image, content, size, self.options.max_image_pixels,
+                                     channels) for content in contents]
         images = []
         try:
             for upload, job in zip(uploads, jobs):
@@ -339,7 +343,16 @@ class ImageDecoder:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def create_http_app(dataplane: DataPlane, options: HttpOptions | int, lifespan=None) -> FastAPI:
+def _refuse_load_overrides(document: dict) -> None:
+    """A load request's parameters (Triton: a config or files to load instead) are not supported here."""
+    parameters = _object(document.get("parameters"), "parameters")
+    overrides = [name for name in parameters if name == "config" or name.startswith("file:")]
+    if overrides:
+        raise InvalidParameter(f"load parameters {', '.join(overrides)} are not supported: the gateway loads "
+                               "what the repository's manifest names")
+
+
+def create_http_app(dataplane: ModelStore, options: HttpOptions | int, lifespan=None) -> FastAPI:
     if isinstance(options, int):  # the earlier signature: the body limit alone
         options = HttpOptions(max_body_bytes=options)
     docs = {} if options.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
@@ -391,9 +404,34 @@ def create_http_app(dataplane: DataPlane, options: HttpOptions | int, lifespan=N
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str = ""):
-        dataplane.check_model(name, version)
-        ok = dataplane.ready()
+        ok = dataplane.model_ready(name, version)
         return json_response({"name": name, "ready": ok}, 200 if ok else 503)
+
+    @app.post("/v2/repository/index")
+    async def repository_index(request: Request):
+        """Triton's repository extension: every model of the repository, its version and state."""
+        document = _object(_loads(await read_body(request, 64 << 10) or b"{}"), "body")
+        ready_only = document.get("ready", False)
+        if not isinstance(ready_only, bool):
+            raise InvalidInput("'ready' must be true or false")
+        return json_response(dataplane.repository_index(ready_only))
+
+    # Loading and unloading change what the gateway serves: administration, left out of the OpenAPI
+    # document (so generated API clients and schema fuzzers do not call them); the README documents them.
+    @app.post("/v2/repository/models/{name}/load", include_in_schema=False)
+    async def repository_load(name: str, request: Request):
+        """Load the repository's current version of `name` (a new one swaps in without dropping requests;
+        a broken one is refused, 400, and the version serving keeps serving)."""
+        _refuse_load_overrides(_object(_loads(await read_body(request, 64 << 10) or b"{}"), "body"))
+        loaded = await dataplane.load(name)
+        return json_response({"name": name, "version": str(loaded.version)})
+
+    @app.post("/v2/repository/models/{name}/unload", include_in_schema=False)
+    async def repository_unload(name: str, request: Request):
+        """Stop serving `name` once its in-flight requests have finished (a load serves it again)."""
+        await read_body(request, 64 << 10)
+        await dataplane.unload(name)
+        return json_response({"name": name})
 
     @app.post("/v2/models/{name}/infer", openapi_extra=INFER_BODY)
     @app.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY)
@@ -409,15 +447,18 @@ def create_http_app(dataplane: DataPlane, options: HttpOptions | int, lifespan=N
 
     @app.post("/v1/classify", openapi_extra=CLASSIFY_BODY)
     async def classify(request: Request, policy: str | None = None, threshold: str | None = None,
-                       budget_ms: float | None = None, exit_depth: int | None = None, top_k: int = 3):
+                       budget_ms: float | None = None, exit_depth: int | None = None, top_k: int = 3,
+                       model: str | None = None):
         """Classify uploaded images (multipart field `files`, PNG/JPEG/WebP/GIF/BMP, within the limits).
 
         Each image is converted to RGB, centre-cropped to a square, resized to the
         model's input size (bilinear) and normalised with the manifest's mean/std.
+        `model`: which of the gateway's models answers (default: the repository's first).
         """
         started = time.perf_counter()
         if not 1 <= top_k <= 100:
             raise InvalidParameter("top_k must be between 1 and 100")
+        chosen = dataplane.resolve(model)
         # Enforce the size limit while reading, then let starlette parse the cached body.
         request._body = await read_body(request, max_body_bytes)
         try:
@@ -432,17 +473,17 @@ def create_http_app(dataplane: DataPlane, options: HttpOptions | int, lifespan=N
         if not uploads:
             raise InvalidInput("no image files in the upload (use multipart field 'files')")
         contents = [await upload.read() for upload in uploads]
-        images = await decoder.decode(uploads, contents)
+        images = await decoder.decode(uploads, contents, tuple(chosen.manifest.input.shape))
         parameters = {k: v for k, v in {"policy": policy, "threshold": threshold, "budget_ms": budget_ms,
                                         "exit_depth": exit_depth}.items() if v is not None}
         options_ = options_from_parameters(parameters, dataplane.default_policy)
-        answers = await dataplane.classify(images, options_, top_k)
+        answers = await dataplane.classify(images, options_, top_k, model=chosen.name)
         for upload, answer in zip(uploads, answers):
             answer["filename"] = upload.filename
         metrics.ok("classify")
         elapsed = time.perf_counter() - started
         classify_latency.observe(elapsed)
-        return json_response({"model": dataplane.manifest.model, "results": answers,
+        return json_response({"model": chosen.name, "results": answers,
                               "latency_ms": round(elapsed * 1000, 3)})
 
     @app.get("/metrics")

@@ -25,7 +25,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", cli_kebab_case=True,
                                       cli_implicit_flags=True)
 
-    model_repository: Path = Field(Path("model_repository"), description="repository with manifest.json")
+    model_repository: Path = Field(Path("model_repository"), description="repository with manifest.json (and "
+                                   "manifest.<model>.json of further models)")
     backend: Literal["onnxruntime", "triton", "triton-cascade"] = Field(
         "onnxruntime", description="where the stages run (triton-cascade: the whole cascade in Triton's "
                                    "<model>_cascade model, one call a request)")
@@ -77,6 +78,10 @@ class Settings(BaseSettings):
                                     "shortens it)")
     triton_fallback: bool = Field(False, description="run on embedded ONNX Runtime while Triton is down "
                                   "(--backend triton)")
+    # Several models and new versions (issue 26).
+    poll_repository_s: float = Field(0.0, ge=0, description="how often the repository's manifests are checked "
+                                     "for new models and versions, loaded without a restart (0: never; "
+                                     "POST /v2/repository/models/NAME/load loads on demand)")
 
     @field_validator("tls_cert", "tls_key")
     @classmethod

@@ -1,0 +1,324 @@
+"""Several models in one repository, and new versions swapped in while serving (issue 26): real tiny
+multi-exit nets exported to real ONNX, real gateway processes, real tritonclient clients."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from common.manifest import MANIFEST_FILE, list_manifests, manifest_version, read_manifest, write_manifest
+from common.onnxruntime_session import create_session
+
+from .conftest import GatewayProcess, png_bytes
+
+MODEL = "mwresnet8_3"
+SECOND = "tiny_b"
+
+
+def make_checkpoint(imagefolder, path, seed: int):
+    """A tiny mwresnet8_3 like conftest's tiny_checkpoint, with weights from another seed."""
+    import torch
+
+    from training.checkpoint import build_metadata, save_checkpoint
+    from training.datasets import channel_stats, load_split
+    from training.models import create_model
+    from training.transforms import to_normalized
+
+    torch.manual_seed(seed)
+    model = create_model(MODEL, num_classes=3, width=4)
+    train = load_split(imagefolder, "train", cache_dir=None)
+    mean, std = channel_stats(train.images)
+    model.train()
+    with torch.no_grad():
+        model(to_normalized(train.images, mean, std))
+    model.eval()
+    meta = build_metadata(model, classes=train.classes, mean=mean, std=std,
+                          heldout={"seed": 0, "size": 30, "source": str(imagefolder), "num_train": len(train)},
+                          training={"model_kwargs": {"width": 4}}, heldout_acc=[0.4, 0.5, 0.6])
+    save_checkpoint(path, model, meta)
+    return path
+
+
+def export(checkpoint, repository, model_name=None):
+    from export.pipeline import ExportOptions, export_checkpoint
+
+    return export_checkpoint(ExportOptions(checkpoint=checkpoint, output=repository, validation_images=30,
+                                           model_name=model_name), log=lambda message: None)
+
+
+@pytest.fixture(scope="module")
+def other_checkpoint(imagefolder, tmp_path_factory):
+    return make_checkpoint(imagefolder, tmp_path_factory.mktemp("other") / "other.safetensors", seed=7)
+
+
+@pytest.fixture(scope="module")
+def two_models(tiny_repository, other_checkpoint, tmp_path_factory):
+    """The tiny model's repository with a second model (other weights) exported into it as `tiny_b`."""
+    repository = tmp_path_factory.mktemp("two") / "model_repository"
+    shutil.copytree(tiny_repository, repository)
+    export(other_checkpoint, repository, SECOND)
+    return repository
+
+
+def fresh_copy(tiny_repository, tmp_path):
+    repository = tmp_path / "model_repository"
+    shutil.copytree(tiny_repository, repository)
+    return repository
+
+
+def images_for(repository, count=4, seed=3):
+    shape = read_manifest(repository).input.shape
+    return (np.random.default_rng(seed).standard_normal((count, *shape)) * 2).astype(np.float32)
+
+
+def final_logits(repository, model, images, version=None):
+    """The exported final exit's ONNX model on `images` (the manifest's version, or `version`)."""
+    entry = read_manifest(repository, model).exits[-1].exit_model
+    path = repository / entry.name / str(version or entry.version) / "model.onnx"
+    return create_session(str(path)).run(None, {"images": images})[0]
+
+
+def infer(module, client, model, images):
+    tensor = module.InferInput("images", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images)
+    return client.infer(model, [tensor], parameters={"policy": "full"})
+
+
+def test_export_lays_out_one_manifest_per_model(two_models, tiny_repository):
+    assert (two_models / MANIFEST_FILE).read_text() == (tiny_repository / MANIFEST_FILE).read_text()
+    found = list_manifests(two_models)
+    assert list(found) == [MODEL, SECOND]
+    assert found[SECOND].name == f"manifest.{SECOND}.json"
+    second = read_manifest(two_models, SECOND)
+    assert second.model == SECOND and all(e.segment_model.name.startswith(f"{SECOND}_") for e in second.exits)
+    assert read_manifest(two_models).model == MODEL  # the first model's manifest, as before
+
+
+def test_two_models_served_at_once(two_models, tmp_path):
+    images = images_for(two_models)
+    expected = {name: final_logits(two_models, name, images) for name in (MODEL, SECOND)}
+    assert not np.allclose(expected[MODEL], expected[SECOND], atol=1e-3)  # really two different models
+    with GatewayProcess(two_models, log_path=tmp_path / "gateway.log") as gateway:
+        http = httpclient.InferenceServerClient(gateway.http_url)
+        grpc = grpcclient.InferenceServerClient(gateway.grpc_url)
+        for name in (MODEL, SECOND):
+            for module, client in ((httpclient, http), (grpcclient, grpc)):
+                result = infer(module, client, name, images)
+                np.testing.assert_allclose(result.as_numpy("logits"), expected[name], atol=1e-4)
+                assert client.is_model_ready(name) and client.is_model_ready(name, "1")
+            assert http.get_model_metadata(name)["name"] == name
+            assert grpc.get_model_metadata(name).name == name and grpc.get_model_metadata(name).versions == ["1"]
+        assert not http.is_model_ready("nope") and not grpc.is_model_ready("nope")
+        with pytest.raises(InferenceServerException, match="unknown model"):
+            infer(httpclient, http, "nope", images)
+        index = http.get_model_repository_index()
+        assert [(m["name"], m["version"], m["state"]) for m in index] == [(MODEL, "1", "READY"), (SECOND, "1", "READY")]
+        grpc_index = grpc.get_model_repository_index()
+        assert [(m.name, m.version, m.state) for m in grpc_index.models] == [(MODEL, "1", "READY"),
+                                                                             (SECOND, "1", "READY")]
+        # /v1/classify: ?model= chooses, the default is the repository's first model.
+        upload = png_bytes(np.random.default_rng(4).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        for query, name in (("", MODEL), (f"?model={SECOND}", SECOND), (f"?model={MODEL}", MODEL)):
+            answer = httpx.post(f"http://{gateway.http_url}/v1/classify{query}", files={"files": ("a.png", upload)})
+            assert answer.status_code == 200 and answer.json()["model"] == name
+        assert httpx.post(f"http://{gateway.http_url}/v1/classify?model=nope",
+                          files={"files": ("a.png", upload)}).status_code == 404
+        # Unload one model: the other serves on; a load serves it again.
+        http.unload_model(SECOND)
+        assert not http.is_model_ready(SECOND) and http.is_model_ready(MODEL)
+        with pytest.raises(InferenceServerException, match="unknown model"):
+            infer(grpcclient, grpc, SECOND, images)
+        states = {m["name"]: (m["state"], m["reason"]) for m in http.get_model_repository_index()}
+        assert states[SECOND] == ("UNAVAILABLE", "unloaded") and states[MODEL][0] == "READY"
+        http.load_model(SECOND)
+        np.testing.assert_allclose(infer(grpcclient, grpc, SECOND, images).as_numpy("logits"), expected[SECOND],
+                                   atol=1e-4)
+        assert gateway.stop() == 0
+    log = (tmp_path / "gateway.log").read_text()
+    assert "model unloaded" in log and "previous model version released" in log
+
+
+class LoadClient(threading.Thread):
+    """Sends the same images again and again (policy full) until told to stop; keeps every answer."""
+
+    def __init__(self, protocol: str, url: str, images: np.ndarray) -> None:
+        super().__init__(daemon=True)
+        self.module = httpclient if protocol == "http" else grpcclient
+        self.client = self.module.InferenceServerClient(url)
+        self.images, self.stopping = images, threading.Event()
+        self.answers: list[tuple[float, str, np.ndarray]] = []  # (sent at, model version, logits)
+        self.failures: list[str] = []
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            sent = time.monotonic()
+            try:
+                result = infer(self.module, self.client, MODEL, self.images)
+            except Exception as error:  # every failure is counted, none expected
+                self.failures.append(str(error))
+                continue
+            version = result.get_response()["model_version"] if self.module is httpclient \
+                else result.get_response().model_version
+            self.answers.append((sent, version, result.as_numpy("logits")))
+
+
+def test_new_version_swapped_in_under_load_without_a_failed_request(tiny_repository, other_checkpoint, tmp_path):
+    repository = fresh_copy(tiny_repository, tmp_path)
+    images = images_for(repository)
+    old = final_logits(repository, MODEL, images)
+    log_path = tmp_path / "gateway.log"
+    with GatewayProcess(repository, "--poll-repository-s", "0.2", log_path=log_path) as gateway:
+        clients = [LoadClient(protocol, url, images) for protocol, url in
+                   (("http", gateway.http_url), ("grpc", gateway.grpc_url), ("http", gateway.http_url),
+                    ("grpc", gateway.grpc_url))]
+        for client in clients:
+            client.start()
+        deadline = time.monotonic() + 60
+        while sum(len(c.answers) for c in clients) < 100 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        manifest = export(other_checkpoint, repository)  # the same model, new weights: version 2
+        assert manifest.model == MODEL and manifest_version(manifest) == 2
+        while not all(c.answers and c.answers[-1][1] == "2" for c in clients) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        swapped = time.monotonic()
+        while time.monotonic() < swapped + 1.0:
+            time.sleep(0.05)
+        for client in clients:
+            client.stopping.set()
+        for client in clients:
+            client.join(30)
+        assert gateway.stop() == 0
+    new = final_logits(repository, MODEL, images)
+    assert not np.allclose(old, new, atol=1e-3)
+    answers = [answer for client in clients for answer in client.answers]
+    assert [failure for c in clients for failure in c.failures] == []
+    assert len(answers) >= 200, len(answers)
+    by_version = {"1": old, "2": new}
+    for _, version, logits in answers:
+        np.testing.assert_allclose(logits, by_version[version], atol=1e-4)  # each answer from one version
+    counts = {version: sum(1 for a in answers if a[1] == version) for version in by_version}
+    assert counts["1"] > 0 and counts["2"] > 0, counts
+    assert all(version == "2" for sent, version, _ in answers if sent > swapped)
+    log = log_path.read_text()
+    assert '"message": "model version loaded"' in log and '"previous_version": 1' in log
+    assert "previous model version released" in log
+
+
+def corrupt_version(repository, model=MODEL):
+    """Version 2 of every model of `model`, with the last segment's ONNX file garbage, and its manifest."""
+    manifest = read_manifest(repository, model)
+
+    def bumped(deployed):
+        source, target = repository / deployed.name / "1", repository / deployed.name / "2"
+        shutil.copytree(source, target)
+        return dataclasses.replace(deployed, version=2)
+
+    exits = [dataclasses.replace(entry, segment_model=bumped(entry.segment_model),
+                                 exit_model=bumped(entry.exit_model) if entry.exit_model else None)
+             for entry in manifest.exits]
+    last = exits[-1].segment_model
+    (repository / last.name / "2" / "model.onnx").write_bytes(b"this is no ONNX model" * 50)
+    write_manifest(repository, manifest.with_exits(exits))
+
+
+def test_broken_new_versions_are_refused_and_the_old_one_keeps_serving(tiny_repository, tmp_path):
+    repository = fresh_copy(tiny_repository, tmp_path)
+    images = images_for(repository)
+    expected = final_logits(repository, MODEL, images)
+    log_path = tmp_path / "gateway.log"
+    with GatewayProcess(repository, "--poll-repository-s", "0.2", log_path=log_path) as gateway:
+        http = httpclient.InferenceServerClient(gateway.http_url)
+        grpc = grpcclient.InferenceServerClient(gateway.grpc_url)
+        corrupt_version(repository)
+        deadline = time.monotonic() + 60
+        while "model version refused" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)  # the poll found it and refused it
+        refused = [json.loads(line) for line in log_path.read_text().splitlines()
+                   if '"model version refused' in line]
+        assert refused and refused[0]["model"] == MODEL and refused[0]["version"] == 2
+        assert refused[0]["serving_version"] == 1 and refused[0]["level"] == "error"
+        for module, client in ((httpclient, http), (grpcclient, grpc)):
+            result = infer(module, client, MODEL, images)
+            np.testing.assert_allclose(result.as_numpy("logits"), expected, atol=1e-4)
+        assert http.get_model_metadata(MODEL)["versions"] == ["1"] and http.is_model_ready(MODEL)
+        [entry] = http.get_model_repository_index()
+        assert entry["version"] == "1" and entry["state"] == "READY" and "refused" in entry["reason"]
+        # An explicit load of the same broken version: refused again, with the reason.
+        answer = httpx.post(f"http://{gateway.http_url}/v2/repository/models/{MODEL}/load")
+        assert answer.status_code == 400
+        assert "version 2 not loaded" in answer.json()["error"] and "version 1 keeps serving" in answer.json()["error"]
+        with pytest.raises(InferenceServerException, match="not loaded"):
+            http.load_model(MODEL)
+        # A manifest that is no JSON at all: refused too.
+        (repository / MANIFEST_FILE).write_text("{ not json")
+        answer = httpx.post(f"http://{gateway.http_url}/v2/repository/models/{MODEL}/load")
+        assert answer.status_code == 400 and "not valid JSON" in answer.json()["error"]
+        np.testing.assert_allclose(infer(grpcclient, grpc, MODEL, images).as_numpy("logits"), expected, atol=1e-4)
+        assert httpx.post(f"http://{gateway.http_url}/v2/repository/models/nope/load").status_code == 400
+        assert http.is_server_ready()
+        assert gateway.stop() == 0
+
+
+def test_triton_backend_loads_a_new_version_through_model_control(tiny_repository, other_checkpoint, triton_venv,
+                                                                  tmp_path):
+    """--backend triton against a real tritonserver in explicit model-control mode: a load on the gateway
+    asks Triton to load the new version's models, then serves them (Triton's answers are version 2's)."""
+    import subprocess
+
+    from benchmarks.triton_launcher import free_port, http_ready, server_command, stop_process
+
+    repository = fresh_copy(tiny_repository, tmp_path)
+    images = images_for(repository)
+    old = final_logits(repository, MODEL, images)
+    ports = free_port(), free_port(), free_port()
+    command, env = server_command(triton_venv, repository, *ports)
+    triton_log = open(tmp_path / "triton.log", "wb")
+    triton = subprocess.Popen([*command, "--model-control-mode=explicit", "--load-model=*"], env=env,
+                              stdout=triton_log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not http_ready(f"127.0.0.1:{ports[0]}"):
+            assert triton.poll() is None and time.monotonic() < deadline, (tmp_path / "triton.log").read_text()
+            time.sleep(0.1)
+        triton_url = f"127.0.0.1:{ports[1]}"
+        with GatewayProcess(repository, "--backend", "triton", "--triton-url", triton_url,
+                            log_path=tmp_path / "gateway.log") as gateway:
+            client = grpcclient.InferenceServerClient(gateway.grpc_url)
+            np.testing.assert_allclose(infer(grpcclient, client, MODEL, images).as_numpy("logits"), old, atol=1e-4)
+            export(other_checkpoint, repository)  # version 2, not loaded by Triton yet
+            segment = read_manifest(repository).exits[-1].segment_model
+            triton_client = grpcclient.InferenceServerClient(triton_url)
+            assert segment.version == 2 and not triton_client.is_model_ready(segment.name, "2")
+            answer = httpx.post(f"http://{gateway.http_url}/v2/repository/models/{MODEL}/load", timeout=120)
+            assert answer.status_code == 200 and answer.json()["version"] == "2", answer.text
+            assert triton_client.is_model_ready(segment.name, "2")
+            # Triton unloads version 1 of each model after loading its version 2; while it does, its strict
+            # readiness is false, and so is the gateway's (it follows Triton's health).
+            names = {model.name for entry in read_manifest(repository).exits
+                     for model in (entry.segment_model, entry.exit_model)}
+            while any(m.version == "1" and m.state != "UNAVAILABLE" for m in
+                      triton_client.get_model_repository_index().models if m.name in names):
+                assert time.monotonic() < deadline + 120
+                time.sleep(0.1)
+            while not client.is_model_ready(MODEL):
+                assert time.monotonic() < deadline + 120
+                time.sleep(0.1)
+            new = final_logits(repository, MODEL, images)
+            assert not np.allclose(old, new, atol=1e-3)
+            result = infer(grpcclient, client, MODEL, images)
+            np.testing.assert_allclose(result.as_numpy("logits"), new, atol=1e-4)
+            assert result.get_response().model_version == "2"
+            assert gateway.stop() == 0
+    finally:
+        stop_process(triton)
+        triton_log.close()
