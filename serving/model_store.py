@@ -265,12 +265,12 @@ class ModelStore:
         self.accepting = False
         if self._poll_task is not None:
             self._poll_task.cancel()
+        for task in list(self._tasks):  # retiring versions are stopped here, with the others
+            task.cancel()
         versions = [*self.models.values(), *self.retiring]
         for version in versions:
             version.cascade.accepting = False
         cuts = await asyncio.gather(*(version.cascade.stop(grace_s) for version in versions))
-        for task in list(self._tasks):
-            task.cancel()
         return sum(cuts)
 
     def _bind_metrics(self) -> None:

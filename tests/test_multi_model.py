@@ -148,6 +148,33 @@ def test_two_models_served_at_once(two_models, tmp_path):
     assert "model unloaded" in log and "previous model version released" in log
 
 
+def test_a_model_exported_while_serving_is_picked_up_by_polling(tiny_repository, other_checkpoint, tmp_path):
+    repository = fresh_copy(tiny_repository, tmp_path)
+    with GatewayProcess(repository, "--poll-repository-s", "0.2", log_path=tmp_path / "gateway.log") as gateway:
+        http = httpclient.InferenceServerClient(gateway.http_url)
+        assert [m["name"] for m in http.get_model_repository_index()] == [MODEL]
+        export(other_checkpoint, repository, SECOND)
+        deadline = time.monotonic() + 60
+        while not any(m["name"] == SECOND and m["state"] == "READY" for m in http.get_model_repository_index()):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        images = images_for(repository)
+        for name in (MODEL, SECOND):
+            np.testing.assert_allclose(infer(httpclient, http, name, images).as_numpy("logits"),
+                                       final_logits(repository, name, images), atol=1e-4)
+        assert gateway.stop() == 0
+
+
+def test_force_export_leaves_only_its_own_model(two_models, tiny_checkpoint, tmp_path):
+    repository = fresh_copy(two_models, tmp_path)
+    from export.pipeline import ExportOptions, export_checkpoint
+
+    export_checkpoint(ExportOptions(checkpoint=tiny_checkpoint, output=repository, validation_images=30, force=True),
+                      log=lambda message: None)
+    assert list(list_manifests(repository)) == [MODEL]
+    assert not any(path.name.startswith(SECOND) for path in repository.iterdir())
+
+
 class LoadClient(threading.Thread):
     """Sends the same images again and again (policy full) until told to stop; keeps every answer."""
 
@@ -208,6 +235,7 @@ def test_new_version_swapped_in_under_load_without_a_failed_request(tiny_reposit
         np.testing.assert_allclose(logits, by_version[version], atol=1e-4)  # each answer from one version
     counts = {version: sum(1 for a in answers if a[1] == version) for version in by_version}
     assert counts["1"] > 0 and counts["2"] > 0, counts
+    print(f"swap under load: {len(answers)} answers by version {counts}, none failed")  # shown with -s
     assert all(version == "2" for sent, version, _ in answers if sent > swapped)
     log = log_path.read_text()
     assert '"message": "model version loaded"' in log and '"previous_version": 1' in log
