@@ -79,6 +79,40 @@ async def read_body(request: Request, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+class ClientGone(Exception):
+    """The HTTP client disconnected while its request was being computed."""
+
+
+async def until_disconnect(request: Request) -> None:
+    """Returns when the client disconnects. Only after its body was read whole: uvicorn answers a
+    `receive` then only when the connection is lost (or the response is complete)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def cancel_on_disconnect(request: Request, work):
+    """Await the coroutine `work`, cancelling it when the client disconnects first, as grpc.aio cancels a
+    call whose client left: the cascade then drops the request's samples before the next backend call
+    (reason "cancelled"). Raises ClientGone then."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(until_disconnect(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass
+        raise ClientGone
+    return task.result()
+
+
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     """Undo tritonclient's request compression (gzip or deflate), within the size limit."""
     if not encoding or encoding == "identity":
@@ -376,6 +410,12 @@ def create_http_app(dataplane: ModelStore, options: HttpOptions | int, lifespan=
         count_error(request, type(error).__name__)
         return json_response({"error": str(error)}, error.http_status, getattr(error, "headers", None) or None)
 
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, error: ClientGone):
+        """Nobody reads this answer (nginx's 499 in the access log): counted, not logged as an error."""
+        count_error(request, "ClientDisconnected")
+        return Response(status_code=499)
+
     @app.exception_handler(RequestValidationError)
     async def query_error(request: Request, error: RequestValidationError):
         count_error(request, "InvalidParameter")
@@ -441,7 +481,8 @@ def create_http_app(dataplane: ModelStore, options: HttpOptions | int, lifespan=
         body = decompress(await read_body(request, max_body_bytes), request.headers.get("content-encoding"),
                           max_body_bytes)
         parsed = parse_infer_request(name, version, body, request.headers.get(HEADER_LENGTH))
-        response = await dataplane.infer(parsed, "http", request.headers.get("timeout"))  # client's deadline, s
+        response = await cancel_on_disconnect(  # the client's deadline (seconds), and its disconnect
+            request, dataplane.infer(parsed, "http", request.headers.get("timeout")))
         metrics.ok("http")
         return render_infer_response(response, bool(parsed.parameters.get("binary_data_output", False)))
 
@@ -477,7 +518,7 @@ def create_http_app(dataplane: ModelStore, options: HttpOptions | int, lifespan=
         parameters = {k: v for k, v in {"policy": policy, "threshold": threshold, "budget_ms": budget_ms,
                                         "exit_depth": exit_depth}.items() if v is not None}
         options_ = options_from_parameters(parameters, dataplane.default_policy)
-        answers = await dataplane.classify(images, options_, top_k, model=chosen.name)
+        answers = await cancel_on_disconnect(request, dataplane.classify(images, options_, top_k, model=chosen.name))
         for upload, answer in zip(uploads, answers):
             answer["filename"] = upload.filename
         metrics.ok("classify")

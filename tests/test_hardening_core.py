@@ -398,6 +398,52 @@ def test_a_grpc_deadline_takes_the_request_out_of_the_cascade(slow_gateway, mani
     assert _infer_http(slow_gateway.http_url, images[:1], headers={"timeout": "30"}).status_code == 200
 
 
+def test_http_clients_that_disconnect_have_their_requests_cancelled(slow_gateway, manifest):
+    """An HTTP client that leaves cancels its request as a gRPC cancellation does: its samples are
+    dropped before the next backend call (reason "cancelled"), and nothing is logged as internal."""
+    images = marked(manifest, 85.0, 256)  # 768 single-sample stage calls a request
+    before = slow_gateway.metrics()
+
+    def call(_):
+        try:  # the client gives up 0.1 s into waiting for its answer and closes its connection
+            _infer_http_with_timeout(slow_gateway.http_url, images, httpx.Timeout(60, read=0.1))
+            return "answered"
+        except httpx.ReadTimeout:
+            return "left"
+
+    with ThreadPoolExecutor(4) as pool:  # 4 x 256 images: within the slow gateway's admission bound
+        outcomes = list(pool.map(call, range(4)))
+    assert "left" in outcomes
+    left = outcomes.count("left") * len(images)
+    text = ""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = slow_gateway.metrics()
+        if _metric(text, "gateway_admitted_images") == 0:
+            break
+        time.sleep(0.05)
+    assert _metric(text, "gateway_admitted_images") == 0
+    cancelled = (_metric(text, "gateway_dropped_samples_total", '{reason="cancelled"}')
+                 - _metric(before, "gateway_dropped_samples_total", '{reason="cancelled"}'))
+    assert cancelled > left / 2, (cancelled, outcomes)  # most of their images never computed
+    gone = (_metric(text, "gateway_errors_total", '{error="ClientDisconnected",protocol="http"}')
+            - _metric(before, "gateway_errors_total", '{error="ClientDisconnected",protocol="http"}'))
+    assert gone == outcomes.count("left")
+    log = slow_gateway.log_path.read_text()
+    assert "internal error" not in log and "Traceback" not in log
+    # The gateway serves on: a client that waits gets its answer.
+    assert _infer_http(slow_gateway.http_url, images[:1]).status_code == 200
+
+
+def _infer_http_with_timeout(url, images, timeout):
+    header = json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": list(images.shape),
+                                     "parameters": {"binary_data_size": images.nbytes}}],
+                         "parameters": {"threshold": 2.0}}).encode()
+    return httpx.post(f"http://{url}/v2/models/{MODEL}/infer", content=header + images.tobytes(), timeout=timeout,
+                      headers={"Inference-Header-Content-Length": str(len(header)),
+                               "Content-Type": "application/octet-stream"})
+
+
 def test_overload_is_refused_with_429_and_resource_exhausted(slow_gateway, manifest):
     images = marked(manifest, 90.0, 256)  # 768 single-sample calls each: 4 fit in the bound, 6 arrive at once
 
