@@ -106,8 +106,21 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         index = self.dataplane.repository_index(request.ready)
         model = service_pb2.RepositoryIndexResponse.ModelIndex
         return service_pb2.RepositoryIndexResponse(models=[model(**entry) for entry in index])
-    # Loading and unloading are HTTP's (POST /v2/repository/models/NAME/load, /unload); over gRPC they
-    # stay UNIMPLEMENTED, as tests/test_hardening_api.py expects of RepositoryModelLoad.
+
+    async def RepositoryModelLoad(self, request, context):
+        """As POST /v2/repository/models/NAME/load: the repository's current version of the model (a new
+        one swaps in without dropping requests; a broken one is INVALID_ARGUMENT, the old one serves on)."""
+        overrides = [name for name in request.parameters if name == "config" or name.startswith("file:")]
+        if overrides:
+            raise InvalidParameter(f"load parameters {', '.join(overrides)} are not supported: the gateway "
+                                   "loads what the repository's manifest names")
+        await self.dataplane.load(request.model_name)
+        return service_pb2.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        """As POST /v2/repository/models/NAME/unload: stop serving the model once its requests finished."""
+        await self.dataplane.unload(request.model_name)
+        return service_pb2.RepositoryModelUnloadResponse()
 
     async def ServerMetadata(self, request, context):
         meta = self.dataplane.server_metadata()

@@ -290,7 +290,7 @@ def test_grpc_methods_the_gateway_lacks_are_unimplemented(gateway):
     with grpc.insecure_channel(gateway.grpc_url) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         with pytest.raises(grpc.RpcError) as error:
-            stub.RepositoryModelLoad(service_pb2.RepositoryModelLoadRequest(model_name=MODEL), timeout=30)
+            stub.CudaSharedMemoryStatus(service_pb2.CudaSharedMemoryStatusRequest(), timeout=30)
     assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

@@ -143,6 +143,26 @@ def test_two_models_served_at_once(two_models, tmp_path):
         http.load_model(SECOND)
         np.testing.assert_allclose(infer(grpcclient, grpc, SECOND, images).as_numpy("logits"), expected[SECOND],
                                    atol=1e-4)
+        # The same over gRPC (RepositoryModelLoad / RepositoryModelUnload, as Triton's).
+        grpc.unload_model(SECOND)
+        assert not grpc.is_model_ready(SECOND) and grpc.is_model_ready(MODEL)
+        states = {m.name: (m.state, m.reason) for m in grpc.get_model_repository_index().models}
+        assert states[SECOND] == ("UNAVAILABLE", "unloaded")
+        with pytest.raises(InferenceServerException, match="unknown model"):
+            infer(httpclient, http, SECOND, images)
+        with pytest.raises(InferenceServerException, match="is not loaded") as error:
+            grpc.unload_model(SECOND)
+        assert error.value.status() == "StatusCode.NOT_FOUND"
+        grpc.load_model(SECOND)
+        assert grpc.is_model_ready(SECOND)
+        np.testing.assert_allclose(infer(httpclient, http, SECOND, images).as_numpy("logits"), expected[SECOND],
+                                   atol=1e-4)
+        with pytest.raises(InferenceServerException, match="not supported") as error:
+            grpc.load_model(SECOND, config='{"max_batch_size": 8}')
+        assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
+        with pytest.raises(InferenceServerException, match="no model 'nope'") as error:
+            grpc.load_model("nope")
+        assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
         assert gateway.stop() == 0
     log = (tmp_path / "gateway.log").read_text()
     assert "model unloaded" in log and "previous model version released" in log
@@ -287,6 +307,10 @@ def test_broken_new_versions_are_refused_and_the_old_one_keeps_serving(tiny_repo
         assert "version 2 not loaded" in answer.json()["error"] and "version 1 keeps serving" in answer.json()["error"]
         with pytest.raises(InferenceServerException, match="not loaded"):
             http.load_model(MODEL)
+        with pytest.raises(InferenceServerException, match="version 2 not loaded") as error:
+            grpc.load_model(MODEL)
+        assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
+        np.testing.assert_allclose(infer(grpcclient, grpc, MODEL, images).as_numpy("logits"), expected, atol=1e-4)
         # A manifest that is no JSON at all: refused too.
         (repository / MANIFEST_FILE).write_text("{ not json")
         answer = httpx.post(f"http://{gateway.http_url}/v2/repository/models/{MODEL}/load")
