@@ -26,7 +26,7 @@ from benchmarks.calibration import (
 )
 from benchmarks.exit_outputs import ExitOutputs, compute_exit_outputs, load_images
 from common.errors import UserError, run_cli
-from common.manifest import Manifest, ManifestError, read_manifest, write_manifest
+from common.manifest import Manifest, ManifestError, manifest_path, read_manifest, write_manifest
 from common.provenance import utc_timestamp
 from serving.policy import SCORES
 
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.calibrate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--model", default=None,
+                        help="which model of the repository (default: its first, the one in manifest.json)")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--max-drop", type=float, default=0.5,
                         help="largest accuracy drop against the final exit, in points (default 0.5)")
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.guarantee and args.macs_budget is not None:
         raise UserError("--guarantee applies to --max-drop, not --macs-budget")
     try:
-        manifest = read_manifest(args.model_repository)
+        manifest = read_manifest(args.model_repository, args.model)
     except ManifestError as error:
         raise UserError(str(error)) from None
     images, labels = load_images(manifest, "heldout", args.checkpoint, args.data)
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"held-out accuracy {details['heldout_acc'] * 100:.2f}% "
           f"(final exit {details['heldout_final_acc'] * 100:.2f}%), "
           f"mean MACs {details['heldout_macs_fraction'] * 100:.1f}% of the full network")
-    print(f"wrote thresholds into {args.model_repository / 'manifest.json'}")
+    print(f"wrote thresholds into {manifest_path(args.model_repository, manifest.model)}")
     return 0
 
 

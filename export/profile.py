@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.errors import UserError, run_cli
-from common.manifest import DeployedModel, ManifestError, read_manifest, write_manifest
+from common.manifest import DeployedModel, ManifestError, manifest_path, read_manifest, write_manifest
 from common.onnxruntime_session import create_session, execution_providers
 from common.provenance import machine_description, utc_timestamp
 
@@ -43,11 +43,12 @@ def measure(session, input_shape: list[int], batch: int, repeats: int, warmup: i
 
 
 def profile_repository(repository: Path, batch_sizes: list[int], threads: int, repeats: int,
-                       show_progress: bool = True) -> dict:
+                       show_progress: bool = True, model: str | None = None) -> dict:
+    """Profile `model` (default: the repository's first) and write its manifest."""
     import onnxruntime as ort
 
     try:
-        manifest = read_manifest(repository)
+        manifest = read_manifest(repository, model)
     except ManifestError as error:
         raise UserError(str(error)) from None
     provider = execution_providers("auto")[0]
@@ -80,13 +81,15 @@ def profile_repository(repository: Path, batch_sizes: list[int], threads: int, r
         "command": "python -m export.profile " + " ".join(sys.argv[1:]),
     }
     write_manifest(repository, manifest.with_exits(exits, profile=profile))
-    return {"profile": profile, "latency_ms": latencies}
+    return {"profile": profile, "latency_ms": latencies, "manifest": manifest_path(repository, manifest.model)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--model", default=None,
+                        help="which model of the repository (default: its first, the one in manifest.json)")
     parser.add_argument("--batch-sizes", default=DEFAULT_BATCH_SIZES, help=f"default {DEFAULT_BATCH_SIZES}")
     parser.add_argument("--threads", type=int, default=1,
                         help="ONNX Runtime intra-op threads per session, as the gateway runs them (default 1)")
@@ -100,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     if not batch_sizes or batch_sizes[0] < 1 or args.threads < 1 or args.repeats < 1:
         raise UserError("--batch-sizes, --threads and --repeats must be positive")
     result = profile_repository(args.model_repository, batch_sizes, args.threads, args.repeats,
-                                not args.no_progress)
+                                not args.no_progress, args.model)
     for position, latency in enumerate(result["latency_ms"]):
         seg = latency["segment_model"]
         print(f"exit {position + 1}: segment ms " + ", ".join(f"b{b}={ms:.2f}" for b, ms in seg.items()))
-    print(f"wrote latencies into {args.model_repository / 'manifest.json'}")
+    print(f"wrote latencies into {result['manifest']}")
     return 0
 
 

@@ -374,3 +374,33 @@ def test_triton_backend_loads_a_new_version_through_model_control(tiny_repositor
     finally:
         stop_process(triton)
         triton_log.close()
+
+
+def test_profile_and_calibrate_write_the_manifest_of_the_model_named(two_models, tmp_path, capsys):
+    """export.profile and benchmarks.calibrate take --model (default: the repository's first model) and
+    write that model's manifest only."""
+    from benchmarks.calibrate import main as calibrate_main
+    from export.profile import main as profile_main
+
+    repository = fresh_copy(two_models, tmp_path)
+    first_before = (repository / MANIFEST_FILE).read_text()
+    assert profile_main(["--model-repository", str(repository), "--model", SECOND, "--batch-sizes", "1,2",
+                         "--repeats", "1", "--no-progress"]) == 0
+    assert f"manifest.{SECOND}.json" in capsys.readouterr().out
+    assert (repository / MANIFEST_FILE).read_text() == first_before
+    second = read_manifest(repository, SECOND)
+    assert second.profile and all(set(e.latency_ms["segment_model"]) == {"1", "2"} for e in second.exits)
+    assert calibrate_main(["--model-repository", str(repository), "--model", SECOND, "--max-drop", "5",
+                           "--threads", "1"]) == 0
+    assert f"manifest.{SECOND}.json" in capsys.readouterr().out
+    assert (repository / MANIFEST_FILE).read_text() == first_before
+    second = read_manifest(repository, SECOND)
+    assert second.calibration["method"] and second.profile  # both written into the second model's manifest
+    # Without --model: the first model's manifest.json, as before.
+    assert profile_main(["--model-repository", str(repository), "--batch-sizes", "1", "--repeats", "1",
+                         "--no-progress"]) == 0
+    assert read_manifest(repository).profile and (repository / MANIFEST_FILE).read_text() != first_before
+    from common.errors import UserError
+
+    with pytest.raises(UserError, match="manifest of 'nope'"):
+        calibrate_main(["--model-repository", str(repository), "--model", "nope"])
