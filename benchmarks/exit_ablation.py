@@ -30,7 +30,7 @@ from benchmarks.calibration import evaluate, oracle, pick_accuracy_drop, thresho
 from common.errors import UserError, run_cli
 from common.provenance import git_commit, machine_description, utc_timestamp
 from training.checkpoint import load_checkpoint
-from training.datasets import heldout_split, load_split
+from training.datasets import heldout_split, load_split_for_model
 from training.temperature import exit_logits, fit_temperature
 
 
@@ -46,14 +46,14 @@ class Logits:
 
 def checkpoint_logits(path: Path, with_test: bool) -> Logits:
     model, meta = load_checkpoint(path)
-    train = load_split(meta.dataset_source(), "train")
+    train = load_split_for_model(meta.dataset_source(), "train", meta.input_size)
     _, heldout_idx = heldout_split(len(train), meta.heldout.size, meta.heldout.seed)
     norm = meta.normalization
 
     def logits_of(images) -> np.ndarray:
         return torch.stack(exit_logits(model, images, norm.mean, norm.std)).double().numpy()
 
-    test = load_split(meta.dataset_source(), "test") if with_test else None
+    test = load_split_for_model(meta.dataset_source(), "test", meta.input_size) if with_test else None
     final = meta.exits[-1]
     return Logits(logits_of(train.images[heldout_idx]), train.labels[heldout_idx],
                   logits_of(test.images) if test else None, test.labels if test else None,

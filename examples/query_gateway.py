@@ -20,7 +20,7 @@ from PIL import Image
 
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository root: run as a plain script
 from common.paths import DEFAULT_DATA  # noqa: E402
-from training.datasets import load_split  # noqa: E402
+from training.datasets import load_split_for_model  # noqa: E402
 
 
 def main() -> int:
@@ -32,7 +32,10 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=16, help="images to send")
     args = parser.parse_args()
 
-    test = load_split(args.data, "test")
+    # The model's own input (C, H, W), from the gateway's KServe v2 metadata: uploads of other data
+    # are converted to it here, as the gateway would for /v1/classify.
+    metadata = httpclient.InferenceServerClient(args.http).get_model_metadata(args.model)
+    test = load_split_for_model(args.data, "test", metadata["inputs"][0]["shape"][1:])
     chosen = np.random.default_rng(0).permutation(len(test))[: args.count]
     images, labels = test.images[chosen], test.labels[chosen]  # uint8 NHWC, normalised by the gateway
 

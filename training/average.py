@@ -27,7 +27,7 @@ from common.checkpoint_meta import CheckpointMeta
 from common.errors import UserError, run_cli
 from common.provenance import git_commit, utc_timestamp
 from training.checkpoint import load_checkpoint, save_checkpoint, this_machine
-from training.datasets import FORMATS, heldout_split, load_split
+from training.datasets import FORMATS, heldout_split, load_split_for_model
 from training.evaluate import evaluate_exits
 from training.models import MultiExitNet
 from training.transforms import augment, to_normalized
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"{args.checkpoints[0]}; only checkpoints of one run can be averaged")
     model = average_weights([m for m, _ in loaded])
 
-    train = load_split(first_meta.dataset_source(args.data), "train", args.data_format)
+    train = load_split_for_model(first_meta.dataset_source(args.data), "train", first_meta.input_size, args.data_format)
     if tuple(train.classes) != tuple(first_meta.classes):
         raise UserError(f"dataset classes {list(train.classes)[:5]}... differ from the checkpoints'")
     train_idx, heldout_idx = heldout_split(len(train), first_meta.heldout.size, first_meta.heldout.seed)

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from common.checkpoint_meta import CheckpointMeta
 from common.errors import UserError, run_cli
 from training.checkpoint import build_metadata, load_checkpoint, save_checkpoint
-from training.datasets import heldout_split, load_split
+from training.datasets import heldout_split, load_split_for_model
 from training.losses import exit_distillation_loss
 from training.models import HEADS, MultiExitNet, create_model
 from training.transforms import augment, to_normalized
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                                    **{**metadata.model_kwargs, "early_head": v.head}) for v in variants}
     heads = {name: nn.ModuleList(list(model.heads[:-1])) for name, model in models.items()}
 
-    train = load_split(metadata.dataset_source(args.data), "train")
+    train = load_split_for_model(metadata.dataset_source(args.data), "train", metadata.input_size)
     train_idx, heldout_idx = heldout_split(len(train), metadata.heldout.size, metadata.heldout.seed)
     if args.limit_train:
         train_idx = np.sort(np.random.default_rng(args.seed).permutation(train_idx)[: args.limit_train])

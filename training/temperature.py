@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from common.errors import UserError, run_cli
 from training.checkpoint import build_metadata, load_checkpoint, save_checkpoint
-from training.datasets import heldout_split, load_split
+from training.datasets import heldout_split, load_split_for_model
 from training.models import MultiExitNet
 from training.transforms import to_normalized
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     model, metadata = load_checkpoint(args.checkpoint)
     if metadata.training.get("temperatures"):
         raise UserError(f"{args.checkpoint} is already temperature-scaled: calibrate the checkpoint it came from")
-    train = load_split(metadata.dataset_source(args.data), "train")
+    train = load_split_for_model(metadata.dataset_source(args.data), "train", metadata.input_size)
     _, heldout_idx = heldout_split(len(train), metadata.heldout.size, metadata.heldout.seed)
     if not len(heldout_idx):
         raise UserError("the checkpoint has no held-out split to fit temperatures on")
