@@ -17,7 +17,7 @@ from serving.backends import OnnxRuntimeBackend, StageBackend, TritonBackend
 from serving.cascade import Cascade, CascadeSettings, default_queue_images
 from serving.dataplane import DataPlane
 from serving.errors import Unavailable
-from serving.grpc_api import start_grpc_server
+from serving.grpc_api import GrpcLimits, concurrent_rpc_limit, start_grpc_server
 from serving.http_api import HttpOptions, create_http_app
 from serving.metrics import GatewayMetrics
 from serving.model_store import ModelStore, NotServable
@@ -139,6 +139,27 @@ def grpc_security(settings: Settings) -> dict:
     return {"api_key": settings.api_key.get_secret_value() if settings.api_key else None, "tls": tls}
 
 
+def grpc_limits(settings: Settings, admission_images: int | None) -> GrpcLimits:
+    """The gRPC front end's limits: calls at once from the admission bound (`admission_images`, summed
+    over the models served at start-up), the HTTP connection limit and read timeout where grpc has them."""
+    return GrpcLimits(max_concurrent_rpcs=settings.grpc_max_concurrent_rpcs or concurrent_rpc_limit(admission_images),
+                      max_connections=settings.max_connections, handshake_timeout_s=settings.read_timeout_s,
+                      age_grace_s=max(settings.read_timeout_s, settings.request_timeout_s))
+
+
+def admission_images(store: ModelStore) -> int | None:
+    """Images admitted at once over every model served (None when one of them has no bound)."""
+    total = 0
+    for version in store.models.values():
+        cascade = version.cascade
+        bound = getattr(cascade, "max_queue_images", None) or getattr(
+            getattr(cascade, "settings", None), "max_queue_images", 0)
+        if not bound:
+            return None
+        total += bound
+    return total or None
+
+
 class Gateway:
     """Everything one gateway process runs: every model of the repository (a backend, cascade and
     dataplane per model version) behind one model store, which both front ends call."""
@@ -229,7 +250,8 @@ class Gateway:
         await self.store.start(self.settings.poll_repository_s)
         if self.settings.grpc_port >= 0:
             self.grpc_server = await start_grpc_server(self.dataplane, self.settings.host, self.settings.grpc_port,
-                                                       self.max_body_bytes, **grpc_security(self.settings))
+                                                       self.max_body_bytes, **grpc_security(self.settings),
+                                                       limits=grpc_limits(self.settings, admission_images(self.store)))
         log.info("gateway ready", extra={"fields": {
             "model": self.manifest.model, "exits": self.manifest.exit_depths, "backend": self.backend.name,
             "models": {name: version.version for name, version in self.store.models.items()},

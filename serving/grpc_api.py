@@ -9,6 +9,7 @@ import hmac
 import logging
 import math
 import uuid
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -242,13 +243,53 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(refuse)
 
 
+RPC_HEADROOM = 32  # calls at once beyond the admission bound: room for health and metadata calls
+
+
+def concurrent_rpc_limit(admission_images: int | None) -> int | None:
+    """The default of grpc.aio's limit on calls at once: every admitted inference call holds at least one
+    image, so calls beyond the admission bound (plus headroom for health and metadata calls) would be
+    refused anyway; grpc refuses them RESOURCE_EXHAUSTED before reading their message or running Python."""
+    return admission_images + RPC_HEADROOM if admission_images else None
+
+
+@dataclass(frozen=True)
+class GrpcLimits:
+    """Limits of the gRPC front end, as grpc's server options allow them (README: Security and limits).
+    There is no per-call read deadline in grpc: a call whose message arrives slowly is bounded by
+    max_age_s + age_grace_s (and the message size limit), not by the HTTP read timeout."""
+
+    max_concurrent_rpcs: int | None = None  # beyond: RESOURCE_EXHAUSTED ("Concurrent RPC limit exceeded!")
+    max_connections: int | None = None  # grpc.max_allowed_incoming_connections; beyond, connections fail
+    handshake_timeout_s: float = 30.0  # connection set-up (TCP, TLS, HTTP/2 settings) must finish in this
+    keepalive_s: float = 60.0  # the server pings a connection quiet for this long ...
+    keepalive_timeout_s: float = 20.0  # ... and closes it when the ping is not answered (a vanished client)
+    max_idle_s: float = 300.0  # a connection without calls for this long is closed (GOAWAY; clients reconnect)
+    max_age_s: float = 1800.0  # every connection is closed after this (GOAWAY) ...
+    age_grace_s: float = 60.0  # ... once its calls finished, or this much later at the latest
+
+    def options(self) -> list[tuple[str, int]]:
+        options = [("grpc.server_handshake_timeout_ms", int(self.handshake_timeout_s * 1000)),
+                   ("grpc.keepalive_time_ms", int(self.keepalive_s * 1000)),
+                   ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
+                   ("grpc.max_connection_idle_ms", int(self.max_idle_s * 1000)),
+                   ("grpc.max_connection_age_ms", int(self.max_age_s * 1000)),
+                   ("grpc.max_connection_age_grace_ms", int(self.age_grace_s * 1000))]
+        if self.max_connections:
+            options.append(("grpc.max_allowed_incoming_connections", self.max_connections))
+        return options
+
+
 async def start_grpc_server(dataplane: DataPlane, host: str, port: int, max_message_bytes: int, *,
-                            api_key: str | None = None, tls: tuple[bytes, bytes] | None = None) -> grpc.aio.Server:
+                            api_key: str | None = None, tls: tuple[bytes, bytes] | None = None,
+                            limits: GrpcLimits | None = None) -> grpc.aio.Server:
     """`tls`: (PEM private key, PEM certificate chain) to serve over TLS."""
+    limits = limits or GrpcLimits()
     options = [("grpc.max_receive_message_length", max_message_bytes),
-               ("grpc.max_send_message_length", max_message_bytes)]
+               ("grpc.max_send_message_length", max_message_bytes), *limits.options()]
     interceptors = [ApiKeyInterceptor(api_key, dataplane.metrics)] if api_key else []
-    server = grpc.aio.server(options=options, interceptors=interceptors)
+    server = grpc.aio.server(options=options, interceptors=interceptors,
+                             maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
     add_servicer(InferenceServicer(dataplane), server)
     if tls is not None:
         bound = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([tls]))

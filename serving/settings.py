@@ -58,10 +58,14 @@ class Settings(BaseSettings):
     tls_cert: Path | None = Field(None, description="PEM certificate: HTTPS and gRPC over TLS (with --tls-key)")
     tls_key: Path | None = Field(None, validate_default=True, description="PEM private key of --tls-cert")
     max_connections: int | None = Field(None, ge=1, description="HTTP connections and requests at once; "
-                                                                "more are answered 503 (none: no limit)")
+                                                                "more are answered 503 (none: no limit); also "
+                                                                "gRPC connections at once (more fail)")
     read_timeout_s: float = Field(30, gt=0, description="longest an HTTP client may take to send one request "
-                                                        "(headers and body); slower ones are disconnected")
+                                                        "(headers and body), or a gRPC client to set up its "
+                                                        "connection; slower ones are disconnected")
     keep_alive_s: int = Field(5, ge=1, description="idle HTTP keep-alive connections close after this")
+    grpc_max_concurrent_rpcs: int = Field(0, ge=0, description="gRPC calls at once; beyond, RESOURCE_EXHAUSTED "
+                                          "before the call is read (0: the admission bound in images plus 32)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     access_log: bool = Field(False, description="log every HTTP request")
     # Overload, deadlines and shutdown (issue 25).

@@ -540,6 +540,98 @@ def test_connections_beyond_the_limit_are_answered_503(secured_gateway):
         assert time.monotonic() < deadline
 
 
+def _live_channel(url: str) -> grpc.Channel:
+    """A gRPC channel on its own connection (no subchannel shared with other channels), connected."""
+    channel = grpc.insecure_channel(url, options=[("grpc.use_local_subchannel_pool", 1)])
+    service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerLive(service_pb2.ServerLiveRequest(), timeout=10)
+    return channel
+
+
+def test_grpc_connections_beyond_the_limit_fail_and_slow_handshakes_are_cut(secured_gateway):
+    """--max-connections applies to gRPC too (grpc.max_allowed_incoming_connections), and --read-timeout-s
+    bounds a gRPC connection's set-up (grpc.server_handshake_timeout_ms): a client that connects and sends
+    nothing is disconnected."""
+    channels = [_live_channel(secured_gateway.grpc_url) for _ in range(MAX_CONNECTIONS)]
+    try:
+        extra = grpc.insecure_channel(secured_gateway.grpc_url, options=[("grpc.use_local_subchannel_pool", 1)])
+        with pytest.raises(grpc.RpcError) as error:
+            service_pb2_grpc.GRPCInferenceServiceStub(extra).ServerLive(service_pb2.ServerLiveRequest(), timeout=10)
+        assert error.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        extra.close()
+    finally:
+        for channel in channels:
+            channel.close()
+    deadline = time.monotonic() + 30
+    while True:  # served again once the connections are gone
+        try:
+            _live_channel(secured_gateway.grpc_url).close()
+            break
+        except grpc.RpcError:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    host, port = secured_gateway.grpc_url.split(":")
+    silent = socket.create_connection((host, int(port)), timeout=30)
+    try:
+        started = time.monotonic()
+        while silent.recv(4096):  # the server's HTTP/2 settings, then nothing until it closes
+            pass
+        assert time.monotonic() - started < 25  # the 3 s handshake timeout, not the socket's 30 s
+    finally:
+        silent.close()
+
+
+def test_grpc_calls_past_the_concurrency_limit_are_resource_exhausted(tiny_repository, manifest_shape):
+    """--grpc-max-concurrent-rpcs (default: the admission bound plus 32): grpc refuses calls beyond it
+    RESOURCE_EXHAUSTED before reading them, even where the cascade would have room."""
+    process = GatewayProcess(tiny_repository, "--workers", "1", "--max-batch-size", "1", "--max-wait-ms", "0",
+                             "--grpc-max-concurrent-rpcs", "2")
+    images = np.random.default_rng(3).standard_normal((256, *manifest_shape)).astype(np.float32)
+
+    def call(_):
+        client = grpcclient.InferenceServerClient(process.grpc_url)
+        tensor = grpcclient.InferInput("images", list(images.shape), "FP32")
+        tensor.set_data_from_numpy(images)
+        try:  # 256 images x 3 single-sample stages each: long enough for 6 calls to overlap
+            client.infer(MODEL, [tensor], parameters={"threshold": 2.0})
+            return "ok"
+        except InferenceServerException as error:
+            return f"{error.status()} {error.message()}"
+        finally:
+            client.close()
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            outcomes = list(pool.map(call, range(6)))
+        assert "ok" in outcomes
+        refused = [outcome for outcome in outcomes if outcome != "ok"]
+        assert refused and all("RESOURCE_EXHAUSTED" in outcome and "Concurrent RPC limit" in outcome
+                               for outcome in refused), outcomes
+        assert grpcclient.InferenceServerClient(process.grpc_url).is_server_ready()
+    finally:
+        assert process.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def manifest_shape(tiny_repository):
+    from common.manifest import read_manifest
+
+    return tuple(read_manifest(tiny_repository).input.shape)
+
+
+def test_the_default_grpc_concurrency_limit_follows_the_admission_bound():
+    from serving.app import grpc_limits
+    from serving.grpc_api import RPC_HEADROOM, concurrent_rpc_limit
+    from serving.settings import load_settings
+
+    assert concurrent_rpc_limit(600) == 600 + RPC_HEADROOM and concurrent_rpc_limit(None) is None
+    limits = grpc_limits(load_settings(["--max-connections", "50", "--read-timeout-s", "7"]), 600)
+    assert limits.max_concurrent_rpcs == 600 + RPC_HEADROOM and limits.max_connections == 50
+    options = dict(limits.options())
+    assert options["grpc.max_allowed_incoming_connections"] == 50
+    assert options["grpc.server_handshake_timeout_ms"] == 7000
+    assert grpc_limits(load_settings(["--grpc-max-concurrent-rpcs", "5"]), 600).max_concurrent_rpcs == 5
+
+
 def _self_signed_certificate(directory) -> tuple:
     if shutil.which("openssl") is None:
         pytest.skip("no openssl to make a test certificate")
