@@ -67,6 +67,8 @@ class DeployedModel:
     version: int
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    # Independent branches in the graph that may run at once (an anytime ensemble's members).
+    parallel_branches: int = 1
 
     def output(self, name: str) -> TensorSpec:
         return next(spec for spec in self.outputs if spec.name == name)
@@ -154,6 +156,7 @@ def _deployed(data: dict) -> DeployedModel:
         version=data["version"],
         inputs=[TensorSpec(**spec) for spec in data["inputs"]],
         outputs=[TensorSpec(**spec) for spec in data["outputs"]],
+        parallel_branches=data.get("parallel_branches", 1),
     )
 
 

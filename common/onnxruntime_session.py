@@ -32,21 +32,26 @@ def execution_providers(device: str = "cpu") -> list[str]:
     return [CUDA, CPU] if use_cuda else [CPU]
 
 
-def session_options(intra_op_threads: int = 1):
-    """`onnxruntime.SessionOptions` with `intra_op_threads` non-spinning threads."""
+def session_options(intra_op_threads: int = 1, parallel_branches: int = 1):
+    """`onnxruntime.SessionOptions` with `intra_op_threads` non-spinning threads; a graph of
+    `parallel_branches` > 1 independent branches (an ensemble's members) runs them at once."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
+    if parallel_branches > 1:
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_PARALLEL
+        options.inter_op_num_threads = parallel_branches
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
-def create_session(model: bytes | str | os.PathLike, intra_op_threads: int = 1, device: str = "cpu"):
+def create_session(model: bytes | str | os.PathLike, intra_op_threads: int = 1, device: str = "cpu",
+                   parallel_branches: int = 1):
     """An `onnxruntime.InferenceSession` of `model` (ONNX bytes or a file path)."""
     import onnxruntime
 
     source = model if isinstance(model, bytes) else os.fspath(model)
-    return onnxruntime.InferenceSession(source, session_options(intra_op_threads),
+    return onnxruntime.InferenceSession(source, session_options(intra_op_threads, parallel_branches),
                                         providers=execution_providers(device))

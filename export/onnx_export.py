@@ -37,6 +37,7 @@ class ExportedModel:
     outputs: list[TensorSpec]
     max_abs_error: float
     top1_agreement: float
+    parallel_branches: int = 1  # independent branches ONNX Runtime may run at once
 
 
 class _ExitPrefix(nn.Module):
@@ -118,7 +119,9 @@ def export_and_validate(
         error, agreement = _compare(f"exit {model.exits[index].depth}", logits,
                                     reference[index].numpy(), tolerance, min_agreement)
         out_spec = TensorSpec(LOGITS_OUTPUT, [model.num_classes])
-        exported.append(ExportedModel("exit", index, onnx_bytes, [input_spec], [out_spec], error, agreement))
+        branches = getattr(model, "parallel_branches", None)  # an anytime ensemble's members
+        exported.append(ExportedModel("exit", index, onnx_bytes, [input_spec], [out_spec], error, agreement,
+                                      branches(index) if branches else 1))
 
     # Stages between consecutive chosen exits: chain them through ONNX Runtime.
     features, features_torch = images, tensor

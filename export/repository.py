@@ -132,7 +132,7 @@ def _write_model(staging: Path, name: str, backend: str, exported: ExportedModel
                 _write_file(version_dir / file_name, source.read_bytes())
     config = model_config(name, backend, exported.inputs, exported.outputs, batching)
     _write_file(model_dir / "config.pbtxt", config.encode())
-    return DeployedModel(name, version, exported.inputs, exported.outputs)
+    return DeployedModel(name, version, exported.inputs, exported.outputs, exported.parallel_branches)
 
 
 def _cascade_configs(backend: str) -> dict[str, dict[str, str]]:

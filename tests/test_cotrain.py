@@ -139,3 +139,21 @@ def test_tiny_ensemble_exports_and_serves_as_an_anytime_cascade(ensemble_reposit
     assert full.as_numpy("exit_depth").tolist() == [16] * 5
     assert first.as_numpy("exit_depth").tolist() == [8] * 5
     np.testing.assert_allclose(anytime.as_numpy("logits"), first.as_numpy("logits"), atol=1e-5)
+
+
+def test_the_full_policy_runs_the_members_side_by_side(ensemble_repository):
+    import onnxruntime
+
+    from serving.backends import OnnxRuntimeBackend
+
+    manifest = read_manifest(ensemble_repository)
+    assert [entry.exit_model.parallel_branches for entry in manifest.exits] == [1, 2]
+    assert all(entry.segment_model.parallel_branches == 1 for entry in manifest.exits)
+    backend = OnnxRuntimeBackend(ensemble_repository, manifest, device="cpu")
+    parallel = backend.exit_sessions[-1]
+    assert parallel.get_session_options().execution_mode == onnxruntime.ExecutionMode.ORT_PARALLEL
+    final = manifest.exits[-1].exit_model
+    sequential = create_session(str(ensemble_repository / final.name / str(final.version) / "model.onnx"))
+    assert sequential.get_session_options().execution_mode == onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    images = np.random.default_rng(6).standard_normal((7, *manifest.input.shape)).astype(np.float32)
+    np.testing.assert_allclose(backend.run_exit(1, images), sequential.run(None, {"images": images})[0], atol=1e-6)

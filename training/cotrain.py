@@ -98,6 +98,10 @@ class AnytimeEnsemble(MultiExitNet):
             raise ValueError(f"{len(views)} views for {len(self.segments)} members")
         return [stage.member_logits(view) for stage, view in zip(self.segments, views)]
 
+    def parallel_branches(self, index: int) -> int:
+        """Members in exit `index`'s per-exit model: independent, so they may run at once."""
+        return index + 1
+
 
 def divide(base: str, splits: int, num_classes: int = 10, width: int = 16, **kwargs) -> AnytimeEnsemble:
     """S members of registry network `base`, width scaled by 1/sqrt(S), as an anytime ensemble."""
