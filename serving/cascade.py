@@ -19,7 +19,12 @@ Requests are answered exactly once, whatever fails (issue 25):
 - queues are ordered earliest deadline first; a request's deadline for ordering is
   the earlier of its deadline and the end of its latency budget, and otherwise
   its arrival (plus the default timeout), so cascade requests already in deep
-  stages go before direct ones that arrived later;
+  stages go before direct ones that arrived later, and a request whose budget
+  cannot be met even at the first exit runs first and answers from that exit;
+- the budget policy continues a request only if the next segment would finish
+  within its budget less a reserve (`next_stage_ms`: each lane's batch time as a
+  line fitted to its recent batches, the work of every lane queued before it in
+  deadline order and the batches running, then the batch it joins);
 - admission control bounds the images inside the cascade (`max_queue_images`):
   beyond it a request is refused at once with `Overloaded` (429 / RESOURCE_EXHAUSTED);
 - any exception in a stage (the backend call, or the dispatch after it) fails that
@@ -148,6 +153,75 @@ class _BatchScores:
         return scores
 
 
+class LaneCost:
+    """A lane's batch time as a line, fixed + per sample (ms): a weighted least-squares fit through the
+    (batch size, backend ms) of its recent batches (exponentially weighted sums), so the estimate of a
+    batch of any size follows what the backend does now. Until batches of different sizes were seen,
+    the per-sample cost is the mean time per sample (no fixed part: an over-estimate for large batches)."""
+
+    __slots__ = ("alpha", "weight", "size", "ms", "size2", "size_ms")
+
+    def __init__(self, alpha: float = 0.05) -> None:
+        self.alpha = alpha
+        self.weight = self.size = self.ms = self.size2 = self.size_ms = 0.0
+
+    @property
+    def known(self) -> bool:
+        return self.weight > 0
+
+    def observe(self, size: int, milliseconds: float) -> None:
+        keep = 1 - self.alpha if self.weight else 0.0
+        new = 1 - keep
+        self.weight = 1.0
+        self.size = keep * self.size + new * size
+        self.ms = keep * self.ms + new * milliseconds
+        self.size2 = keep * self.size2 + new * size * size
+        self.size_ms = keep * self.size_ms + new * size * milliseconds
+
+    def line(self) -> tuple[float, float]:
+        """(fixed ms, ms per sample) of a batch."""
+        variance = self.size2 - self.size * self.size
+        if variance > 1e-9 * max(self.size2, 1.0):
+            per_sample = (self.size_ms - self.size * self.ms) / variance
+            fixed = self.ms - per_sample * self.size
+            if per_sample > 0 and fixed >= 0:
+                return fixed, per_sample
+        return 0.0, self.ms / max(self.size, 1e-9)
+
+    def batch_ms(self, size: int) -> float:
+        fixed, per_sample = self.line()
+        return fixed + per_sample * size if size > 0 else 0.0
+
+    def work_ms(self, samples: int, max_batch: int) -> float:
+        """Backend time of `samples` run in full batches of `max_batch` (the last one partial)."""
+        if samples <= 0:
+            return 0.0
+        fixed, per_sample = self.line()
+        return math.ceil(samples / max_batch) * fixed + per_sample * samples
+
+
+class _Backlog:
+    """What waits for the backend slots at one moment, by order key (the budget estimate's input):
+    per lane, the live samples queued (sorted by key) and the samples running."""
+
+    def __init__(self, cascade: Cascade) -> None:
+        self.keys: dict[Lane, list[float]] = {}
+        self.cumulative: dict[Lane, list[int]] = {}
+        for lane in cascade.lanes:
+            entries = sorted((key, len(group.samples)) for key, _, group in cascade.queues[lane] if group.live)
+            self.keys[lane] = [key for key, _ in entries]
+            self.cumulative[lane] = list(itertools.accumulate(count for _, count in entries))
+        self.running = {lane: cascade.in_lane[lane] - cascade.queued[lane] for lane in cascade.lanes}
+
+    def before(self, lane: Lane, key: float) -> int:
+        """Live samples queued in `lane` whose order key is before `key`."""
+        position = bisect_left(self.keys[lane], key)
+        return self.cumulative[lane][position - 1] if position else 0
+
+    def queued(self, lane: Lane) -> int:
+        return self.cumulative[lane][-1] if self.cumulative[lane] else 0
+
+
 @dataclass(frozen=True, eq=False)
 class Lane:
     """One queue of the cascade: the segment that ends at exit `position` of the plan,
@@ -209,8 +283,12 @@ class Cascade:
         self._waiting_since: dict[Lane, float] = dict.fromkeys(self.lanes, 0.0)
         # Moving average of one batch's backend time in each lane, in ms (seeded by the profile).
         self.run_ms: dict[Lane, float | None] = dict.fromkeys(self.lanes)
+        # Each lane's batch time by batch size (the budget policy's estimate), seeded by the profile.
+        self.costs: dict[Lane, LaneCost] = {lane: LaneCost() for lane in self.lanes}
         for lane, profiled in zip(self.segment_lanes, profiled_ms or []):
             self.run_ms[lane] = profiled
+            if profiled:
+                self.costs[lane].observe(1, profiled)
         self._direct_lane_of = {depth: lane for depth, lane in zip(plan.depths, self.direct_lanes)}
         self.images_in = 0  # images of the requests inside the cascade (admission control bounds it)
         self.requests: set[_Request] = set()
@@ -265,9 +343,14 @@ class Cascade:
             _, features = await asyncio.to_thread(self.backend.run, lane.position, inputs)
             if self.run_ms[lane] is None:
                 self.run_ms[lane] = (time.monotonic() - started) * 1000
+            if not self.costs[lane].known:
+                self.costs[lane].observe(len(sample), (time.monotonic() - started) * 1000)
             inputs = features
         for lane in self.direct_lanes:
+            started = time.monotonic()
             await asyncio.to_thread(self.backend.run_exit, lane.position, sample)
+            if not self.costs[lane].known:
+                self.costs[lane].observe(len(sample), (time.monotonic() - started) * 1000)
         if self.fallback is not None:  # its first calls are slow too
             await asyncio.to_thread(self.fallback.run, 0, sample)
 
@@ -573,6 +656,7 @@ class Cascade:
             if isinstance(outcome, BaseException):
                 raise outcome
             self._record_run_ms(lane, (finished - started) * 1000)
+            self.costs[lane].observe(size, (finished - started) * 1000)
             logits, features = outcome
             if lane.direct:
                 self._dispatch_direct(lane, groups, logits)
@@ -607,8 +691,8 @@ class Cascade:
         now = time.monotonic()
         batch_scores = _BatchScores(logits)
         last = stage == self.stages - 1
-        ahead = None  # samples queued in the next segment before a given key, made when first needed
-        upstream = sum(self.queued[lane] for lane in self.segment_lanes[:stage + 1])
+        backlog = None  # what waits for the backend slots, made when a budget request first needs it
+        continued = 0  # samples of this batch enqueued in the next segment so far (before the next group's)
         offset, answered = 0, 0
         for group in groups:
             count = len(group.samples)
@@ -623,11 +707,9 @@ class Cascade:
             scores = batch_scores(request.options.score)[rows]
             next_ms = None
             if not last and request.options.policy == "budget":
-                if ahead is None:
-                    ahead = self._ahead_counter(self.segment_lanes[stage + 1])
-                # Ahead of it: what waits in the next segment before it, and the samples waiting upstream,
-                # which share the backend slots and whose wait its continuing lengthens.
-                next_ms = self._predicted_ms(stage + 1, ahead(request.key) + upstream)
+                if backlog is None:
+                    backlog = _Backlog(self)
+                next_ms = self.next_stage_ms(backlog, stage + 1, request.key, count, continued)
                 if next_ms is not None:
                     next_ms += self.settings.budget_reserve * request.options.budget_ms
             stop = should_stop(stage, scores, request.options, self.plan,
@@ -644,6 +726,8 @@ class Cascade:
             else:  # all continue: the rows themselves, no copy
                 continuing = _Group(request, group.samples, features[rows])
             self._enqueue(self.segment_lanes[stage + 1], continuing)
+            if backlog is not None:  # (what went on before the backlog was made is in it)
+                continued += len(continuing.samples)
         if self.metrics and answered:
             self._exit_counters[stage].inc(answered)
 
@@ -669,18 +753,30 @@ class Cascade:
         previous = self.run_ms[lane]
         self.run_ms[lane] = milliseconds if previous is None else (1 - alpha) * previous + alpha * milliseconds
 
-    def _ahead_counter(self, lane: Lane):
-        """A function: live samples queued in `lane` whose order key is before a given key."""
-        entries = sorted((key, len(group.samples)) for key, _, group in self.queues[lane] if group.live)
-        keys = [key for key, _ in entries]
-        cumulative = list(itertools.accumulate(count for _, count in entries))
-        return lambda key: cumulative[position - 1] if (position := bisect_left(keys, key)) else 0
-
-    def _predicted_ms(self, stage: int, ahead: int = 0) -> float | None:
-        """Time to run segment `stage` for a request with `ahead` samples queued before it there:
-        the batches ahead share the backend slots, then its own batch runs (times the margin)."""
-        run = self.run_ms[self.segment_lanes[stage]]
-        if run is None:
+    def next_stage_ms(self, backlog: _Backlog, stage: int, key: float, own: int, continued: int = 0) -> float | None:
+        """Predicted time until segment `stage` has run a request's `own` samples, whose order key is
+        `key` (times the margin; None before the segment's cost is known). The backend slots take
+        work earliest key first across every lane, so ahead of it are: the batches running now, and in
+        every lane the samples queued with an earlier key (plus `continued`, those of the current
+        batch already sent on to `stage`); those of `stage` fill whole batches, and the rest go into
+        the batch it joins, with its own samples and the ones queued behind it (up to a batch)."""
+        lane = self.segment_lanes[stage]
+        cost = self.costs[lane]
+        if not cost.known:
             return None
-        batches_ahead = math.ceil(ahead / self.settings.max_batch_size)
-        return run * (1 + batches_ahead / self.settings.workers) * self.settings.budget_margin
+        maximum = self.settings.max_batch_size
+        work_ms = 0.0
+        for other in self.lanes:
+            other_cost = self.costs[other]
+            if not other_cost.known:
+                continue
+            work_ms += other_cost.work_ms(backlog.running[other], maximum)  # running batches: as if just begun
+            if other is not lane:
+                work_ms += other_cost.work_ms(backlog.before(other, key), maximum)
+        ahead = backlog.before(lane, key) + continued
+        full_batches, rest = divmod(ahead, maximum)
+        work_ms += full_batches * cost.batch_ms(maximum)
+        behind = backlog.queued(lane) - backlog.before(lane, key)
+        joined = min(maximum, rest + own + behind)
+        own_ms = cost.batch_ms(joined) + cost.work_ms(rest + own - maximum, maximum)  # (more than a batch: after)
+        return (work_ms / self.settings.workers + own_ms) * self.settings.budget_margin

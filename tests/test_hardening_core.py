@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import signal
 import threading
@@ -23,7 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 from common.manifest import read_manifest
 from serving.backends import OnnxRuntimeBackend
-from serving.cascade import Cascade, CascadeSettings, default_queue_images
+from serving.cascade import Cascade, CascadeSettings, LaneCost, _Backlog, _Group, _Request, default_queue_images
 from serving.errors import DeadlineExceeded, Overloaded, Unavailable
 from serving.metrics import GatewayMetrics
 from serving.policy import RequestOptions, exit_plan, resolve_options
@@ -302,12 +303,47 @@ def test_queues_are_earliest_deadline_first_and_direct_requests_do_not_overtake(
     assert second[lanes.index("seg0")][1] == 60.0
 
 
-def test_the_budget_policy_counts_the_queue_ahead(tiny_repository, manifest):
+def _line(fixed: float, per_sample: float) -> LaneCost:
+    cost = LaneCost()
+    for size in (1, 8, 64, 8, 1, 32):  # batches on an exact line: the fit recovers it
+        cost.observe(size, fixed + per_sample * size)
+    return cost
+
+
+def test_a_lane_cost_is_the_line_through_its_recent_batches():
+    fixed, per_sample = _line(1.0, 0.5).line()
+    assert fixed == pytest.approx(1.0) and per_sample == pytest.approx(0.5)
+    assert _line(1.0, 0.5).work_ms(20, 8) == pytest.approx(3 * 1.0 + 0.5 * 20)  # three batches
+    one_size = LaneCost()
+    one_size.observe(4, 6.0)  # one batch size seen: its time per sample, no fixed part
+    assert one_size.line() == pytest.approx((0.0, 1.5)) and not LaneCost().known
+
+
+def test_the_budget_estimate_counts_the_work_ahead_in_deadline_order_and_the_batch_it_joins(
+        tiny_repository, manifest):
+    """Deterministic: hand-made queues and lane costs, no timing. Two slots, batches of 8, margin 1.1."""
     cascade, _ = make(tiny_repository, manifest, workers=2, max_batch_size=8)
-    cascade.run_ms[cascade.segment_lanes[1]] = 2.0
-    alone = cascade._predicted_ms(1, ahead=0)
-    behind = cascade._predicted_ms(1, ahead=64)
-    assert alone == pytest.approx(2.0 * 1.1) and behind == pytest.approx(2.0 * (1 + 8 / 2) * 1.1)
+    seg0, seg1, seg2 = cascade.segment_lanes
+    exit2 = cascade.direct_lanes[2]
+    cascade.costs.update({seg0: _line(1.0, 0.5), seg1: _line(2.0, 1.0), seg2: _line(0.0, 2.0),
+                          exit2: _line(0.0, 3.0)})  # the other direct lanes: not yet known, not counted
+    opts = options(manifest, policy="budget", budget_ms=100.0)
+    for lane, key, count in ((seg0, 1.0, 3), (seg0, 5.0, 4), (seg1, 2.0, 10), (seg1, 6.0, 5), (exit2, 0.5, 2)):
+        request = _Request(opts, count, 0.0, None, math.inf, key)
+        cascade._enqueue(lane, _Group(request, np.arange(count), None))
+    cascade.in_lane[seg2] += 4  # a batch of 4 running in segment 2
+    backlog = _Backlog(cascade)
+    # Key 3.0, 2 samples, 1 sample of the current batch already sent on: ahead in other lanes seg0's 3
+    # (1 + 0.5 x 3), exit2's 2 (3 x 2) and the running 4 (2 x 4); in segment 1, 10 + 1 ahead: one full
+    # batch (2 + 8), and 3 go into its batch with its 2 and the 5 behind, capped at 8 (2 + 8).
+    work = (2.5 + 6.0 + 8.0 + 10.0) / 2
+    assert cascade.next_stage_ms(backlog, 1, 3.0, 2, continued=1) == pytest.approx((work + 10.0) * 1.1)
+    # An earlier key goes before segment 1's queue: only what is due before it elsewhere, then its batch.
+    assert cascade.next_stage_ms(backlog, 1, 1.5, 2) == pytest.approx(((2.5 + 6.0 + 8.0) / 2 + 10.0) * 1.1)
+    # A later key waits for everything; 12 samples behind 15 span its batch (8) and 11 more (two batches).
+    later = ((1 + 0.5 * 7) + 6.0 + 8.0 + (2 + 8)) / 2 + (2 + 8) + (2 * 2 + 11)
+    assert cascade.next_stage_ms(backlog, 1, 100.0, 12) == pytest.approx(later * 1.1)
+    assert make(tiny_repository, manifest)[0].next_stage_ms(backlog, 1, 1.0, 1) is None  # no cost known yet
 
 
 def test_a_request_past_its_budget_stops_at_the_first_exit(tiny_repository, manifest):
