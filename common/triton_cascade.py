@@ -39,3 +39,11 @@ PARAMETERS = {
 def cascade_model_name(model: str) -> str:
     """Triton name of the model that runs the whole cascade of `model`."""
     return f"{model}_cascade"
+
+
+def cascaded_model(cascade_model: str) -> str:
+    """The early-exit model whose cascade the Triton model `cascade_model` runs (its manifest's name)."""
+    suffix = cascade_model_name("")
+    if not cascade_model.endswith(suffix) or cascade_model == suffix:
+        raise ValueError(f"{cascade_model!r} is not the name of a cascade model (<model>{suffix})")
+    return cascade_model[:-len(suffix)]

@@ -11,7 +11,8 @@ Triton's dynamic batcher hands `execute` several requests. Their images are run
 together through the first segment; at every stage the samples that continue, from
 all the requests of the batch, are run together through the next segment. Each
 request has its own policy options (request parameters, as the gateway's);
-thresholds come from the repository's manifest (calibrated), like the gateway's.
+thresholds come from its model's manifest (calibrated; `manifest.json` for the repository's first model,
+`manifest.<model>.json` for the others), like the gateway's.
 
 Modes (config parameter `mode`): `in_process` runs the segments' ONNX files with ONNX
 Runtime here; `bls` sends every stage to the per-segment model with a BLS request
@@ -33,7 +34,7 @@ import policy
 import triton_python_backend_utils as pb_utils
 from manifest import read_manifest
 from normalisation import normalise_uint8
-from triton_cascade import BLS, IMAGES_INPUT, IN_PROCESS, MODES, NORMALISED_INPUT, PARAMETERS
+from triton_cascade import BLS, IMAGES_INPUT, IN_PROCESS, MODES, NORMALISED_INPUT, PARAMETERS, cascaded_model
 
 
 class StageError(RuntimeError):
@@ -173,7 +174,8 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"parameter mode must be one of {', '.join(MODES)}, "
                                                 f"not {settings['mode']!r}")
         repository = os.path.dirname(os.path.abspath(args["model_repository"]))
-        self.manifest = read_manifest(repository)
+        # Its own model's manifest: manifest.json for the repository's first model, else manifest.<model>.json.
+        self.manifest = read_manifest(repository, cascaded_model(args["model_name"]))
         self.plan = policy.exit_plan(self.manifest, float(settings["default_threshold"]))
         self.classes = len(self.manifest.classes)
         self.budget_margin = float(settings["budget_margin"])

@@ -285,3 +285,46 @@ def test_triton_cascade_backend_without_triton_is_a_one_line_error(tiny_reposito
                         "--triton-url", f"127.0.0.1:{free_port()}")
     assert result.returncode == 2 and "not reachable" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def two_model_repository(tiny_repository, imagefolder, tmp_path_factory):
+    """The tiny repository with a second model (other weights) exported into it as `tiny_b`: its manifest is
+    manifest.tiny_b.json and its cascade model tiny_b_cascade."""
+    from .test_multi_model import SECOND, export, make_checkpoint
+
+    directory = tmp_path_factory.mktemp("two-models")
+    checkpoint = make_checkpoint(imagefolder, directory / "other.safetensors", seed=7)
+    repository = directory / "repo"
+    shutil.copytree(tiny_repository, repository)
+    export(checkpoint, repository, SECOND)
+    assert (repository / f"manifest.{SECOND}.json").exists()
+    assert (repository / cascade_model_name(SECOND) / "1" / "model.py").exists()
+    return repository
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_cascade_model_reads_its_own_models_manifest(two_model_repository, triton_venv, tmp_path, mode):
+    """Two models in one repository on a real tritonserver: each `<model>_cascade` runs its own model (its
+    manifest: manifest.json for the first, manifest.<model>.json for the second), in both modes."""
+    from .test_multi_model import SECOND
+
+    repository = _linked_copy(two_model_repository, tmp_path / "repo")
+    for name in (MODEL, SECOND):
+        config = repository / cascade_model_name(name) / "config.pbtxt"
+        text = (config.parent / "configs" / f"{mode}.pbtxt").read_text()
+        config.unlink()
+        config.write_text(text)
+    expected = {}
+    for name in (MODEL, SECOND):
+        manifest = read_manifest(repository, name)
+        final = manifest.exits[-1].exit_model
+        session = create_session(repository / final.name / str(final.version) / "model.onnx")
+        expected[name] = session.run(None, {"images": normalise_uint8(IMAGES, manifest.mean, manifest.std)})[0]
+    assert not np.allclose(expected[MODEL], expected[SECOND], atol=1e-3)
+    with TritonServer(repository, triton_venv, log_path=tmp_path / "tritonserver.log") as server:
+        for name in (MODEL, SECOND):
+            for module, url in ((httpclient, server.http_url), (grpcclient, server.grpc_url)):
+                logits, depths, _ = _ask(module, url, cascade_model_name(name), IMAGES, {"policy": "full"})
+                np.testing.assert_allclose(logits, expected[name], atol=1e-4)
+                assert set(depths.tolist()) == {read_manifest(repository, name).exits[-1].depth}
