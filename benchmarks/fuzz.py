@@ -1,8 +1,12 @@
 """Mutation fuzzing of a running gateway's front ends (issue 25): malformed KServe v2 JSON and
 binary-tensor requests, raw bodies, multipart uploads and gRPC messages (well-formed protobuf
 with hostile values, and undecodable bytes), many thousands a minute, seeded and repeatable.
-Counts the answers by status; a 5xx, a gRPC UNKNOWN or INTERNAL, a dropped connection or a
-request that hangs past its timeout is a finding (the first few are kept with their request).
+Counts the answers by status; an unexpected 5xx, a gRPC UNKNOWN or INTERNAL, a dropped connection,
+invalid JSON or a request that hangs past its timeout is a finding (the first few are kept with
+their request). Expected is one 5xx only: 504 DeadlineExceeded for a request that set its own
+`timeout` (counted as "504-own-timeout"): the client chose a deadline that passed, and 504 is where
+the gRPC-to-HTTP mapping (google.rpc.Code) puts DEADLINE_EXCEEDED; no 4xx means that (408 is a
+client too slow to send its request).
 
     python -m benchmarks.fuzz --requests 50000                       # a gateway started here
     python -m benchmarks.fuzz --http 127.0.0.1:8080 --grpc 127.0.0.1:8081 --model mwresnet56_5
@@ -195,19 +199,24 @@ class Tally:
         self.statuses: dict[str, int] = {}
         self.findings: list[dict] = []
         self.count = 0
+        self.bad = 0  # findings: unexpected 5xx, UNKNOWN/INTERNAL, dropped, invalid JSON, hangs
+        self.hangs = 0
 
     def add(self, kind: str, status: str, bad: bool, detail: str = "") -> None:
         self.count += 1
         key = f"{kind}:{status}"
         self.statuses[key] = self.statuses.get(key, 0) + 1
+        self.bad += bad
+        self.hangs += status == "hang"
         if bad and len(self.findings) < KEPT_FINDINGS:
             self.findings.append({"kind": kind, "status": status, "detail": detail[:500]})
 
-    @property
-    def bad(self) -> int:
-        return sum(count for key, count in self.statuses.items()
-                   if key.split(":", 1)[1] in ("hang", "dropped") or key.split(":", 1)[1].startswith("5")
-                   or key.endswith(("UNKNOWN", "INTERNAL")))
+
+def own_timeout_expired(status: int, answer: bytes, body: bytes | None, headers: dict) -> bool:
+    """A 504 DeadlineExceeded for a request that carried its own deadline (a `timeout` parameter or
+    header): the answer the client asked for, not a finding."""
+    return (status == 504 and b"deadline" in answer.lower()
+            and ("timeout" in {name.lower() for name in headers} or (body is not None and b'"timeout"' in body)))
 
 
 async def fuzz(http_url: str, grpc_url: str, model: str, input_shape: tuple[int, int, int], requests: int,
@@ -249,13 +258,16 @@ async def fuzz(http_url: str, grpc_url: str, model: str, input_shape: tuple[int,
             except httpx.TransportError as error:
                 tally.add(kind, "dropped", True, f"{type(error).__name__} {method} {path} {body[:200]!r}")
                 return
+            status = str(response.status_code)
             bad = response.status_code >= 500
+            if bad and own_timeout_expired(response.status_code, response.content, body, headers):
+                bad, status = False, "504-own-timeout"
             if not bad and response.headers.get("content-type", "").startswith("application/json"):
                 try:
                     json.loads(response.content, parse_constant=lambda constant: 1 / 0)
                 except (ValueError, ZeroDivisionError):
                     bad = True
-            tally.add(kind, str(response.status_code), bad,
+            tally.add(kind, status, bad,
                       f"{method} {path} -> {response.text[:200]} <- {body[:200] if body else files!r}")
 
         async def worker() -> None:
@@ -269,7 +281,8 @@ async def fuzz(http_url: str, grpc_url: str, model: str, input_shape: tuple[int,
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.monotonic() - started
     return {"requests": tally.count, "seconds": round(elapsed, 2), "requests_per_s": round(tally.count / elapsed, 1),
-            "bad": tally.bad, "answers": dict(sorted(tally.statuses.items())), "findings": tally.findings,
+            "bad": tally.bad, "hangs": tally.hangs, "answers": dict(sorted(tally.statuses.items())),
+            "findings": tally.findings,
             "seed": seed, "concurrency": concurrency, "timeout_s": timeout_s}
 
 

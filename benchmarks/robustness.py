@@ -23,7 +23,10 @@ Phases:
 - soak: closed loop at c=32, four policies mixed, for --soak-s: errors, duplicates, memory slope
   after the first fifth;
 - bomb: 100 copies of a 7999x7999 1-bit PNG in one /v1/classify upload: time to the refusal, and
-  the slowest /v2/health/ready answer meanwhile.
+  the slowest /v2/health/ready answer meanwhile;
+- fuzz: --fuzz-requests mutated requests from benchmarks.fuzz (JSON, binary, raw bodies, uploads,
+  gRPC messages and bytes): findings (unexpected 5xx, UNKNOWN/INTERNAL, dropped, invalid JSON) and
+  hangs; a 504 for a request whose own `timeout` expired is expected, not a finding.
 
 Numbers from a busy machine mean little: run it on a quiet one (make robustness).
 """
@@ -54,11 +57,12 @@ from common.manifest import ManifestError, read_manifest
 from common.paths import REPO_ROOT
 from common.provenance import git_commit, machine_description, utc_timestamp
 
-PHASES = ("capacity", "overload", "cancellation", "shutdown", "triton", "budget", "soak", "bomb")
+PHASES = ("capacity", "overload", "cancellation", "shutdown", "triton", "budget", "soak", "bomb", "fuzz")
 ISSUE_DURATIONS = {"capacity_s": 15.0, "overload_s": 60.0, "settle_s": 10.0, "backlog_s": 15.0, "grace_s": 5.0,
-                   "budget_s": 20.0, "soak_s": 600.0, "cancel_calls": 200}
+                   "budget_s": 20.0, "soak_s": 600.0, "cancel_calls": 200, "fuzz_requests": 50_000}
 QUICK_DURATIONS = {"capacity_s": 2.0, "overload_s": 2.0, "settle_s": 1.0, "backlog_s": 2.0, "grace_s": 0.5,
-                   "budget_s": 2.0, "soak_s": 4.0, "cancel_calls": 40}
+                   "budget_s": 2.0, "soak_s": 4.0, "cancel_calls": 40, "fuzz_requests": 300}
+FUZZ_TARGET_REQUESTS = 50_000
 
 
 # -- measuring helpers ------------------------------------------------------------
@@ -525,6 +529,28 @@ class Run:
                    400 <= answer.status_code < 500 and elapsed < 100),
             target("bomb_health_max_ms", "< 50", result["health_latency_ms"].get("max"),
                    bool(health) and max(health) < 50),
+        ]
+        return result
+
+
+    # fuzz -----------------------------------------------------------------------
+    def fuzz(self) -> dict:
+        from benchmarks.fuzz import fuzz
+
+        shape = tuple(read_manifest(self.repository).input.shape)
+        requests = int(self.durations["fuzz_requests"])
+        with self.gateway("fuzz") as gateway:
+            result = asyncio.run(fuzz(gateway.http_url, gateway.grpc_url, self.model, shape, requests))
+            result["ready_after"] = _ready(gateway.http_url)
+        findings = result["bad"] - result["hangs"]
+        enough = result["requests"] >= FUZZ_TARGET_REQUESTS
+        self.targets += [
+            target("fuzz_unexpected_5xx", f"0 unexpected 5xx / UNKNOWN / INTERNAL / dropped / invalid JSON in "
+                   f">= {FUZZ_TARGET_REQUESTS} requests (504 for an expired own timeout is expected)",
+                   {"findings": findings, "requests": result["requests"]}, findings == 0 and enough),
+            target("fuzz_hangs", f"0 in >= {FUZZ_TARGET_REQUESTS} requests",
+                   {"hangs": result["hangs"], "requests": result["requests"]},
+                   result["hangs"] == 0 and enough and result["ready_after"]),
         ]
         return result
 

@@ -824,6 +824,19 @@ def test_schemathesis_finds_no_5xx(openapi_schema):
     assert 200 in statuses and any(400 <= status < 500 for status in statuses)
 
 
+def test_a_504_for_the_clients_own_expired_timeout_is_not_a_fuzz_finding(gateway):
+    """The fuzz run's one expected 5xx: a request whose own `timeout` (1 microsecond) passed is answered
+    504 DeadlineExceeded (gRPC: DEADLINE_EXCEEDED), which the fuzzer does not count as a finding."""
+    from benchmarks.fuzz import own_timeout_expired
+
+    body = json.dumps({**_valid_request(), "parameters": {"timeout": 1}}).encode()
+    answer = _post(gateway, body)
+    assert answer.status_code == 504 and "deadline" in answer.json()["error"]
+    assert own_timeout_expired(504, answer.content, body, {"Content-Type": "application/json"})
+    assert not own_timeout_expired(504, answer.content, _body(_valid_request()), {})  # no deadline of its own
+    assert not own_timeout_expired(500, answer.content, body, {})
+
+
 def test_mutation_fuzzer_finds_nothing(gateway, tiny_repository):
     """benchmarks.fuzz (the robustness run's 50,000-request fuzzer), bounded: every kind of mutated
     request (JSON, binary, raw bodies, uploads, gRPC messages and undecodable gRPC bytes) is answered,

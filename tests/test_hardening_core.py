@@ -616,7 +616,7 @@ def test_the_robustness_run_writes_every_phase(tiny_repository, tmp_path):
     assert main(["--model-repository", str(tiny_repository), "--output", str(output), "--quick", "--images", "60",
                  "--phases", ",".join(phases), "--capacity-s", "1", "--overload-s", "1", "--settle-s", "0.5",
                  "--budget-s", "1", "--soak-s", "2", "--backlog-s", "1", "--grace-s", "0.2",
-                 "--cancel-calls", "10"]) == 0
+                 "--cancel-calls", "10", "--fuzz-requests", "120"]) == 0
     document = json.loads((output / "robustness.json").read_text())
     assert set(document["phases"]) == set(phases)
     assert not [phase for phase, result in document["phases"].items() if "error" in result]
@@ -626,6 +626,9 @@ def test_the_robustness_run_writes_every_phase(tiny_repository, tmp_path):
     assert targets["soak_errors"]["met"] and targets["soak_duplicates"]["met"]
     assert document["phases"]["overload"]["outcomes"].get("ok", 0) > 0
     assert document["phases"]["bomb"]["status"] >= 400  # refused, whatever its time
+    fuzzed = targets["fuzz_unexpected_5xx"]["measured"]
+    assert fuzzed == {"findings": 0, "requests": 120} and targets["fuzz_hangs"]["measured"]["hangs"] == 0
+    assert not targets["fuzz_hangs"]["met"]  # 120 requests are not the 50,000 the target asks for
     if "triton" in document["phases"]:
         assert document["phases"]["triton"]["request_while_down"] == "UNAVAILABLE"
     assert document["commit"] and document["command"].startswith("python -m benchmarks.robustness")
