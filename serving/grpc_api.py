@@ -243,13 +243,15 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(refuse)
 
 
-RPC_HEADROOM = 32  # calls at once beyond the admission bound: room for health and metadata calls
+RPC_HEADROOM = 8  # calls at once beyond the admission bound: room for a few health and metadata calls
 
 
 def concurrent_rpc_limit(admission_images: int | None) -> int | None:
     """The default of grpc.aio's limit on calls at once: every admitted inference call holds at least one
     image, so calls beyond the admission bound (plus headroom for health and metadata calls) would be
-    refused anyway; grpc refuses them RESOURCE_EXHAUSTED before reading their message or running Python."""
+    refused anyway; grpc refuses them RESOURCE_EXHAUSTED before reading their message or running Python.
+    The headroom is small so that, with the cascade full of single-image calls, further calls are
+    refused there rather than in the gateway's own admission (calls with more images still are)."""
     return admission_images + RPC_HEADROOM if admission_images else None
 
 

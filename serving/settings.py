@@ -65,7 +65,7 @@ class Settings(BaseSettings):
                                                         "connection; slower ones are disconnected")
     keep_alive_s: int = Field(5, ge=1, description="idle HTTP keep-alive connections close after this")
     grpc_max_concurrent_rpcs: int = Field(0, ge=0, description="gRPC calls at once; beyond, RESOURCE_EXHAUSTED "
-                                          "before the call is read (0: the admission bound in images plus 32)")
+                                          "before the call is read (0: the admission bound in images plus 8)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     access_log: bool = Field(False, description="log every HTTP request")
     # Overload, deadlines and shutdown (issue 25).

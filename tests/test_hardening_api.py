@@ -581,7 +581,7 @@ def test_grpc_connections_beyond_the_limit_fail_and_slow_handshakes_are_cut(secu
 
 
 def test_grpc_calls_past_the_concurrency_limit_are_resource_exhausted(tiny_repository, manifest_shape):
-    """--grpc-max-concurrent-rpcs (default: the admission bound plus 32): grpc refuses calls beyond it
+    """--grpc-max-concurrent-rpcs (default: the admission bound plus 8): grpc refuses calls beyond it
     RESOURCE_EXHAUSTED before reading them, even where the cascade would have room."""
     process = GatewayProcess(tiny_repository, "--workers", "1", "--max-batch-size", "1", "--max-wait-ms", "0",
                              "--grpc-max-concurrent-rpcs", "2")
