@@ -19,6 +19,9 @@ PLATFORMS = {
 }
 
 
+KEPT_VERSIONS = 2  # version_policy { latest { num_versions } } of every model
+
+
 @dataclass(frozen=True)
 class BatchingConfig:
     max_batch_size: int = 64
@@ -45,6 +48,9 @@ def build_model_config(
     field, value, _ = PLATFORMS[backend]
     config = model_config_pb2.ModelConfig(name=name, max_batch_size=batching.max_batch_size)
     setattr(config, field, value)
+    # The two newest versions: when export adds version N+1, Triton loads it beside N, which keeps serving
+    # the requests already sent to it (the gateway calls each version by number) until the gateway swaps.
+    config.version_policy.latest.num_versions = KEPT_VERSIONS
     for spec in inputs:
         _tensor(config.input.add(), spec)
     for spec in outputs:
@@ -93,6 +99,7 @@ def cascade_model_config(name: str, input_shape: list[int], classes: int, batchi
                for output, dtype in CASCADE_OUTPUTS.items()]
     config = build_model_config(name, "python", inputs, outputs, batching)
     del config.parameters["intra_op_threads"]
+    config.ClearField("version_policy")  # one version: each is a Python stub process with its own sessions
     for tensor in config.input:
         tensor.optional = True
     for tensor in config.output:  # exit_depth and confidence: dims [1], yet the model answers

@@ -56,7 +56,7 @@ class OnnxRuntimeBackend:
             path = Path(repository) / model.name / str(model.version) / "model.onnx"
             if not path.exists():
                 raise FileNotFoundError(f"{path} not found: the onnxruntime backend needs the ONNX files")
-            return create_session(path, intra_op_threads, device)
+            return create_session(path, intra_op_threads, device, model.parallel_branches)
 
         self.sessions = [session(entry.segment_model) for entry in manifest.exits]
         self.outputs = [_output_names(entry.segment_model) for entry in manifest.exits]
@@ -184,10 +184,11 @@ class TritonBackend:
                 else:
                     client = self.module.InferenceServerClient(self.url, connection_timeout=CONNECT_TIMEOUT_S,
                                                                network_timeout=CONNECT_TIMEOUT_S)
-            if self.protocol == "grpc":
-                ready = client.is_server_ready(client_timeout=CONNECT_TIMEOUT_S)
-            else:
-                ready = client.is_server_ready()
+            # Its own models at their versions, not Triton's strict server readiness: that is false while
+            # Triton loads or unloads any model (another version of this model during a swap, too).
+            timeout = {"client_timeout": CONNECT_TIMEOUT_S} if self.protocol == "grpc" else {}
+            ready = all(client.is_model_ready(model.name, str(model.version), **timeout)
+                        for model in self.models + self.exit_models)
         except Exception:  # unreachable, frozen or restarting: a fresh client next time
             ready = False
         if ready:

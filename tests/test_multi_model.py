@@ -321,15 +321,19 @@ def test_broken_new_versions_are_refused_and_the_old_one_keeps_serving(tiny_repo
         assert gateway.stop() == 0
 
 
-def test_triton_backend_loads_a_new_version_through_model_control(tiny_repository, other_checkpoint, triton_venv,
-                                                                  tmp_path):
-    """--backend triton against a real tritonserver in explicit model-control mode: a load on the gateway
-    asks Triton to load the new version's models, then serves them (Triton's answers are version 2's)."""
+def test_triton_backend_swaps_a_new_version_under_load_through_model_control(tiny_repository, other_checkpoint,
+                                                                              triton_venv, tmp_path):
+    """--backend triton against a real tritonserver in explicit model-control mode, under continuous load
+    from real clients: a load on the gateway asks Triton to load the new version's models beside the old
+    ones (version_policy keeps the two newest), then swaps: no request fails, every answer is one version's,
+    and the answers after the swap are version 2's."""
     import subprocess
 
     from benchmarks.triton_launcher import free_port, http_ready, server_command, stop_process
 
     repository = fresh_copy(tiny_repository, tmp_path)
+    assert "num_versions: 2" in (repository / read_manifest(repository).exits[0].segment_model.name
+                                 / "config.pbtxt").read_text()
     images = images_for(repository)
     old = final_logits(repository, MODEL, images)
     ports = free_port(), free_port(), free_port()
@@ -347,26 +351,39 @@ def test_triton_backend_loads_a_new_version_through_model_control(tiny_repositor
                             log_path=tmp_path / "gateway.log") as gateway:
             client = grpcclient.InferenceServerClient(gateway.grpc_url)
             np.testing.assert_allclose(infer(grpcclient, client, MODEL, images).as_numpy("logits"), old, atol=1e-4)
+            clients = [LoadClient(protocol, url, images) for protocol, url in
+                       (("http", gateway.http_url), ("grpc", gateway.grpc_url))]
+            for load in clients:
+                load.start()
+            while sum(len(c.answers) for c in clients) < 50 and time.monotonic() < deadline:
+                time.sleep(0.05)
             export(other_checkpoint, repository)  # version 2, not loaded by Triton yet
             segment = read_manifest(repository).exits[-1].segment_model
             triton_client = grpcclient.InferenceServerClient(triton_url)
             assert segment.version == 2 and not triton_client.is_model_ready(segment.name, "2")
             answer = httpx.post(f"http://{gateway.http_url}/v2/repository/models/{MODEL}/load", timeout=120)
             assert answer.status_code == 200 and answer.json()["version"] == "2", answer.text
-            assert triton_client.is_model_ready(segment.name, "2")
-            # Triton unloads version 1 of each model after loading its version 2; while it does, its strict
-            # readiness is false, and so is the gateway's (it follows Triton's health).
-            names = {model.name for entry in read_manifest(repository).exits
-                     for model in (entry.segment_model, entry.exit_model)}
-            while any(m.version == "1" and m.state != "UNAVAILABLE" for m in
-                      triton_client.get_model_repository_index().models if m.name in names):
-                assert time.monotonic() < deadline + 120
-                time.sleep(0.1)
-            while not client.is_model_ready(MODEL):
-                assert time.monotonic() < deadline + 120
-                time.sleep(0.1)
+            swapped = time.monotonic()
+            # Triton keeps version 1 of each model loaded beside version 2 (num_versions: 2).
+            assert triton_client.is_model_ready(segment.name, "2") and triton_client.is_model_ready(segment.name, "1")
+            while (sum(1 for c in clients for a in c.answers if a[0] > swapped) < 50
+                   and time.monotonic() < deadline + 60):
+                time.sleep(0.05)
+            for load in clients:
+                load.stopping.set()
+            for load in clients:
+                load.join(30)
             new = final_logits(repository, MODEL, images)
             assert not np.allclose(old, new, atol=1e-3)
+            assert [failure for c in clients for failure in c.failures] == []
+            answers = [a for c in clients for a in c.answers]
+            by_version = {"1": old, "2": new}
+            for _, version, logits in answers:
+                np.testing.assert_allclose(logits, by_version[version], atol=1e-4)
+            counts = {version: sum(1 for a in answers if a[1] == version) for version in by_version}
+            assert counts["1"] > 0 and counts["2"] > 0, counts
+            assert all(version == "2" for sent, version, _ in answers if sent > swapped)
+            print(f"Triton swap under load: {len(answers)} answers by version {counts}, none failed")
             result = infer(grpcclient, client, MODEL, images)
             np.testing.assert_allclose(result.as_numpy("logits"), new, atol=1e-4)
             assert result.get_response().model_version == "2"
