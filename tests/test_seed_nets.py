@@ -355,3 +355,49 @@ def test_online_distill_training_keeps_one_cheap_student_and_records_the_method(
     log = json.loads(checkpoint.with_suffix(".log.jsonl").read_text().splitlines()[-1])
     assert log["kept_student"] == recorded["kept_student"]
     assert log["heldout_acc"] == recorded["students_heldout_acc"][recorded["kept_student"]]
+
+
+# ----------------------------------------------------------------------------
+# A cheap student through the exporter and a real tritonserver
+
+
+def test_shift_student_repository_loads_and_answers_in_tritonserver(imagefolder, triton_venv, tmp_path):
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    from benchmarks.triton_launcher import TritonServer
+    from common.manifest import read_manifest
+    from export.pipeline import ExportOptions, export_checkpoint
+    from training.datasets import channel_stats, load_split
+    from training.transforms import to_normalized
+
+    torch.manual_seed(0)
+    model = create_model("mwresnet8_3", num_classes=3, width=4, conv="shift")
+    train = load_split(imagefolder, "train", cache_dir=None)
+    mean, std = channel_stats(train.images)
+    model.train()
+    with torch.no_grad():  # real BatchNorm statistics
+        model(to_normalized(train.images, mean, std))
+    model.eval()
+    meta = build_metadata(model, classes=train.classes, mean=mean, std=std,
+                          heldout={"seed": 0, "size": 30, "source": str(imagefolder), "num_train": len(train)},
+                          training={"model_kwargs": {"width": 4, "conv": "shift"}}, heldout_acc=[0.4, 0.5, 0.6])
+    checkpoint = tmp_path / "shift.safetensors"
+    save_checkpoint(checkpoint, model, meta)
+    repository = tmp_path / "model_repository"
+    export_checkpoint(ExportOptions(checkpoint=checkpoint, output=repository, validation_images=30),
+                      log=lambda message: None)
+    manifest = read_manifest(repository)
+    assert [entry.macs for entry in manifest.exits] == [spec.macs for spec in model.exits]
+    images = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        expected = [logits.numpy() for logits in model(torch.from_numpy(images))]
+    with TritonServer(repository, triton_venv, log_path=tmp_path / "tritonserver.log") as server:
+        client = httpclient.InferenceServerClient(server.http_url)
+        for entry, reference in zip(manifest.exits, expected):
+            deployed = entry.exit_model
+            assert client.is_model_ready(deployed.name, str(deployed.version))
+            tensor = httpclient.InferInput("images", list(images.shape), "FP32")
+            tensor.set_data_from_numpy(images)
+            result = client.infer(deployed.name, [tensor], model_version=str(deployed.version))
+            np.testing.assert_allclose(result.as_numpy("logits"), reference, atol=1e-4)
