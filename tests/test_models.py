@@ -111,3 +111,8 @@ def test_linear_heads_cost_next_to_nothing_through_the_cascade():
 def test_unknown_head_is_a_user_error():
     with pytest.raises(UserError, match="unknown exit head"):
         create_model("mwresnet8_3", early_head="transformer")
+
+
+def test_an_option_an_entry_does_not_take_is_a_user_error():
+    with pytest.raises(UserError, match="takes no 'dropout' option"):
+        create_model("mwresnet8_3", dropout=0.3)

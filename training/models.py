@@ -7,6 +7,7 @@ same code serves every registry entry and every exporter.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -204,7 +205,13 @@ def create_model(name: str, num_classes: int = 10, **kwargs) -> MultiExitNet:
     if split is not None and split[0] in _REGISTRY:
         model = divide(split[0], split[1], num_classes=num_classes, **kwargs)
     elif name in _REGISTRY:
-        model = _REGISTRY[name](num_classes=num_classes, **kwargs)
+        try:
+            model = _REGISTRY[name](num_classes=num_classes, **kwargs)
+        except TypeError as error:  # an option this entry does not take (e.g. --dropout on a ResNet)
+            option = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+            if option is None:
+                raise
+            raise UserError(f"model {name} takes no {option[1]!r} option") from None
     else:
         raise UserError(f"unknown model {name!r}; known models: {', '.join(list_models())} "
                         "(any of them with a _split<S> suffix: S co-trained members)")
