@@ -77,7 +77,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _fail(self, context, error: GatewayError):
         self.metrics.errors.labels(protocol="grpc", error=type(error).__name__).inc()
         self.metrics.requests.labels(protocol="grpc", outcome="error").inc()
-        await context.abort(error.grpc_code, str(error))
+        try:
+            await context.abort(error.grpc_code, str(error))
+        except grpc.aio.AbortError:
+            raise
+        except Exception:  # the call ended already (its deadline passed, its client left): nobody to answer
+            raise asyncio.CancelledError from None
 
     @staticmethod
     def _internal(context, method: str) -> InternalError:
