@@ -322,11 +322,12 @@ def test_broken_new_versions_are_refused_and_the_old_one_keeps_serving(tiny_repo
 
 
 def test_triton_backend_swaps_a_new_version_under_load_through_model_control(tiny_repository, other_checkpoint,
-                                                                              triton_venv, tmp_path):
+                                                                              tiny_checkpoint, triton_venv, tmp_path):
     """--backend triton against a real tritonserver in explicit model-control mode, under continuous load
     from real clients: a load on the gateway asks Triton to load the new version's models beside the old
     ones (version_policy keeps the two newest), then swaps: no request fails, every answer is one version's,
-    and the answers after the swap are version 2's."""
+    and the answers after the swap are version 2's. Then version 3 (Triton unloads version 1 as it loads it,
+    while version 2 serves): again no failure, and version 3's answers after that swap."""
     import subprocess
 
     from benchmarks.triton_launcher import free_port, http_ready, server_command, stop_process
@@ -358,6 +359,7 @@ def test_triton_backend_swaps_a_new_version_under_load_through_model_control(tin
             while sum(len(c.answers) for c in clients) < 50 and time.monotonic() < deadline:
                 time.sleep(0.05)
             export(other_checkpoint, repository)  # version 2, not loaded by Triton yet
+            new = final_logits(repository, MODEL, images)
             segment = read_manifest(repository).exits[-1].segment_model
             triton_client = grpcclient.InferenceServerClient(triton_url)
             assert segment.version == 2 and not triton_client.is_model_ready(segment.name, "2")
@@ -369,24 +371,35 @@ def test_triton_backend_swaps_a_new_version_under_load_through_model_control(tin
             while (sum(1 for c in clients for a in c.answers if a[0] > swapped) < 50
                    and time.monotonic() < deadline + 60):
                 time.sleep(0.05)
+            export(tiny_checkpoint, repository)  # version 3: the first weights again
+            answer = httpx.post(f"http://{gateway.http_url}/v2/repository/models/{MODEL}/load", timeout=120)
+            assert answer.status_code == 200 and answer.json()["version"] == "3", answer.text
+            swapped_again = time.monotonic()
+            while (sum(1 for c in clients for a in c.answers if a[0] > swapped_again) < 50
+                   and time.monotonic() < deadline + 120):
+                time.sleep(0.05)
+            while any(m.version == "1" and m.state != "UNAVAILABLE" for m in
+                      triton_client.get_model_repository_index().models if m.name == segment.name):
+                assert time.monotonic() < deadline + 180  # Triton unloads version 1 (num_versions: 2)
+                time.sleep(0.1)
             for load in clients:
                 load.stopping.set()
             for load in clients:
                 load.join(30)
-            new = final_logits(repository, MODEL, images)
             assert not np.allclose(old, new, atol=1e-3)
             assert [failure for c in clients for failure in c.failures] == []
             answers = [a for c in clients for a in c.answers]
-            by_version = {"1": old, "2": new}
+            by_version = {"1": old, "2": new, "3": old}
             for _, version, logits in answers:
                 np.testing.assert_allclose(logits, by_version[version], atol=1e-4)
             counts = {version: sum(1 for a in answers if a[1] == version) for version in by_version}
-            assert counts["1"] > 0 and counts["2"] > 0, counts
-            assert all(version == "2" for sent, version, _ in answers if sent > swapped)
+            assert counts["1"] > 0 and counts["2"] > 0 and counts["3"] > 0, counts
+            assert all(version in ("2", "3") for sent, version, _ in answers if sent > swapped)
+            assert all(version == "3" for sent, version, _ in answers if sent > swapped_again)
             print(f"Triton swap under load: {len(answers)} answers by version {counts}, none failed")
             result = infer(grpcclient, client, MODEL, images)
-            np.testing.assert_allclose(result.as_numpy("logits"), new, atol=1e-4)
-            assert result.get_response().model_version == "2"
+            np.testing.assert_allclose(result.as_numpy("logits"), old, atol=1e-4)
+            assert result.get_response().model_version == "3"
             assert gateway.stop() == 0
     finally:
         stop_process(triton)
