@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from common.errors import UserError
-from common.manifest import MANIFEST_FILE, Manifest, ManifestError, manifest_path, read_manifest
+from common.manifest import Manifest, ManifestError, read_manifest
 from serving.backends import OnnxRuntimeBackend, StageBackend, TritonBackend
 from serving.cascade import Cascade, CascadeSettings, default_queue_images
 from serving.dataplane import DataPlane
@@ -20,7 +20,7 @@ from serving.errors import Unavailable
 from serving.grpc_api import GrpcLimits, concurrent_rpc_limit, start_grpc_server
 from serving.http_api import HttpOptions, create_http_app
 from serving.metrics import GatewayMetrics
-from serving.model_store import ModelStore, NotServable
+from serving.model_store import ModelStore
 from serving.policy import exit_plan
 from serving.settings import Settings
 from serving.triton_cascade import TritonCascade
@@ -218,9 +218,6 @@ class Gateway:
         plan = exit_plan(manifest, settings.default_threshold)
         backend, self._given_backend = self._given_backend, None
         if settings.backend == "triton-cascade" and backend is None:  # the whole cascade in Triton
-            if manifest_path(settings.model_repository, manifest.model).name != MANIFEST_FILE:
-                raise NotServable("--backend triton-cascade serves only the repository's first model (the "
-                                  "<model>_cascade model in Triton reads manifest.json)")
             cascade = TritonCascade(manifest, plan, settings.triton_url, settings.triton_protocol, self.metrics,
                                     settings.triton_timeout_s, settings.max_queue_images or None,
                                     settings.health_interval_ms / 1000)

@@ -328,3 +328,10 @@ def test_each_cascade_model_reads_its_own_models_manifest(two_model_repository, 
                 logits, depths, _ = _ask(module, url, cascade_model_name(name), IMAGES, {"policy": "full"})
                 np.testing.assert_allclose(logits, expected[name], atol=1e-4)
                 assert set(depths.tolist()) == {read_manifest(repository, name).exits[-1].depth}
+        if mode == MODES[0]:  # the gateway forwards each model to its own cascade model
+            with GatewayProcess(repository, "--backend", "triton-cascade", "--triton-url", server.grpc_url,
+                                log_path=tmp_path / "gateway.log") as gateway:
+                for name in (MODEL, SECOND):
+                    logits, depths, _ = _ask(grpcclient, gateway.grpc_url, name, IMAGES, {"policy": "full"})
+                    np.testing.assert_allclose(logits, expected[name], atol=1e-4)
+                    assert set(depths.tolist()) == {read_manifest(repository, name).exits[-1].depth}
