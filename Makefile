@@ -49,8 +49,8 @@ $(REPOSITORY)/manifest.json: $(CHECKPOINT)
 bench: $(STAMP) $(TRITON_STAMP) $(REPOSITORY)/manifest.json
 	$(BIN)/python -m benchmarks.run --model-repository $(REPOSITORY) $(BENCH_ARGS)
 
-# The robustness run (issue 25: overload, cancellation, shutdown, Triton killed, budget, soak, image bomb;
-# about 15 minutes, most of it the 10-minute soak): benchmarks/results/<date>-<machine>-robustness/robustness.json.
+# The robustness run (issue 25: overload, cancellation, shutdown, Triton killed, budget, soak, image bomb, fuzz;
+# about 18 minutes, most of it the 10-minute soak and the 50,000-request fuzz): benchmarks/results/<date>-<machine>-robustness/robustness.json.
 # ROBUSTNESS_ARGS="--phases overload,budget --overload-s 30" picks phases and durations; --quick: seconds each.
 robustness: $(STAMP) $(TRITON_STAMP) $(REPOSITORY)/manifest.json
 	$(BIN)/python -m benchmarks.robustness --model-repository $(REPOSITORY) $(ROBUSTNESS_ARGS)
