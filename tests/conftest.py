@@ -107,9 +107,10 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(imagefolder, tmp_path_factory) -> Path:
-    """A small mwresnet8_3 with real BatchNorm statistics, saved as a checkpoint."""
+def save_tiny_checkpoint(imagefolder: Path, path: Path, model: str = "mwresnet8_3", seed: int = 0,
+                         **model_kwargs) -> Path:
+    """A small registry model (width 4 unless given) with real BatchNorm statistics from one
+    train-mode pass over `imagefolder`, saved as a checkpoint that records `model_kwargs`."""
     import torch
 
     from training.checkpoint import build_metadata, save_checkpoint
@@ -117,30 +118,42 @@ def tiny_checkpoint(imagefolder, tmp_path_factory) -> Path:
     from training.models import create_model
     from training.transforms import to_normalized
 
-    torch.manual_seed(0)
-    model = create_model("mwresnet8_3", num_classes=3, width=4)
+    model_kwargs.setdefault("width", 4)
+    torch.manual_seed(seed)
+    network = create_model(model, num_classes=len(CLASSES), **model_kwargs)
     train = load_split(imagefolder, "train", cache_dir=None)
     mean, std = channel_stats(train.images)
-    model.train()
+    network.train()
     with torch.no_grad():  # a forward pass in train mode fills the BatchNorm running statistics
-        model(to_normalized(train.images, mean, std))
-    model.eval()
-    meta = build_metadata(model, classes=train.classes, mean=mean, std=std,
+        network(to_normalized(train.images, mean, std))
+    network.eval()
+    meta = build_metadata(network, classes=train.classes, mean=mean, std=std,
                           heldout={"seed": 0, "size": 30, "source": str(imagefolder), "num_train": len(train)},
-                          training={"model_kwargs": {"width": 4}}, heldout_acc=[0.4, 0.5, 0.6])
-    path = tmp_path_factory.mktemp("checkpoint") / "tiny.safetensors"
-    save_checkpoint(path, model, meta)
+                          training={"model_kwargs": model_kwargs},
+                          heldout_acc=[round(0.4 + 0.1 * k, 2) for k in range(len(network.exits))])
+    save_checkpoint(path, network, meta)
     return path
+
+
+def export_tiny(checkpoint: Path, repository: Path, model_name: str | None = None):
+    """`checkpoint` exported (python backend, every exit, 30 validation images) into `repository`."""
+    from export.pipeline import ExportOptions, export_checkpoint
+
+    return export_checkpoint(ExportOptions(checkpoint=checkpoint, output=repository, validation_images=30,
+                                           model_name=model_name), log=lambda message: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(imagefolder, tmp_path_factory) -> Path:
+    """A small mwresnet8_3 with real BatchNorm statistics, saved as a checkpoint."""
+    return save_tiny_checkpoint(imagefolder, tmp_path_factory.mktemp("checkpoint") / "tiny.safetensors")
 
 
 @pytest.fixture(scope="session")
 def tiny_repository(tiny_checkpoint, tmp_path_factory) -> Path:
     """The tiny checkpoint exported (python backend, all exits) into a repository."""
-    from export.pipeline import ExportOptions, export_checkpoint
-
     output = tmp_path_factory.mktemp("repo") / "model_repository"
-    export_checkpoint(ExportOptions(checkpoint=tiny_checkpoint, output=output, validation_images=30),
-                      log=lambda message: None)
+    export_tiny(tiny_checkpoint, output)
     return output
 
 

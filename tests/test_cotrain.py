@@ -13,7 +13,7 @@ from common.onnxruntime_session import create_session
 from training.cotrain import AnytimeEnsemble, CoTrainingLoss, jensen_shannon, member_width, parse_split_name
 from training.models import create_model
 
-from .conftest import GatewayProcess, run_module
+from .conftest import GatewayProcess, export_tiny, run_module, save_tiny_checkpoint
 
 
 def test_members_are_narrower_copies_that_cost_about_the_original():
@@ -93,28 +93,10 @@ def test_co_training_from_the_command_line_records_the_members(imagefolder, tmp_
 
 @pytest.fixture(scope="module")
 def ensemble_repository(imagefolder, tmp_path_factory):
-    from export.pipeline import ExportOptions, export_checkpoint
-    from training.checkpoint import build_metadata, save_checkpoint
-    from training.datasets import channel_stats, load_split
-    from training.transforms import to_normalized
-
-    torch.manual_seed(0)
-    model = create_model("mwresnet8_3_split2", num_classes=3, width=4)
-    train = load_split(imagefolder, "train", cache_dir=None)
-    mean, std = channel_stats(train.images)
-    model.train()
-    with torch.no_grad():
-        model(to_normalized(train.images, mean, std))
-    model.eval()
-    meta = build_metadata(model, classes=train.classes, mean=mean, std=std,
-                          heldout={"seed": 0, "size": 30, "source": str(imagefolder), "num_train": len(train)},
-                          training={"model_kwargs": {"width": 4}}, heldout_acc=[0.5, 0.6])
     root = tmp_path_factory.mktemp("ensemble")
-    save_checkpoint(root / "split.safetensors", model, meta)
-    output = root / "model_repository"
-    export_checkpoint(ExportOptions(checkpoint=root / "split.safetensors", output=output, validation_images=30),
-                      log=lambda message: None)
-    return output
+    checkpoint = save_tiny_checkpoint(imagefolder, root / "split.safetensors", "mwresnet8_3_split2")
+    export_tiny(checkpoint, root / "model_repository")
+    return root / "model_repository"
 
 
 def test_tiny_ensemble_exports_and_serves_as_an_anytime_cascade(ensemble_repository, tmp_path):

@@ -12,7 +12,7 @@ from common.onnxruntime_session import create_session
 from training.delugenet import CrossLayerDepthwise, DelugeStage, boundary_floats
 from training.models import create_model
 
-from .conftest import GatewayProcess
+from .conftest import GatewayProcess, export_tiny, save_tiny_checkpoint
 
 
 def _naive_inflow(module: CrossLayerDepthwise, stack: torch.Tensor) -> torch.Tensor:
@@ -84,28 +84,10 @@ def test_small_delugenet_costs_about_what_resnet20_costs():
 
 @pytest.fixture(scope="module")
 def tiny_deluge_repository(imagefolder, tmp_path_factory):
-    from export.pipeline import ExportOptions, export_checkpoint
-    from training.checkpoint import build_metadata, save_checkpoint
-    from training.datasets import channel_stats, load_split
-    from training.transforms import to_normalized
-
-    torch.manual_seed(0)
-    model = create_model("mwdelugenet29_3", num_classes=3, width=8)
-    train = load_split(imagefolder, "train", cache_dir=None)
-    mean, std = channel_stats(train.images)
-    model.train()
-    with torch.no_grad():  # real BatchNorm statistics
-        model(to_normalized(train.images, mean, std))
-    model.eval()
-    meta = build_metadata(model, classes=train.classes, mean=mean, std=std,
-                          heldout={"seed": 0, "size": 30, "source": str(imagefolder), "num_train": len(train)},
-                          training={"model_kwargs": {"width": 8}}, heldout_acc=[0.4, 0.5, 0.6])
     root = tmp_path_factory.mktemp("deluge")
-    save_checkpoint(root / "deluge.safetensors", model, meta)
-    output = root / "model_repository"
-    export_checkpoint(ExportOptions(checkpoint=root / "deluge.safetensors", output=output, validation_images=30),
-                      log=lambda message: None)
-    return output
+    checkpoint = save_tiny_checkpoint(imagefolder, root / "deluge.safetensors", "mwdelugenet29_3", width=8)
+    export_tiny(checkpoint, root / "model_repository")
+    return root / "model_repository"
 
 
 def test_tiny_delugenet_exports_per_exit_and_per_segment_and_serves(tiny_deluge_repository):

@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 from common.manifest import MANIFEST_FILE, list_manifests, manifest_version, read_manifest, write_manifest
 from common.onnxruntime_session import create_session
 
-from .conftest import GatewayProcess, png_bytes
+from .conftest import GatewayProcess, export_tiny, png_bytes, save_tiny_checkpoint
 
 MODEL = "mwresnet8_3"
 SECOND = "tiny_b"
@@ -27,33 +27,11 @@ SECOND = "tiny_b"
 
 def make_checkpoint(imagefolder, path, seed: int):
     """A tiny mwresnet8_3 like conftest's tiny_checkpoint, with weights from another seed."""
-    import torch
-
-    from training.checkpoint import build_metadata, save_checkpoint
-    from training.datasets import channel_stats, load_split
-    from training.models import create_model
-    from training.transforms import to_normalized
-
-    torch.manual_seed(seed)
-    model = create_model(MODEL, num_classes=3, width=4)
-    train = load_split(imagefolder, "train", cache_dir=None)
-    mean, std = channel_stats(train.images)
-    model.train()
-    with torch.no_grad():
-        model(to_normalized(train.images, mean, std))
-    model.eval()
-    meta = build_metadata(model, classes=train.classes, mean=mean, std=std,
-                          heldout={"seed": 0, "size": 30, "source": str(imagefolder), "num_train": len(train)},
-                          training={"model_kwargs": {"width": 4}}, heldout_acc=[0.4, 0.5, 0.6])
-    save_checkpoint(path, model, meta)
-    return path
+    return save_tiny_checkpoint(imagefolder, path, MODEL, seed=seed)
 
 
 def export(checkpoint, repository, model_name=None):
-    from export.pipeline import ExportOptions, export_checkpoint
-
-    return export_checkpoint(ExportOptions(checkpoint=checkpoint, output=repository, validation_images=30,
-                                           model_name=model_name), log=lambda message: None)
+    return export_tiny(checkpoint, repository, model_name)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from training.online_distill import (
 from training.seed_nets import WidePreActBlock
 from training.train import TrainConfig
 
-from .conftest import run_module
+from .conftest import export_tiny, run_module, save_tiny_checkpoint
 
 # name -> (exit depths, exit blocks)
 AUX = {
@@ -367,26 +367,10 @@ def test_shift_student_repository_loads_and_answers_in_tritonserver(imagefolder,
 
     from benchmarks.triton_launcher import TritonServer
     from common.manifest import read_manifest
-    from export.pipeline import ExportOptions, export_checkpoint
-    from training.datasets import channel_stats, load_split
-    from training.transforms import to_normalized
-
-    torch.manual_seed(0)
-    model = create_model("mwresnet8_3", num_classes=3, width=4, conv="shift")
-    train = load_split(imagefolder, "train", cache_dir=None)
-    mean, std = channel_stats(train.images)
-    model.train()
-    with torch.no_grad():  # real BatchNorm statistics
-        model(to_normalized(train.images, mean, std))
-    model.eval()
-    meta = build_metadata(model, classes=train.classes, mean=mean, std=std,
-                          heldout={"seed": 0, "size": 30, "source": str(imagefolder), "num_train": len(train)},
-                          training={"model_kwargs": {"width": 4, "conv": "shift"}}, heldout_acc=[0.4, 0.5, 0.6])
-    checkpoint = tmp_path / "shift.safetensors"
-    save_checkpoint(checkpoint, model, meta)
+    checkpoint = save_tiny_checkpoint(imagefolder, tmp_path / "shift.safetensors", conv="shift")
     repository = tmp_path / "model_repository"
-    export_checkpoint(ExportOptions(checkpoint=checkpoint, output=repository, validation_images=30),
-                      log=lambda message: None)
+    export_tiny(checkpoint, repository)
+    model, _ = load_checkpoint(checkpoint)
     manifest = read_manifest(repository)
     assert [entry.macs for entry in manifest.exits] == [spec.macs for spec in model.exits]
     images = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
