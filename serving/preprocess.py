@@ -10,6 +10,7 @@ with the manifest's mean and std, exactly as training did.
 from __future__ import annotations
 
 import io
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import BmpImagePlugin, GifImagePlugin, Image, JpegImagePlugin, PngImagePlugin, WebPImagePlugin  # noqa: F401
@@ -29,41 +30,37 @@ UNREADABLE = "not a readable image (PNG, JPEG, WebP, GIF or BMP)"
 def declared_pixels(content: bytes) -> tuple[int, int]:
     """(width, height) from an upload's header alone, without decoding its pixels: cheap, so an
     oversized image (a decompression bomb: a few KB of PNG for 64 megapixels) is refused before any work."""
-    if not content:
-        raise InvalidImage("empty file")
-    try:
-        with Image.open(io.BytesIO(content), formats=FORMATS) as image:
-            return image.size
-    except InvalidImage:
-        raise
-    except MemoryError:
-        raise
-    except Exception:  # Pillow raises many types on a hostile file (OSError, SyntaxError, struct.error, ...)
-        raise InvalidImage(UNREADABLE) from None
+    with _opened(content) as image:
+        return image.size
 
 
 def decode_image(content: bytes, size: tuple[int, int], max_pixels: int = MAX_PIXELS,
                  channels: int = 3) -> np.ndarray:
     """(H, W, channels) uint8 of an upload; `channels` 1 is Pillow's grayscale ("L"), 3 RGB."""
     height, width = size
+    with _opened(content) as image:
+        if image.width * image.height > max_pixels:
+            raise InvalidImage(f"image of {image.width}x{image.height} pixels exceeds the limit of "
+                               f"{max_pixels} pixels")
+        image = image.convert("L" if channels == 1 else "RGB")
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.BILINEAR)
+        array = np.asarray(image, dtype=np.uint8)
+        return array[:, :, None] if array.ndim == 2 else array
+
+
+@contextmanager
+def _opened(content: bytes):
+    """The upload opened by Pillow (accepted formats only); any Pillow failure is an InvalidImage."""
     if not content:
         raise InvalidImage("empty file")
     try:
         with Image.open(io.BytesIO(content), formats=FORMATS) as image:
-            if image.width * image.height > max_pixels:
-                raise InvalidImage(f"image of {image.width}x{image.height} pixels exceeds the limit of "
-                                   f"{max_pixels} pixels")
-            image = image.convert("L" if channels == 1 else "RGB")
-            side = min(image.size)
-            left, top = (image.width - side) // 2, (image.height - side) // 2
-            image = image.crop((left, top, left + side, top + side))
-            if image.size != (width, height):
-                image = image.resize((width, height), Image.BILINEAR)
-            array = np.asarray(image, dtype=np.uint8)
-            return array[:, :, None] if array.ndim == 2 else array
-    except InvalidImage:
-        raise
-    except MemoryError:
+            yield image
+    except (InvalidImage, MemoryError):
         raise
     except Exception:  # Pillow raises many types on a hostile file (OSError, SyntaxError, struct.error, ...)
         raise InvalidImage(UNREADABLE) from None

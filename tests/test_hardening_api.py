@@ -547,13 +547,21 @@ def _live_channel(url: str) -> grpc.Channel:
     return channel
 
 
-def test_grpc_connections_beyond_the_limit_fail_and_slow_handshakes_are_cut(secured_gateway):
+@pytest.fixture
+def limited_gateway(tiny_repository):
+    """Its own gateway: connections other tests leave open would count against the limit."""
+    process = GatewayProcess(tiny_repository, "--read-timeout-s", "3", "--max-connections", str(MAX_CONNECTIONS))
+    yield process
+    assert process.stop() == 0
+
+
+def test_grpc_connections_beyond_the_limit_fail_and_slow_handshakes_are_cut(limited_gateway):
     """--max-connections applies to gRPC too (grpc.max_allowed_incoming_connections), and --read-timeout-s
     bounds a gRPC connection's set-up (grpc.server_handshake_timeout_ms): a client that connects and sends
     nothing is disconnected."""
-    channels = [_live_channel(secured_gateway.grpc_url) for _ in range(MAX_CONNECTIONS)]
+    channels = [_live_channel(limited_gateway.grpc_url) for _ in range(MAX_CONNECTIONS)]
     try:
-        extra = grpc.insecure_channel(secured_gateway.grpc_url, options=[("grpc.use_local_subchannel_pool", 1)])
+        extra = grpc.insecure_channel(limited_gateway.grpc_url, options=[("grpc.use_local_subchannel_pool", 1)])
         with pytest.raises(grpc.RpcError) as error:
             service_pb2_grpc.GRPCInferenceServiceStub(extra).ServerLive(service_pb2.ServerLiveRequest(), timeout=10)
         assert error.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -564,12 +572,12 @@ def test_grpc_connections_beyond_the_limit_fail_and_slow_handshakes_are_cut(secu
     deadline = time.monotonic() + 30
     while True:  # served again once the connections are gone
         try:
-            _live_channel(secured_gateway.grpc_url).close()
+            _live_channel(limited_gateway.grpc_url).close()
             break
         except grpc.RpcError:
             assert time.monotonic() < deadline
             time.sleep(0.2)
-    host, port = secured_gateway.grpc_url.split(":")
+    host, port = limited_gateway.grpc_url.split(":")
     silent = socket.create_connection((host, int(port)), timeout=30)
     try:
         started = time.monotonic()
