@@ -12,6 +12,17 @@ without a model reads `manifest.json`; `list_manifests` finds them all, the
 `manifest.json` one first (the gateway's default model). A model's version is the
 newest Triton version its manifest points to (`manifest_version`): exporting the
 model again adds numbered version directories and rewrites its manifest.
+
+Stages: exit k's segment model (`segment_model`) is stage k of the cascade. A stage
+takes what its exit's `stage_input` says: "previous" (the default; absent in the
+JSON, so manifests written before the field existed read unchanged) is the previous
+stage's boundary activations (`features` output), or the image for the first stage;
+"image" is the request's normalised image again (input `images`, the manifest's
+`input.shape`), so a cascade can chain networks that do not share activations: a
+cheap student answers the easy images, and the full network starts again from the
+image for the rest (`export.compose`). The stage before an "image" stage outputs
+logits only, and `macs` of every exit after it counts the stages before it too (a
+sample that reaches the full network has paid for the student).
 """
 
 from __future__ import annotations
@@ -32,6 +43,9 @@ LOGITS_OUTPUT = "logits"
 FEATURES_OUTPUT = "features"  # activations the next segment takes
 
 BACKENDS = ("onnxruntime", "python", "tensorrt")
+# What a stage takes (ExitEntry.stage_input): the previous stage's activations, or the image.
+PREVIOUS_STAGE, IMAGE_STAGE = "previous", "image"
+STAGE_INPUTS = (PREVIOUS_STAGE, IMAGE_STAGE)
 
 
 def exit_model_name(model: str, depth: int) -> str:
@@ -89,6 +103,9 @@ class ExitEntry:
     # `macs` is what reaching this exit costs through the cascade (every earlier head
     # included); `standalone_macs` what the per-exit model costs alone (None: the same).
     standalone_macs: int | None = None
+    # What this exit's segment takes: "previous" (the previous stage's activations; the image for
+    # the first stage) or "image" (the request's normalised image again); see the module's docs.
+    stage_input: str = PREVIOUS_STAGE
 
 
 @dataclass(frozen=True)
@@ -116,6 +133,12 @@ class Manifest:
         final = self.exits[-1]
         return final.macs if final.standalone_macs is None else final.standalone_macs
 
+    @property
+    def image_stages(self) -> frozenset[int]:
+        """Positions of the stages after the first that take the image instead of the previous activations."""
+        return frozenset(position for position, entry in enumerate(self.exits)
+                         if position and entry.stage_input == IMAGE_STAGE)
+
     def exit_by_depth(self, depth: int) -> ExitEntry:
         for entry in self.exits:
             if entry.depth == depth:
@@ -126,7 +149,11 @@ class Manifest:
         return replace(self, exits=exits, **changes)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        for entry in data["exits"]:  # the default is left out: such manifests read as they always did
+            if entry["stage_input"] == PREVIOUS_STAGE:
+                del entry["stage_input"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Manifest:
@@ -145,9 +172,28 @@ class Manifest:
                 for entry in data["exits"]
             ]
             fields = {k: v for k, v in data.items() if k not in ("exits", "input")}
-            return cls(**fields, input=TensorSpec(**data["input"]), exits=exits)
+            manifest = cls(**fields, input=TensorSpec(**data["input"]), exits=exits)
         except (KeyError, TypeError) as error:
             raise ManifestError(f"manifest does not match schema {SCHEMA_VERSION}: {error}") from None
+        _check_stage_inputs(manifest)
+        return manifest
+
+
+def _check_stage_inputs(manifest: Manifest) -> None:
+    """Every `stage_input` is known, and an image stage's segment takes the manifest's image."""
+    for position, entry in enumerate(manifest.exits):
+        if entry.stage_input not in STAGE_INPUTS:
+            raise ManifestError(f"exit {entry.depth}: stage_input {entry.stage_input!r} is not one of "
+                                f"{', '.join(STAGE_INPUTS)}")
+        if entry.stage_input != IMAGE_STAGE:
+            continue
+        taken = entry.segment_model.inputs[0] if entry.segment_model.inputs else None
+        if taken is None or taken.name != IMAGE_INPUT or list(taken.shape) != list(manifest.input.shape):
+            raise ManifestError(f"exit {entry.depth}: an image stage's segment {entry.segment_model.name} must "
+                                f"take {IMAGE_INPUT!r} of shape {manifest.input.shape}, not {taken}")
+        if position and len(manifest.exits[position - 1].segment_model.outputs) > 1:
+            raise ManifestError(f"exit {entry.depth} takes the image: the stage before it, "
+                                f"{manifest.exits[position - 1].segment_model.name}, must output logits only")
 
 
 def _deployed(data: dict) -> DeployedModel:

@@ -38,6 +38,14 @@ def add_export_arguments(parser: argparse.ArgumentParser, backends=BACKENDS, def
     parser.add_argument("--exits", default=None,
                         help="exit depths as the checkpoint names them, e.g. 15,25,56 (default: all)")
     parser.add_argument("--output", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository directory")
+    add_writer_arguments(parser, backends, default_backend)
+    parser.add_argument("--model-name", default=None,
+                        help="name the model is served under (default: the checkpoint's registry name); a "
+                             "repository holds several models of different names, each with its own manifest")
+
+
+def add_writer_arguments(parser: argparse.ArgumentParser, backends=BACKENDS, default_backend="python") -> None:
+    """Options of validation and of the repository writer (shared by to_onnx, to_trt and compose)."""
     parser.add_argument("--backend", choices=backends, default=default_backend,
                         help="python: model.py running ONNX Runtime (loads in the CPU tritonserver of "
                              "nvidia-pytriton); onnxruntime: onnxruntime_onnx platform (full Triton image); "
@@ -52,19 +60,25 @@ def add_export_arguments(parser: argparse.ArgumentParser, backends=BACKENDS, def
     parser.add_argument("--instances", type=int, default=1, help="Triton instances per model")
     parser.add_argument("--force", action="store_true",
                         help="replace the repository's models (all of them) instead of adding a new version")
-    parser.add_argument("--model-name", default=None,
-                        help="name the model is served under (default: the checkpoint's registry name); a "
-                             "repository holds several models of different names, each with its own manifest")
 
 
-def options_from_args(args: argparse.Namespace) -> ExportOptions:
+def batching_from_args(args: argparse.Namespace) -> BatchingConfig:
+    """The Triton batching of --max-batch-size, --max-queue-delay-us and --instances (checked)."""
     if args.max_batch_size < 1 or args.instances < 1 or args.validation_images < 1:
         raise UserError("--max-batch-size, --instances and --validation-images must be positive")
     preferred = tuple(b for b in (8, 16, 32, 64) if b <= args.max_batch_size)
-    batching = BatchingConfig(args.max_batch_size, preferred, args.max_queue_delay_us, args.instances)
+    return BatchingConfig(args.max_batch_size, preferred, args.max_queue_delay_us, args.instances)
+
+
+def check_model_name(name: str | None, option: str = "--model-name") -> None:
+    if name is not None and not MODEL_NAME.match(name):
+        raise UserError(f"{option} must be letters, digits, '_' or '-' (at most 64), got {name!r}")
+
+
+def options_from_args(args: argparse.Namespace) -> ExportOptions:
+    batching = batching_from_args(args)
     model_name = getattr(args, "model_name", None)
-    if model_name is not None and not MODEL_NAME.match(model_name):
-        raise UserError(f"--model-name must be letters, digits, '_' or '-' (at most 64), got {model_name!r}")
+    check_model_name(model_name)
     return ExportOptions(args.checkpoint, args.exits, args.output, args.backend, args.data,
                          args.validation_images, args.tolerance, args.force, batching, model_name)
 

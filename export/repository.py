@@ -20,8 +20,11 @@ from common import manifest as manifest_module
 from common import onnxruntime_session, triton_cascade
 from common.checkpoint_meta import CheckpointMeta
 from common.manifest import (
+    IMAGE_INPUT,
+    IMAGE_STAGE,
     MANIFEST_FILE,
     MODEL_MANIFEST_PREFIX,
+    PREVIOUS_STAGE,
     DeployedModel,
     ExitEntry,
     Manifest,
@@ -193,6 +196,9 @@ def write_repository(
         exit_models, segment_models = {}, {}
         segments = sorted((m for m in exported if m.kind == "segment"), key=lambda m: m.exit_index)
         previous_depth = 0
+        # A later segment whose input is the image (a composed cascade's next network) is an image stage.
+        stage_inputs = {item.exit_index: IMAGE_STAGE if position and item.inputs[0].name == IMAGE_INPUT
+                        else PREVIOUS_STAGE for position, item in enumerate(segments)}
         for item in segments:
             depth = exits_meta[item.exit_index].depth
             name = segment_model_name(model_name, previous_depth, depth)
@@ -207,7 +213,8 @@ def write_repository(
             ExitEntry(index=index, depth=exits_meta[index].depth, params=exits_meta[index].params,
                       macs=exits_meta[index].macs, standalone_macs=exits_meta[index].standalone_macs,
                       heldout_acc=heldout_acc[index],
-                      exit_model=exit_models.get(index), segment_model=segment_models[index])
+                      exit_model=exit_models.get(index), segment_model=segment_models[index],
+                      stage_input=stage_inputs[index])
             for index in sorted(segment_models)
         ]
         progress(f"writing {cascade_model_name(model_name)}")
