@@ -1,0 +1,144 @@
+"""benchmarks.seed_curves on tiny real checkpoints: exported, swept, drawn on one plot."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks.seed_curves import main
+from common.errors import run_cli
+
+from .conftest import export_tiny, run_module, save_tiny_checkpoint
+
+ROW_FIELDS = {"kind", "target", "test_acc", "macs_fraction", "mean_macs", "thresholds"}
+
+
+@pytest.fixture(scope="module")
+def curves_run(imagefolder, tmp_path_factory):
+    """The CLI on a reference, a multi-exit ResNet, an anytime ensemble and a DelugeNet (checkpoints) and
+    one repository exported beforehand (a manifest path)."""
+    root = tmp_path_factory.mktemp("seed-curves")
+    checkpoints = {
+        "reference": save_tiny_checkpoint(imagefolder, root / "reference.safetensors", seed=3),
+        "resnet": save_tiny_checkpoint(imagefolder, root / "mwresnet8_3.safetensors"),
+        "ensemble": save_tiny_checkpoint(imagefolder, root / "ensemble.safetensors", "mwresnet8_3_split2"),
+        "deluge": save_tiny_checkpoint(imagefolder, root / "deluge.safetensors", "mwdelugenet29_3", width=8),
+        "exported": save_tiny_checkpoint(imagefolder, root / "exported.safetensors", seed=5),
+    }
+    repository = root / "model_repository"
+    export_tiny(checkpoints["exported"], repository, model_name="composed")
+    output = root / "out"
+    result = run_module("benchmarks.seed_curves", "--output", str(output), "--reference",
+                        f"ref={checkpoints['reference']}", str(checkpoints["resnet"]),
+                        f"anytime={checkpoints['ensemble']}", str(checkpoints["deluge"]),
+                        "--manifest", str(repository / "manifest.json"), "--validation-images", "20", "--threads", "1",
+                        timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output, checkpoints, json.loads((output / "curves.json").read_text())
+
+
+def test_every_model_gets_its_curve_in_order_with_provenance(curves_run):
+    output, checkpoints, curves = curves_run
+    assert {"command", "commit", "machine", "date", "score", "drops_pt", "budgets", "models"} <= set(curves)
+    assert curves["command"].startswith("python -m benchmarks.seed_curves --output")
+    models = curves["models"]
+    assert [(m["name"], m["kind"], m["model"]) for m in models] == [
+        ("ref", "reference", "mwresnet8_3"), ("mwresnet8_3", "checkpoint", "mwresnet8_3"),
+        ("anytime", "checkpoint", "mwresnet8_3_split2"), ("deluge", "checkpoint", "mwdelugenet29_3"),
+        ("composed", "manifest", "composed")]
+    assert models[1]["checkpoint"] == str(checkpoints["resnet"])
+    assert models[4]["manifest"].endswith("manifest.json")
+    assert models[4]["checkpoint"] == str(checkpoints["exported"])  # its held-out split came from there
+    readme = (output / "README.md").read_text()
+    assert curves["command"] in readme and curves["commit"] in readme and curves["machine"] in readme
+    for model in models:
+        assert f"`{model['name']}`" in readme
+        assert model["images"] == {"heldout": 30, "test": 30}  # the checkpoints' 30 held-out, all 30 test
+
+
+def test_costs_grow_with_depth_and_fixed_exits_cost_their_own_model(curves_run):
+    for model in curves_run[2]["models"]:
+        exits = model["exits"]
+        assert len(exits) >= 2 and {"depth", "params", "macs", "standalone_macs", "heldout_acc"} <= set(exits[0])
+        for key in ("depth", "params", "macs"):
+            values = [e[key] for e in exits]
+            assert values == sorted(set(values)), (model["name"], key, values)  # strictly increasing
+        assert model["full_macs"] == (exits[-1]["standalone_macs"] or exits[-1]["macs"])  # no early heads
+        fixed = [r for r in model["rows"] if r["kind"] == "fixed_exit"]
+        assert [r["target"] for r in fixed] == [e["depth"] for e in exits]
+        assert [r["mean_macs"] for r in fixed] == [e["standalone_macs"] or e["macs"] for e in exits]
+        for row in model["rows"]:
+            assert ROW_FIELDS <= set(row) and 0 <= row["test_acc"] <= 1
+            assert exits[0]["macs"] * 0.999 <= row["mean_macs"] <= exits[-1]["macs"] * 1.001
+            shares = [v for k, v in row.items() if k.startswith("share_exit")]
+            assert len(shares) == len(exits) and sum(shares) == pytest.approx(1)
+
+
+def test_oracle_bounds_every_fixed_exit(curves_run):
+    for model in curves_run[2]["models"]:
+        oracle = next(r for r in model["rows"] if r["kind"] == "oracle")
+        fixed = [r for r in model["rows"] if r["kind"] == "fixed_exit"]
+        assert oracle["test_acc"] >= max(r["test_acc"] for r in fixed)
+
+
+def test_calibration_is_monotone_on_held_out_where_the_targets_apply(curves_run):
+    """A looser target never costs more held-out MACs (one frontier for all targets), and a budget holds on
+    the held-out split it was calibrated on unless no calibrated point fits it."""
+    curves = curves_run[2]
+    assert [r["target"] for r in curves["models"][0]["rows"] if r["kind"] == "accuracy_drop"] == curves["drops_pt"]
+    for model in curves["models"]:
+        drops = [r for r in model["rows"] if r["kind"] == "accuracy_drop"]
+        budgets = [r for r in model["rows"] if r["kind"] == "compute_budget"]
+        assert [r["target"] for r in budgets] == curves["budgets"]
+        for rows, sign in ((drops, -1), (budgets, 1)):
+            macs = np.array([r["heldout_macs_fraction"] for r in rows])
+            accuracy = np.array([r["heldout_acc"] for r in rows])
+            assert np.all(sign * np.diff(macs) >= -1e-12), (model["name"], macs)
+            assert np.all(sign * np.diff(accuracy) >= -1e-12), (model["name"], accuracy)
+        cheapest = min(r["heldout_macs_fraction"] for r in drops + budgets)
+        for row in budgets:  # within the budget, or calibration's cheapest point when nothing fits
+            assert row["heldout_macs_fraction"] <= row["target"] + 1e-9 or row["heldout_macs_fraction"] == cheapest
+
+
+def test_fixed_exits_measure_what_pytorch_predicts(curves_run, imagefolder):
+    """The swept test accuracy of each fixed exit is the checkpoint's own per-exit accuracy in PyTorch."""
+    import torch
+
+    from training.checkpoint import load_checkpoint
+    from training.datasets import load_split
+    from training.transforms import to_normalized
+
+    _, checkpoints, curves = curves_run
+    test = load_split(imagefolder, "test", cache_dir=None)
+    for model in curves["models"][:4]:
+        network, meta = load_checkpoint(checkpoints[{"ref": "reference", "mwresnet8_3": "resnet",
+                                                     "anytime": "ensemble", "deluge": "deluge"}[model["name"]]])
+        with torch.no_grad():
+            logits = network(to_normalized(test.images, meta.normalization.mean, meta.normalization.std))
+        expected = [float((exit_logits.argmax(1).numpy() == test.labels).mean()) for exit_logits in logits]
+        fixed = [r["test_acc"] for r in model["rows"] if r["kind"] == "fixed_exit"]
+        assert fixed == pytest.approx(expected, abs=1 / len(test) + 1e-9), model["name"]
+
+
+def test_the_plot_is_a_png_with_every_model(curves_run):
+    import matplotlib.image
+
+    output = curves_run[0]
+    path = output / "accuracy_vs_macs.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, _ = matplotlib.image.imread(path).shape
+    assert width > 600 and height > 400
+
+
+def test_bad_models_are_one_line_errors(tiny_checkpoint, tmp_path, capsys):
+    assert run_cli(main, ["--output", str(tmp_path), "--no-reference", str(tmp_path / "missing.safetensors")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert run_cli(main, ["--output", str(tmp_path), "--no-reference", "--manifest", str(tmp_path)]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+    assert run_cli(main, ["--output", str(tmp_path), "--no-reference"]) == 2
+    assert "nothing to plot" in capsys.readouterr().err
+    assert run_cli(main, ["--output", str(tmp_path), "--no-reference", "--limit", "-1", str(tiny_checkpoint)]) == 2
+    assert run_cli(main, ["--output", str(tmp_path), str(tiny_checkpoint), f"mwresnet56_5={tiny_checkpoint}"]) == 2
+    assert "two models are named mwresnet56_5" in capsys.readouterr().err  # found before any export
