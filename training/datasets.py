@@ -102,7 +102,7 @@ def load_split(
     cache_file = _cache_path(cache_dir, path, split, data_format, size, channels)
     if cache_file is not None and cache_file.exists():
         with np.load(cache_file, allow_pickle=False) as cached:
-            return Split(cached["images"], cached["labels"], tuple(cached["classes"].tolist()))
+            return Split(cached["images"], cached["labels"], tuple(_names(cached["classes"].tolist())))
     loader = {"imagefolder": _load_imagefolder, "cifar": _load_cifar, "svhn": _load_svhn}
     result = loader[data_format](path, split, size, channels)
     if len(result) == 0:
@@ -228,11 +228,11 @@ def _load_cifar(path: Path, split: str, size: tuple[int, int] | None, channels: 
                 if member.isfile():
                     blobs[member.name.rsplit("/", 1)[-1]] = archive.extractfile(member).read()
     if "batches.meta" in blobs:  # CIFAR-10
-        classes = _unpickle(blobs["batches.meta"])["label_names"]
+        classes = _names(_unpickle(blobs["batches.meta"])["label_names"])
         names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
         label_key = "labels"
     elif "meta" in blobs:  # CIFAR-100
-        classes = _unpickle(blobs["meta"])["fine_label_names"]
+        classes = _names(_unpickle(blobs["meta"])["fine_label_names"])
         names, label_key = [split], "fine_labels"
     else:
         raise UserError(f"{path} holds no CIFAR batches.meta or meta file")
@@ -281,6 +281,11 @@ def _conform(images: np.ndarray, size: tuple[int, int] | None, channels: int | N
         array = np.asarray(picture, dtype=np.uint8)
         converted.append(array[:, :, None] if array.ndim == 2 else array)
     return np.stack(converted)
+
+
+def _names(names) -> list[str]:
+    """Class names as str: files pickled by Python 3 may hold them as bytes (the originals are Python 2 str)."""
+    return [name.decode("latin1") if isinstance(name, bytes) else str(name) for name in names]
 
 
 def _unpickle(blob: bytes) -> dict:
