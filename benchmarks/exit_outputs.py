@@ -70,9 +70,9 @@ def compute_exit_outputs(repository: Path, manifest: Manifest, images: np.ndarra
     stages = len(manifest.exits)
     logits = np.zeros((stages, len(images), len(manifest.classes)), np.float32)
     for start in tqdm(range(0, len(images), batch_size), desc="exit outputs", disable=not progress):
-        features = normalise_uint8(images[start:start + batch_size], manifest.mean, manifest.std)
-        for stage in range(stages):
-            stage_logits, features = backend.run(stage, features)
+        normalised = features = normalise_uint8(images[start:start + batch_size], manifest.mean, manifest.std)
+        for stage in range(stages):  # a stage that takes the image (a composed cascade's) gets it again
+            stage_logits, features = backend.run(stage, normalised if stage in backend.image_stages else features)
             logits[stage, start:start + len(stage_logits)] = stage_logits
     backend.close()
     return ExitOutputs(logits, np.asarray(labels))

@@ -19,6 +19,10 @@ Runtime here; `bls` sends every stage to the per-segment model with a BLS reques
 (`bls_memory` gpu, or auto where torch or cupy sees a GPU, keeps the activations on the
 GPU via DLPack).
 
+A stage whose manifest entry takes the image (`stage_input` "image": a composed cascade's
+next network, export.compose) gets the continuing samples' normalised images again
+instead of the previous stage's activations, as in the gateway.
+
 `budget_ms` counts from when this model starts running the cascade for the batch that
 holds the request (Triton's queueing before that and the network are not included);
 the next stage's time is predicted from the manifest's profile (else from one warm-up
@@ -64,7 +68,8 @@ class InProcessStages:
         return results[0], (results[1] if len(results) > 1 else None)
 
     @staticmethod
-    def rows(features, rows):
+    def rows(stage, features, rows):
+        """The continuing samples' activations, as stage `stage`'s input."""
         return features[rows]
 
 
@@ -93,9 +98,9 @@ class BlsStages:
         features = pb_utils.get_output_tensor_by_name(response, outputs[1])
         return logits, (features if self.device else features.as_numpy())
 
-    def rows(self, features, rows):
-        """The continuing samples' activations, as the next stage's input tensor."""
-        name = self.models[-1].inputs[0].name  # every later segment's input has this name
+    def rows(self, stage, features, rows):
+        """The continuing samples' activations, as stage `stage`'s input tensor."""
+        name = self.models[stage].inputs[0].name
         if not self.device:
             return pb_utils.Tensor(name, features[rows])
         if features.is_cpu():
@@ -177,6 +182,7 @@ class TritonPythonModel:
         # Its own model's manifest: manifest.json for the repository's first model, else manifest.<model>.json.
         self.manifest = read_manifest(repository, cascaded_model(args["model_name"]))
         self.plan = policy.exit_plan(self.manifest, float(settings["default_threshold"]))
+        self.image_stages = self.manifest.image_stages  # stages that take the images again
         self.classes = len(self.manifest.classes)
         self.budget_margin = float(settings["budget_margin"])
         if settings["mode"] == IN_PROCESS:
@@ -216,14 +222,16 @@ class TritonPythonModel:
         """One batch-1 run through every stage, timing the stages the profile left out (as the
         gateway's warm-up does); at the first execution, when the segment models are loaded."""
         shape = self.manifest.input.shape
-        inputs = np.zeros((1, *shape), np.float32)
+        image = inputs = np.zeros((1, *shape), np.float32)
         for stage, estimate in enumerate(list(self.stage_ms)):
+            if stage in self.image_stages:
+                inputs = image
             started = time.monotonic()
             _, features = self.stages.run(stage, inputs)
             if estimate is None:
                 self.stage_ms[stage] = (time.monotonic() - started) * 1000
             if features is not None:
-                inputs = self.stages.rows(features, np.arange(1))
+                inputs = self.stages.rows(stage + 1, features, np.arange(1))
         self.warm = True
 
     def execute(self, requests):
@@ -246,6 +254,7 @@ class TritonPythonModel:
         """Every sample of `batch` to its exit; the continuing ones re-batched at every stage."""
         owners = [np.arange(len(request.images)) for request in batch]  # per request: its samples still running
         inputs = np.concatenate([request.images for request in batch]) if len(batch) > 1 else batch[0].images
+        images, origin = inputs, np.arange(len(inputs))  # origin: each running row's row in `images`
         last = len(self.plan.depths) - 1
         for stage in range(last + 1):
             stage_started = time.monotonic()
@@ -270,7 +279,11 @@ class TritonPythonModel:
             continuing = np.concatenate(keep)
             if not len(continuing):
                 return
-            inputs = self.stages.rows(features, continuing)
+            origin = origin[continuing]
+            if stage + 1 in self.image_stages:  # the next network starts again from the images
+                inputs = images[origin]
+            else:
+                inputs = self.stages.rows(stage + 1, features, continuing)
 
     def _record_stage_time(self, stage, milliseconds, alpha=0.1):
         previous = self.stage_ms[stage]

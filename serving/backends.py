@@ -28,6 +28,9 @@ class StageBackend(Protocol):
     name: str
 
     has_exit_models: bool  # whether run_exit works (every exit has a per-exit model)
+    # Stages that take the request's normalised images again, not the previous stage's activations
+    # (Manifest.image_stages: a composed cascade's later networks); absent means none.
+    image_stages: frozenset[int]
 
     def run(self, stage: int, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Segment `stage` on a batch: (logits, activations for the next stage or None)."""
@@ -61,6 +64,7 @@ class OnnxRuntimeBackend:
         self.sessions = [session(entry.segment_model) for entry in manifest.exits]
         self.outputs = [_output_names(entry.segment_model) for entry in manifest.exits]
         self.input_names = [entry.segment_model.inputs[0].name for entry in manifest.exits]
+        self.image_stages = manifest.image_stages
         self.has_exit_models = all(entry.exit_model is not None for entry in manifest.exits)
         self.exit_sessions = [session(entry.exit_model) for entry in manifest.exits] if self.has_exit_models else []
         # One input row per session, kept from its first call, to run it once with arena shrinkage.
@@ -150,6 +154,7 @@ class TritonBackend:
             import tritonclient.http as module
         self.module = module
         self.models = [entry.segment_model for entry in manifest.exits]
+        self.image_stages = manifest.image_stages
         self.has_exit_models = all(entry.exit_model is not None for entry in manifest.exits)
         self.exit_models = [entry.exit_model for entry in manifest.exits] if self.has_exit_models else []
         client = self._client()
