@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHECKPOINT ?= checkpoints/mwresnet56_5.safetensors
 
-.PHONY: setup triton serve test lint evaluate bench robustness clean
+.PHONY: setup triton serve test lint evaluate bench robustness clean seed-curves
 
 TRITON_VENV := .venv-triton
 TRITON_STAMP := $(TRITON_VENV)/.installed
@@ -57,6 +57,13 @@ robustness: $(STAMP) $(TRITON_STAMP) $(REPOSITORY)/manifest.json
 
 evaluate: $(STAMP)
 	$(BIN)/python -m training.evaluate --checkpoint $(CHECKPOINT)
+
+# The seed networks' accuracy-vs-MACs curves beside the reference's (issues 22, 23): curves.json,
+# accuracy_vs_macs.png and README.md in SEED_CURVES_OUT; SEED_CHECKPOINTS picks the checkpoints.
+SEED_CHECKPOINTS ?= $(wildcard checkpoints/seeds/*.safetensors)
+SEED_CURVES_OUT ?= benchmarks/results/seed-curves
+seed-curves: $(STAMP)
+	$(BIN)/python -m benchmarks.seed_curves --output $(SEED_CURVES_OUT) $(SEED_CHECKPOINTS)
 
 # pytest exits 5 when it collects nothing: that is not a failure.
 test: $(STAMP) $(TRITON_STAMP)

@@ -183,7 +183,7 @@ def plot_curves(curves: list[dict], path: Path, log_x: bool = True) -> None:
         plain = FuncFormatter(lambda value, _: f"{value:g}")
         ax.xaxis.set_major_formatter(plain)
         ax.xaxis.set_minor_formatter(plain)
-        ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.tick_params(axis="x", which="both", labelsize=8)
     ax.set_xlabel("mean MMAC per image" + (" (log scale)" if log_x else ""))
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Accuracy vs compute, thresholds calibrated on held-out, measured on test")
