@@ -9,8 +9,9 @@ import pytest
 
 from benchmarks.seed_curves import main
 from common.errors import run_cli
+from export.compose import StageSpec, compose_cascade
 
-from .conftest import export_tiny, run_module, save_tiny_checkpoint
+from .conftest import run_module, save_tiny_checkpoint
 
 ROW_FIELDS = {"kind", "target", "test_acc", "macs_fraction", "mean_macs", "thresholds"}
 
@@ -18,17 +19,19 @@ ROW_FIELDS = {"kind", "target", "test_acc", "macs_fraction", "mean_macs", "thres
 @pytest.fixture(scope="module")
 def curves_run(imagefolder, tmp_path_factory):
     """The CLI on a reference, a multi-exit ResNet, an anytime ensemble and a DelugeNet (checkpoints) and
-    one repository exported beforehand (a manifest path)."""
+    a composed cascade exported beforehand (a manifest path): a cheap student, then the same ResNet from the
+    image."""
     root = tmp_path_factory.mktemp("seed-curves")
     checkpoints = {
         "reference": save_tiny_checkpoint(imagefolder, root / "reference.safetensors", seed=3),
         "resnet": save_tiny_checkpoint(imagefolder, root / "mwresnet8_3.safetensors"),
         "ensemble": save_tiny_checkpoint(imagefolder, root / "ensemble.safetensors", "mwresnet8_3_split2"),
         "deluge": save_tiny_checkpoint(imagefolder, root / "deluge.safetensors", "mwdelugenet29_3", width=8),
-        "exported": save_tiny_checkpoint(imagefolder, root / "exported.safetensors", seed=5),
+        "student": save_tiny_checkpoint(imagefolder, root / "student.safetensors", seed=5, conv="group:2"),
     }
     repository = root / "model_repository"
-    export_tiny(checkpoints["exported"], repository, model_name="composed")
+    compose_cascade([StageSpec(checkpoints["student"], "3,8"), StageSpec(checkpoints["resnet"])], "composed",
+                    repository, validation_images=20, log=lambda message: None)
     output = root / "out"
     result = run_module("benchmarks.seed_curves", "--output", str(output), "--reference",
                         f"ref={checkpoints['reference']}", str(checkpoints["resnet"]),
@@ -50,7 +53,8 @@ def test_every_model_gets_its_curve_in_order_with_provenance(curves_run):
         ("composed", "manifest", "composed")]
     assert models[1]["checkpoint"] == str(checkpoints["resnet"])
     assert models[4]["manifest"].endswith("manifest.json")
-    assert models[4]["checkpoint"] == str(checkpoints["exported"])  # its held-out split came from there
+    assert models[4]["checkpoint"] == str(checkpoints["student"])  # the first stage's: it names the held-out split
+    assert [e["depth"] for e in models[4]["exits"]] == [3, 8, 11, 13, 16]  # the ResNet's 3, 5, 8 after 8 layers
     readme = (output / "README.md").read_text()
     assert curves["command"] in readme and curves["commit"] in readme and curves["machine"] in readme
     for model in models:
@@ -71,7 +75,8 @@ def test_costs_grow_with_depth_and_fixed_exits_cost_their_own_model(curves_run):
         assert [r["mean_macs"] for r in fixed] == [e["standalone_macs"] or e["macs"] for e in exits]
         for row in model["rows"]:
             assert ROW_FIELDS <= set(row) and 0 <= row["test_acc"] <= 1
-            assert exits[0]["macs"] * 0.999 <= row["mean_macs"] <= exits[-1]["macs"] * 1.001
+            cheapest = min(e["standalone_macs"] or e["macs"] for e in exits)
+            assert cheapest * 0.999 <= row["mean_macs"] <= exits[-1]["macs"] * 1.001
             shares = [v for k, v in row.items() if k.startswith("share_exit")]
             assert len(shares) == len(exits) and sum(shares) == pytest.approx(1)
 
@@ -120,6 +125,20 @@ def test_fixed_exits_measure_what_pytorch_predicts(curves_run, imagefolder):
         expected = [float((exit_logits.argmax(1).numpy() == test.labels).mean()) for exit_logits in logits]
         fixed = [r["test_acc"] for r in model["rows"] if r["kind"] == "fixed_exit"]
         assert fixed == pytest.approx(expected, abs=1 / len(test) + 1e-9), model["name"]
+
+
+def test_a_composed_cascade_serves_its_later_network_from_the_image(curves_run):
+    """The composed cascade's later exits are the ResNet run again from the image: their fixed exits measure
+    what the ResNet's own do, at the ResNet's own cost."""
+    models = {model["name"]: model for model in curves_run[2]["models"]}
+    composed, resnet = models["composed"], models["mwresnet8_3"]
+    fixed = [r for r in composed["rows"] if r["kind"] == "fixed_exit"][2:]
+    alone = [r for r in resnet["rows"] if r["kind"] == "fixed_exit"]
+    assert [r["test_acc"] for r in fixed] == [r["test_acc"] for r in alone]
+    assert [r["mean_macs"] for r in fixed] == [r["mean_macs"] for r in alone]
+    assert composed["full_macs"] == resnet["full_macs"]
+    student_macs = composed["exits"][1]["macs"]  # reaching the ResNet's exits through the cascade pays for both
+    assert [e["macs"] for e in composed["exits"][2:]] == [e["macs"] + student_macs for e in resnet["exits"]]
 
 
 def test_the_plot_is_a_png_with_every_model(curves_run):
