@@ -44,7 +44,7 @@ from benchmarks.exit_outputs import compute_exit_outputs, load_images
 from benchmarks.sweep import DEFAULT_BUDGETS, DEFAULT_DROPS_PT, offline_sweep
 from common.errors import UserError, run_cli
 from common.manifest import Manifest, ManifestError, read_manifest, read_manifest_file
-from common.paths import DEFAULT_CHECKPOINT
+from common.paths import DEFAULT_CHECKPOINT, REPO_ROOT
 from common.provenance import git_commit, machine_description, utc_timestamp
 from serving.policy import SCORES
 
@@ -89,6 +89,16 @@ def export_to(checkpoint: Path, repository: Path, validation_images: int, log) -
                                            validation_images=validation_images), log=log)
 
 
+def shown(path: str | Path | None) -> str | None:
+    """A path as results files name it: relative to the repository when inside it."""
+    if path is None:
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
 def exit_table(manifest: Manifest) -> list[dict]:
     return [{"depth": e.depth, "params": e.params, "macs": e.macs, "standalone_macs": e.standalone_macs,
              "heldout_acc": e.heldout_acc} for e in manifest.exits]
@@ -112,8 +122,8 @@ def model_curve(source: ModelSource, repository: Path, manifest: Manifest, score
             row["heldout_acc"] = seen.accuracy
             row["heldout_macs_fraction"] = seen.mean_macs / manifest.full_macs
     return {"name": source.label, "kind": source.kind, "model": manifest.model,
-            "checkpoint": str(source.path) if checkpoint else manifest.source.get("checkpoint"),
-            "manifest": str(source.path) if source.kind == "manifest" else None,
+            "checkpoint": shown(source.path if checkpoint else manifest.source.get("checkpoint")),
+            "manifest": shown(source.path) if source.kind == "manifest" else None,
             "full_macs": manifest.full_macs, "exits": exit_table(manifest),
             "images": {"heldout": len(outputs["heldout"].labels), "test": len(outputs["test"].labels)},
             "rows": rows}

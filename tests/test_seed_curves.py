@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks.seed_curves import main
 from common.errors import run_cli
+from common.paths import DEFAULT_CHECKPOINT
 from export.compose import StageSpec, compose_cascade
 
 from .conftest import run_module, save_tiny_checkpoint
@@ -161,3 +162,19 @@ def test_bad_models_are_one_line_errors(tiny_checkpoint, tmp_path, capsys):
     assert run_cli(main, ["--output", str(tmp_path), "--no-reference", "--limit", "-1", str(tiny_checkpoint)]) == 2
     assert run_cli(main, ["--output", str(tmp_path), str(tiny_checkpoint), f"mwresnet56_5={tiny_checkpoint}"]) == 2
     assert "two models are named mwresnet56_5" in capsys.readouterr().err  # found before any export
+
+
+def test_limit_and_linear_axis(tiny_checkpoint, tmp_path):
+    assert main(["--output", str(tmp_path), "--no-reference", "--limit", "10", "--linear-x", "--validation-images",
+                 "10", "--threads", "1", f"tiny={tiny_checkpoint}"]) == 0
+    curves = json.loads((tmp_path / "curves.json").read_text())
+    assert curves["limit"] == 10 and curves["models"][0]["images"] == {"heldout": 10, "test": 10}
+    assert "Only the first 10 images of each split." in (tmp_path / "README.md").read_text()
+    assert (tmp_path / "accuracy_vs_macs.png").stat().st_size > 10_000
+
+
+def test_paths_inside_the_repository_are_recorded_relative_to_it():
+    from benchmarks.seed_curves import shown
+
+    assert shown(DEFAULT_CHECKPOINT) == "checkpoints/mwresnet56_5.safetensors"
+    assert shown("/elsewhere/model.safetensors") == "/elsewhere/model.safetensors" and shown(None) is None
