@@ -234,3 +234,117 @@ async def open_loop(target: Target, images: np.ndarray, labels: np.ndarray, rate
     finally:
         await client.close()
     return result
+
+
+# -- a cheap open-loop generator (overload) -------------------------------------
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def infer_messages(model: str, images: np.ndarray, count: int, parameters: dict | None = None) -> list[bytes]:
+    """`count` serialized ModelInferRequest messages of one image each (raw FP32 contents), built once:
+    sending one is then a bytes hand-off to grpc, with no tritonclient object, copy or serialization per call."""
+    from tritonclient.grpc import service_pb2
+
+    messages = []
+    for index in range(count):
+        image = np.ascontiguousarray(images[index % len(images)][None], dtype=np.float32)
+        request = service_pb2.ModelInferRequest(model_name=model)
+        request.inputs.add(name="images", datatype="FP32", shape=list(image.shape))
+        request.raw_input_contents.append(image.tobytes())
+        for name, value in (parameters or {}).items():
+            parameter = request.parameters[name]
+            if isinstance(value, bool):
+                parameter.bool_param = value
+            elif isinstance(value, int):
+                parameter.int64_param = value
+            elif isinstance(value, float):
+                parameter.double_param = value
+            else:
+                parameter.string_param = str(value)
+        messages.append(request.SerializeToString())
+    return messages
+
+
+@dataclass
+class RawOpenLoop:
+    """What `raw_open_loop` measured: each call's outcome ("ok" or the gRPC code name) and latency from
+    its scheduled arrival, and how far the sender itself fell behind its schedule."""
+
+    rate: float  # requests per second scheduled
+    seconds: float
+    scheduled: int
+    sent: int
+    outcomes: list[str]
+    latency_ms: list[float]  # from each call's scheduled arrival to its answer
+    service_ms: list[float]  # from each call's actual send to its answer
+    send_lag_ms: list[float]  # actual send - scheduled arrival, per call
+    send_window_s: float  # from the first scheduled arrival to the last call sent
+    cpu: dict | None = None  # a meter's record of the window, when the caller measured one
+    examples: dict = field(default_factory=dict)  # gRPC code -> the details of its first call
+
+    @property
+    def achieved_rps(self) -> float:
+        """Calls sent per second over the schedule (what the generator really offered)."""
+        return self.sent / max(self.seconds, self.send_window_s)
+
+
+async def raw_open_loop(url: str, messages: list[bytes], rate: float, seconds: float, channels: int = 4,
+                        seed: int = 0, timeout_s: float | None = None) -> RawOpenLoop:
+    """Poisson arrivals at `rate` for `seconds` of pre-built ModelInfer messages over `channels` gRPC
+    channels (bytes in, bytes out: no (de)serialization here), whatever the answers do. Arrivals that
+    fall due while the sender is busy go out at once, late (their lag is recorded): the latency of every
+    call runs from its scheduled arrival, so a generator that cannot keep up shows it."""
+    import grpc
+
+    if url.rsplit(":", 1)[0] not in LOOPBACK:
+        raise UserError(f"load is only sent to loopback addresses, not {url}")
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1.0 / rate, size=int(rate * seconds * 1.2) + 16))
+    arrivals = arrivals[arrivals < seconds].tolist()
+    opened = [grpc.aio.insecure_channel(url) for _ in range(channels)]
+    stubs = [channel.unary_unary(MODEL_INFER) for channel in opened]  # no serializers: bytes as they are
+    outcomes: list[str] = []
+    latency_ms: list[float] = []
+    service_ms: list[float] = []
+    lags: list[float] = []
+    examples: dict[str, str] = {}
+    clock = time.perf_counter
+    ok_code = "ok"
+
+    async def one(stub, message: bytes, scheduled: float, sent: float) -> None:
+        try:
+            await stub(message, timeout=timeout_s)
+            outcome = ok_code
+        except grpc.aio.AioRpcError as error:
+            outcome = error.code().name
+            if outcome not in examples:
+                examples[outcome] = str(error.details())[:200]
+        done = clock()
+        outcomes.append(outcome)
+        latency_ms.append((done - scheduled) * 1000)
+        service_ms.append((done - sent) * 1000)
+
+    try:
+        for stub in stubs:  # connected before the clock starts
+            await stub(messages[0])
+        tasks = set()
+        started = clock()
+        count, last_sent = len(messages), started
+        for index, arrival in enumerate(arrivals):
+            scheduled = started + arrival
+            now = clock()
+            if scheduled > now:
+                await asyncio.sleep(scheduled - now)
+                now = clock()
+            lags.append((now - scheduled) * 1000)
+            task = asyncio.ensure_future(one(stubs[index % channels], messages[index % count], scheduled, now))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            last_sent = now
+        if tasks:
+            await asyncio.gather(*tasks)
+    finally:
+        for channel in opened:
+            await channel.close()
+    return RawOpenLoop(rate, seconds, len(arrivals), len(lags), outcomes, latency_ms, service_ms, lags,
+                       last_sent - started, examples=examples)

@@ -49,7 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.loadgen import Target, closed_loop
+from benchmarks.cpu import CoreSplit, CpuMeter, Servers, pin_process_tree, pinned_self, split_cores
+from benchmarks.loadgen import Target, closed_loop, infer_messages, raw_open_loop
 from benchmarks.servers import GatewayServer
 from benchmarks.triton_launcher import DEFAULT_VENV, TritonServer, triton_installed
 from common.errors import UserError, run_cli
@@ -150,8 +151,9 @@ def target(name: str, goal: str, measured, met: bool | None) -> dict:
 
 class Run:
     def __init__(self, repository: Path, output: Path, durations: dict, images: np.ndarray, labels: np.ndarray | None,
-                 model: str, log=print) -> None:
+                 model: str, log=print, pinning: CoreSplit | None = None) -> None:
         self.repository, self.output, self.durations, self.log = repository, output, durations, log
+        self.pinning = pinning  # capacity and overload: the gateway on pinning.servers, the load on .loadgen
         self.images, self.labels, self.model = images, labels, model
         self.results: dict = {}
         self.targets: list[dict] = []
@@ -168,13 +170,25 @@ class Run:
         return self.labels if self.labels is not None else np.full(len(self.images), -1)
 
     # capacity ------------------------------------------------------------------
+    def pinned_gateway(self, name: str, *args: str) -> GatewayServer:
+        """A gateway started on the servers' cores (so it sizes its default queue bound for them), its whole
+        process tree kept there; this process runs the load from the other cores."""
+        with pinned_self(self.pinning.servers if self.pinning else None):
+            gateway = self.gateway(name, *args)
+        if self.pinning is not None:
+            pin_process_tree(gateway.process.pid, self.pinning.servers)
+        return gateway
+
     def capacity(self) -> dict:
-        with self.gateway("capacity") as gateway:
+        with pinned_self(self.pinning.loadgen if self.pinning else None), self.pinned_gateway("capacity") as gateway:
+            meter = CpuMeter(Servers(gateway.process.pid, gateway.metrics_url))
             result = asyncio.run(closed_loop(self.loadgen_target(gateway.grpc_url), self.images,
-                                             self.labels_or_dummy(), 32, 10**9, self.durations["capacity_s"]))
+                                             self.labels_or_dummy(), 32, 10**9, self.durations["capacity_s"],
+                                             meter=meter))
         self.capacity_rps = result.throughput
         return {"concurrency": 32, "throughput_rps": round(result.throughput, 1), "errors": result.errors,
-                "latency_ms": result.latency_ms}
+                "latency_ms": result.latency_ms, "cpu_pinning": self.pinning.as_dict() if self.pinning else None,
+                "cpu": result.cpu}
 
     def _capacity(self) -> float:
         if self.capacity_rps is None:
@@ -183,28 +197,59 @@ class Run:
 
     # overload ------------------------------------------------------------------
     def overload(self) -> dict:
+        """Open loop at 3x the capacity measured under the same pinning; the generator sends pre-built
+        messages (benchmarks.loadgen.raw_open_loop) from its own cores. The memory baseline is taken idle
+        after a warm-up at the same load shape (the first overload's allocations made), settle_s after it."""
         capacity = self._capacity()
         rate = 3 * capacity
-        seconds = self.durations["overload_s"]
-        with self.gateway("overload") as gateway:
-            # The baseline: idle after a short load at capacity (first-use allocations made).
-            asyncio.run(closed_loop(self.loadgen_target(gateway.grpc_url), self.images, self.labels_or_dummy(),
-                                    32, 10**9, min(2.0, self.durations["capacity_s"])))
-            time.sleep(self.durations["settle_s"])
-            baseline = rss_mb(gateway.process.pid)
-            outcomes, latencies, peak = asyncio.run(self._open_loop(gateway, rate, seconds))
-            end = rss_mb(gateway.process.pid)
-            time.sleep(self.durations["settle_s"])
-            settled = rss_mb(gateway.process.pid)
-        ok = [ms for outcome, ms in zip(outcomes, latencies) if outcome == "ok"]
-        refused = [ms for outcome, ms in zip(outcomes, latencies) if outcome == "RESOURCE_EXHAUSTED"]
+        seconds, settle = self.durations["overload_s"], self.durations["settle_s"]
+        warm_s = min(5.0, seconds / 6)
+        messages = infer_messages(self.model, self.images, min(len(self.images), 512))
+        with pinned_self(self.pinning.loadgen if self.pinning else None), self.pinned_gateway("overload") as gateway:
+            pid = gateway.process.pid
+            asyncio.run(raw_open_loop(gateway.grpc_url, messages, rate, warm_s, seed=1))
+            time.sleep(settle)
+            baseline = rss_mb(pid)
+            meter = CpuMeter(Servers(pid, gateway.metrics_url))
+            before = gateway.metrics()
+            load, peak = asyncio.run(self._open_loop(gateway, messages, rate, seconds, meter))
+            after = gateway.metrics()
+            end = rss_mb(pid)
+            settling = [(0.0, end)]
+            settle_started = time.monotonic()
+            while (elapsed := time.monotonic() - settle_started) < settle:
+                time.sleep(min(1.0, settle - elapsed))
+                settling.append((round(time.monotonic() - settle_started, 2), rss_mb(pid)))
+            settled = settling[-1][1]
+        outcomes = load.outcomes
+        ok = [ms for outcome, ms in zip(outcomes, load.latency_ms) if outcome == "ok"]
+        refused = [ms for outcome, ms in zip(outcomes, load.latency_ms) if outcome == "RESOURCE_EXHAUSTED"]
+        ok_service = [ms for outcome, ms in zip(outcomes, load.service_ms) if outcome == "ok"]
+        refused_service = [ms for outcome, ms in zip(outcomes, load.service_ms) if outcome == "RESOURCE_EXHAUSTED"]
         served_rps = len(ok) / seconds
-        result = {"capacity_rps": round(capacity, 1), "offered_rps": round(rate, 1), "seconds": seconds,
-                  "outcomes": counts(outcomes), "served_rps": round(served_rps, 1),
+        achieved = load.achieved_rps
+        refusals = {name: metric(after, "gateway_errors_total", f'{{error="{name}",protocol="grpc"}}')
+                    - metric(before, "gateway_errors_total", f'{{error="{name}",protocol="grpc"}}')
+                    for name in ("Overloaded", "ConcurrentRpcLimit")}
+        result = {"capacity_rps": round(capacity, 1), "offered_rps": round(rate, 1),
+                  "achieved_offered_rps": round(achieved, 1), "achieved_of_capacity": round(achieved / capacity, 3),
+                  "seconds": seconds, "scheduled": load.scheduled, "sent": load.sent,
+                  "send_lag_ms": percentiles(load.send_lag_ms),
+                  "generator": "benchmarks.loadgen.raw_open_loop: pre-serialized ModelInfer messages, one image "
+                               "each, over 4 gRPC channels from one asyncio loop",
+                  "cpu_pinning": self.pinning.as_dict() if self.pinning else None, "cpu": load.cpu,
+                  "outcomes": counts(outcomes), "gateway_refusals": refusals, "served_rps": round(served_rps, 1),
                   "served_of_capacity": round(served_rps / capacity, 3) if capacity else None,
                   "admitted_latency_ms": percentiles(ok), "refusal_latency_ms": percentiles(refused),
-                  "memory_mb": {"baseline": baseline, "peak": peak, "end_of_load": end, "after_settle": settled}}
+                  "latency_definition": "from each call's scheduled arrival (open loop); *_from_send_ms: from the "
+                                        "moment the generator sent it",
+                  "admitted_latency_from_send_ms": percentiles(ok_service),
+                  "refusal_latency_from_send_ms": percentiles(refused_service),
+                  "memory_mb": {"baseline": baseline, "peak": peak, "end_of_load": end, "after_settle": settled,
+                                "settling": settling}}
         self.targets += [
+            target("overload_offered_3x", ">= 0.95 of 3x capacity really sent (the generator kept up)",
+                   round(achieved / rate, 3), achieved >= 0.95 * rate),
             target("overload_served", ">= 0.9 of capacity", result["served_of_capacity"],
                    bool(result["served_of_capacity"] and result["served_of_capacity"] >= 0.9)),
             target("overload_admitted_p99_ms", "< 1000", result["admitted_latency_ms"].get("p99"),
@@ -217,17 +262,9 @@ class Run:
         ]
         return result
 
-    async def _open_loop(self, gateway: GatewayServer, rate: float, seconds: float):
-        caller = Caller(gateway.grpc_url, self.model)
-        rng = np.random.default_rng(0)
-        outcomes: list[str] = []
-        latencies: list[float] = []
+    async def _open_loop(self, gateway: GatewayServer, messages: list[bytes], rate: float, seconds: float,
+                         meter: CpuMeter):
         peak = [0.0]
-
-        async def one(index: int, origin: float) -> None:
-            outcome, _ = await caller.call(self.images[index % len(self.images)][None])
-            outcomes.append(outcome)
-            latencies.append((time.perf_counter() - origin) * 1000)  # from its scheduled arrival
 
         async def memory() -> None:
             while True:
@@ -235,20 +272,13 @@ class Run:
                 await asyncio.sleep(0.5)
 
         sampler = asyncio.create_task(memory())
-        started, arrival, tasks, index = time.perf_counter(), 0.0, [], 0
-        while True:
-            arrival += rng.exponential(1.0 / rate)
-            if arrival >= seconds:
-                break
-            delay = started + arrival - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(index, started + arrival)))
-            index += 1
-        await asyncio.gather(*tasks)
-        sampler.cancel()
-        await caller.close()
-        return outcomes, latencies, round(peak[0], 1)
+        meter.start()
+        try:
+            load = await raw_open_loop(gateway.grpc_url, messages, rate, seconds)
+        finally:
+            sampler.cancel()
+        load.cpu = meter.stop(load.sent)
+        return load, round(peak[0], 1)
 
     # cancellation ---------------------------------------------------------------
     def cancellation(self) -> dict:
@@ -593,14 +623,18 @@ def load_workload(repository: Path, data: Path | None, count: int) -> tuple[np.n
 
 
 def run(repository: Path, output: Path, phases: list[str], durations: dict, data: Path | None = None,
-        images: int = 2000, command: str = "", log=print) -> dict:
+        images: int = 2000, command: str = "", log=print, pin: bool = True) -> dict:
     try:
         manifest = read_manifest(repository)
     except ManifestError as error:
         raise UserError(str(error)) from None
     output.mkdir(parents=True, exist_ok=True)
     pixels, labels, source = load_workload(repository, data, images)
-    session = Run(repository, output, durations, pixels, labels, manifest.model, log)
+    pinning = split_cores() if pin else None
+    if pinning:
+        log(f"capacity and overload: the gateway on cores {list(pinning.servers)}, "
+            f"the load generator on {list(pinning.loadgen)}")
+    session = Run(repository, output, durations, pixels, labels, manifest.model, log, pinning)
     for phase in phases:
         log(f"phase {phase}")
         started = time.monotonic()
@@ -611,7 +645,9 @@ def run(repository: Path, output: Path, phases: list[str], durations: dict, data
         session.results[phase]["phase_wall_s"] = round(time.monotonic() - started, 2)
         log(json.dumps({phase: session.results[phase]}, default=str)[:2000])
     document = {"command": command, "commit": git_commit(), "machine": machine_description(),
-                "date": utc_timestamp(), "cpus": os.cpu_count(), "model": manifest.model, "images": source,
+                "date": utc_timestamp(), "cpus": os.cpu_count(),
+                "cpu_pinning": {"phases": ["capacity", "overload"], **pinning.as_dict()} if pinning else None,
+                "model": manifest.model, "images": source,
                 "durations": durations, "phases": session.results,
                 "targets": {entry.pop("name"): entry for entry in session.targets}}
     (output / "robustness.json").write_text(json.dumps(document, indent=2, default=str) + "\n")
@@ -628,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="seconds per phase: a smoke test, not figures")
     parser.add_argument("--data", type=Path, default=None, help="dataset (default: the checkpoint's)")
     parser.add_argument("--images", type=int, default=2000, help="test images the load draws from")
+    parser.add_argument("--no-pin", action="store_true", help="capacity and overload: gateway and load "
+                        "generator share every core (default: disjoint cores, as benchmarks.run)")
     for name, default in ISSUE_DURATIONS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None,
                             help=f"default {default} ({QUICK_DURATIONS[name]} with --quick)")
@@ -644,7 +682,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp = dt.datetime.now().strftime("%Y-%m-%d")
     output = args.output or REPO_ROOT / "benchmarks" / "results" / f"{stamp}-{platform.node()}-robustness"
     command = "python -m benchmarks.robustness " + " ".join(sys.argv[1:] if argv is None else argv)
-    document = run(args.model_repository, output, phases, durations, args.data, args.images, command)
+    document = run(args.model_repository, output, phases, durations, args.data, args.images, command,
+                   pin=not args.no_pin)
     print(json.dumps(document["targets"], indent=2))
     print(f"results in {output / 'robustness.json'}")
     return 0

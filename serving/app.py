@@ -4,8 +4,10 @@ dataplane; a model store routing by name (serving.model_store) -> HTTP + gRPC.""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
+import os
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -126,6 +128,15 @@ def profiled_image_ms(manifest: Manifest) -> float | None:
     return total
 
 
+def parallel_workers(workers: int) -> int:
+    """Backend calls that really run at once: `workers`, at most the cores this process may use."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(workers, cores))
+
+
 def http_options(settings: Settings, max_body_bytes: int) -> HttpOptions:
     return HttpOptions(max_body_bytes=max_body_bytes, max_image_bytes=int(settings.max_image_mb * 1024 * 1024),
                        max_image_pixels=settings.max_image_pixels, max_request_pixels=settings.max_request_pixels,
@@ -144,7 +155,8 @@ def grpc_limits(settings: Settings, admission_images: int | None) -> GrpcLimits:
     over the models served at start-up), the HTTP connection limit and read timeout where grpc has them."""
     return GrpcLimits(max_concurrent_rpcs=settings.grpc_max_concurrent_rpcs or concurrent_rpc_limit(admission_images),
                       max_connections=settings.max_connections, handshake_timeout_s=settings.read_timeout_s,
-                      age_grace_s=max(settings.read_timeout_s, settings.request_timeout_s))
+                      age_grace_s=max(settings.read_timeout_s, settings.request_timeout_s),
+                      max_pending_calls=settings.grpc_max_pending_calls or None)
 
 
 def admission_images(store: ModelStore) -> int | None:
@@ -226,10 +238,12 @@ class Gateway:
             ensure_triton_models(settings, manifest)
         backend = backend or stage_backend(settings, manifest)
         queue_images = settings.max_queue_images or default_queue_images(
-            profiled_image_ms(manifest), settings.workers, settings.max_queue_ms, settings.max_batch_size)
+            profiled_image_ms(manifest), parallel_workers(settings.workers), settings.max_queue_ms,
+            settings.max_batch_size)
         cascade_settings = CascadeSettings(settings.max_batch_size, settings.max_wait_ms, settings.workers,
                                            max_queue_images=queue_images,
-                                           health_interval_s=settings.health_interval_ms / 1000)
+                                           health_interval_s=settings.health_interval_ms / 1000,
+                                           backend_nice=settings.backend_nice)
         fallback = None
         if settings.backend == "triton" and settings.triton_fallback and backend.name == "triton":
             fallback = stage_backend(settings.model_copy(update={"backend": "onnxruntime"}), manifest)
@@ -249,6 +263,11 @@ class Gateway:
             self.grpc_server = await start_grpc_server(self.dataplane, self.settings.host, self.settings.grpc_port,
                                                        self.max_body_bytes, **grpc_security(self.settings),
                                                        limits=grpc_limits(self.settings, admission_images(self.store)))
+        # What start-up made (modules, sessions, schemas: most of the heap's objects) is never garbage: out
+        # of the collector's sight, so that a full collection under load walks only what requests made
+        # (tens of ms less of a stalled event loop each time).
+        gc.collect()
+        gc.freeze()
         log.info("gateway ready", extra={"fields": {
             "model": self.manifest.model, "exits": self.manifest.exit_depths, "backend": self.backend.name,
             "models": {name: version.version for name, version in self.store.models.items()},

@@ -41,12 +41,14 @@ float32 softmax per batch; a request answered by one batch keeps that batch's ro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import heapq
 import itertools
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -244,6 +246,9 @@ class CascadeSettings:
     budget_reserve: float = 0.2
     max_queue_images: int = 0  # images admitted at once (0: no bound)
     health_interval_s: float = 0.25  # how often a backend with a health check is polled
+    # Nice value of the backend threads (Linux; 0: the process's): when the gateway's cores are saturated
+    # the event loop, which admits, refuses and answers requests, runs before more backend work.
+    backend_nice: int = 0
 
 
 def default_queue_images(per_image_ms: float | None, workers: int, queue_ms: float, minimum: int,
@@ -426,6 +431,15 @@ class Cascade:
         return max(1.0, batches * batch_ms / 1000 / self.settings.workers)
 
     # -- requests -----------------------------------------------------------
+    def overloaded(self, size: int) -> Overloaded | None:
+        """Admission control: the refusal of a request of `size` images now (None: it would be admitted).
+        The front ends ask before decoding a request, so that a refusal costs no decode or copy."""
+        bound = self.settings.max_queue_images
+        if bound and self.images_in and self.images_in + size > bound:
+            return Overloaded(f"the gateway is at capacity ({self.images_in} images in the cascade, limit "
+                              f"{bound}); retry later", self.retry_after_s())
+        return None
+
     async def infer(self, inputs: np.ndarray, options: RequestOptions, deadline: float | None = None) -> CascadeResult:
         """Run a batch of images (already normalised) through the cascade; `deadline` is a
         time.monotonic() by which it must be answered (or DeadlineExceeded)."""
@@ -436,10 +450,9 @@ class Cascade:
             raise Unavailable("the backend is not available")
         now = time.monotonic()
         size = len(inputs)
-        bound = self.settings.max_queue_images
-        if bound and self.images_in and self.images_in + size > bound:
-            raise Overloaded(f"the gateway is at capacity ({self.images_in} images in the cascade, limit {bound}); "
-                             f"retry later", self.retry_after_s())
+        refusal = self.overloaded(size)
+        if refusal is not None:
+            raise refusal
         if deadline is None:
             deadline, key = math.inf, now + NO_DEADLINE_ORDER_S
         else:
@@ -623,6 +636,9 @@ class Cascade:
 
     def _backend_thread(self) -> None:
         """A backend thread: runs batches, hands each outcome back to the event loop in one call."""
+        if self.settings.backend_nice:  # below the event loop: it admits, refuses and answers first
+            with contextlib.suppress(OSError, AttributeError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.settings.backend_nice)
         while (job := self._jobs.get()) is not None:
             lane, groups, batch, deadline = job
             backend = self.backend if self.backend_ready or self.fallback is None else self.fallback

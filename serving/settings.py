@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     keep_alive_s: int = Field(5, ge=1, description="idle HTTP keep-alive connections close after this")
     grpc_max_concurrent_rpcs: int = Field(0, ge=0, description="gRPC calls at once; beyond, RESOURCE_EXHAUSTED "
                                           "before the call is read (0: the admission bound in images plus 8)")
+    grpc_max_pending_calls: int = Field(0, ge=0, description="gRPC calls grpc holds while the gateway is too "
+                                        "busy to take them; beyond, refused at once in grpc's core, which the "
+                                        "client sees as CANCELLED (0: grpc's default, 1000 to 3000)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     access_log: bool = Field(False, description="log every HTTP request")
     # Overload, deadlines and shutdown (issue 25).
@@ -73,7 +76,11 @@ class Settings(BaseSettings):
                                      "(gRPC deadline, `timeout` parameter or header); 0: none")
     max_queue_images: int = Field(0, ge=0, description="images admitted into the cascade at once; beyond, "
                                   "429 / RESOURCE_EXHAUSTED (0: --max-queue-ms of work at the profiled speed)")
-    max_queue_ms: float = Field(300.0, gt=0, description="work the default queue bound holds, in ms")
+    max_queue_ms: float = Field(300.0, gt=0, description="work the default queue bound holds, in ms (on "
+                                "the cores the gateway may run on, at most --workers)")
+    backend_nice: int = Field(10, ge=0, le=19, description="nice value of the backend threads (Linux): on "
+                              "saturated cores the event loop (admission, refusals, answers) goes first; 0: as "
+                              "the process")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may run "
                                     "before they are answered UNAVAILABLE (exit status 3 if any)")
     health_interval_ms: float = Field(250.0, gt=0, le=10000, description="how often the Triton backend's "
