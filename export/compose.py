@@ -135,7 +135,7 @@ def compose_cascade(specs: list[StageSpec], name: str, output: Path = DEFAULT_RE
         last = meta.exits[indices[-1]]
         depth_before, macs_before, params_before = (depth_before + last.depth, macs_before + last.macs,
                                                     params_before + last.params)
-    composed = metas[0].updated(model=name, exits=exits, heldout_acc=heldout_acc, num_classes=metas[0].num_classes)
+    composed = metas[0].updated(model=name, exits=exits, heldout_acc=heldout_acc)
     source = {"checkpoint": str(specs[0].checkpoint), "stages": stages, "composed": True,
               "export_commit": git_commit(), "command": " ".join(sys.argv),
               "validation": {"images": len(images), "tolerance": tolerance,

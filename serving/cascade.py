@@ -65,6 +65,9 @@ from serving.policy import ExitPlan, RequestOptions, confidence_scores, should_s
 log = logging.getLogger("gateway.cascade")
 
 NO_DEADLINE_ORDER_S = 3600.0  # ordering key of a request without a deadline: its arrival plus this
+# Added to the ordering key of a budget request's deeper stages: optional work (the request has an answer
+# from the exit it passed) goes after every request's mandatory work, whatever their deadlines.
+OPTIONAL_ORDER_S = 2 * NO_DEADLINE_ORDER_S
 TRIM_AFTER_IDLE_S = 1.0  # an idle cascade gives freed heap memory back to the system after this
 TRIM_AFTER_IMAGES = 256  # ... when at least this many images went through since the last time
 
@@ -102,6 +105,7 @@ class _Request:
     parts: list = field(default_factory=list)
     waiting: list = field(default_factory=list)  # its groups queued (not running) in some lane
     timer: asyncio.TimerHandle | None = None
+    images: np.ndarray | None = None  # its normalised inputs: what a stage that takes the image gets again
 
     def __post_init__(self) -> None:
         self.remaining = self.size
@@ -136,6 +140,11 @@ class _Group:
     inputs: np.ndarray | None  # None once dropped (its memory goes at once)
     lane: Lane | None = None
     live: bool = True  # False once taken into a batch or dropped: the queue skips it
+    # Budget policy: (exit position, logits, scores) of the exit its samples passed, what they answer
+    # with if the next stage cannot start in time (at `give_up_at`, a time.monotonic(); its timer).
+    fallback: tuple | None = None
+    give_up_at: float = math.inf
+    give_up: asyncio.TimerHandle | None = None
 
 
 class _BatchScores:
@@ -302,7 +311,10 @@ class Cascade:
         self.last_refusal = 0.0  # time.monotonic() of the last request refused while stopping
         self.dropped = {"expired": 0, "cancelled": 0, "failed": 0}  # samples dropped from queues
         self.failed_batches = 0
+        self.gave_up = 0  # samples of budget requests answered from the exit they passed (no time left)
         self._has_health = callable(getattr(backend, "healthy", None))
+        # Stages that take the request's images again (a composed cascade's later networks), not activations.
+        self.image_stages = frozenset(getattr(backend, "image_stages", ()))
         self._timeouts = bool(getattr(backend, "accepts_timeout", False))
         if metrics:
             self._stage_metrics = {lane: metrics.stage(f"{plan.depths[lane.position]}-direct" if lane.direct
@@ -350,7 +362,7 @@ class Cascade:
                 self.run_ms[lane] = (time.monotonic() - started) * 1000
             if not self.costs[lane].known:
                 self.costs[lane].observe(len(sample), (time.monotonic() - started) * 1000)
-            inputs = features
+            inputs = sample if lane.position + 1 in self.image_stages else features
         for lane in self.direct_lanes:
             started = time.monotonic()
             await asyncio.to_thread(self.backend.run_exit, lane.position, sample)
@@ -461,7 +473,7 @@ class Cascade:
             key = deadline
         if options.budget_ms is not None:
             key = min(key, now + options.budget_ms / 1000)
-        request = _Request(options, size, now, self._loop.create_future(), deadline, key)
+        request = _Request(options, size, now, self._loop.create_future(), deadline, key, images=inputs)
         if deadline < math.inf:
             request.timer = self._loop.call_later(deadline - now, self._expire, request)
         self.requests.add(request)
@@ -528,6 +540,8 @@ class Cascade:
         for group in request.waiting:
             count = len(group.samples)
             group.live, group.inputs = False, None
+            if group.give_up is not None:
+                group.give_up.cancel()
             self.queued[group.lane] -= count
             self.in_lane[group.lane] -= count
             dropped += count
@@ -538,9 +552,9 @@ class Cascade:
                 self.metrics.dropped_samples.labels(reason).inc(dropped)
             self._schedule_pump()  # a waiting deep lane may no longer have to wait
 
-    def _enqueue(self, lane: Lane, group: _Group) -> None:
+    def _enqueue(self, lane: Lane, group: _Group, key: float | None = None) -> None:
         group.lane = lane
-        heapq.heappush(self.queues[lane], (group.request.key, next(self._sequence), group))
+        heapq.heappush(self.queues[lane], (group.request.key if key is None else key, next(self._sequence), group))
         group.request.waiting.append(group)
         if not self.queued[lane]:
             self._waiting_since[lane] = time.monotonic()
@@ -606,6 +620,9 @@ class Cascade:
                 heapq.heappop(heap)
                 continue
             request = group.request
+            if group.fallback is not None and now + expected >= group.give_up_at:
+                self._answer_fallback(group)  # its optional stage would end past the budget: answered now
+                continue
             if request.deadline <= now + expected:  # expired, or would be before this batch is done
                 self._expire(request)
                 continue
@@ -614,6 +631,8 @@ class Cascade:
                 break
             heapq.heappop(heap)
             group.live = False
+            if group.give_up is not None:
+                group.give_up.cancel()
             request.waiting.remove(group)
             self.queued[lane] -= count
             taken.append(group)
@@ -707,6 +726,7 @@ class Cascade:
         now = time.monotonic()
         batch_scores = _BatchScores(logits)
         last = stage == self.stages - 1
+        takes_image = stage + 1 in self.image_stages  # the next stage runs on the images again
         backlog = None  # what waits for the backend slots, made when a budget request first needs it
         continued = 0  # samples of this batch enqueued in the next segment so far (before the next group's)
         offset, answered = 0, 0
@@ -725,7 +745,7 @@ class Cascade:
             if not last and request.options.policy == "budget":
                 if backlog is None:
                     backlog = _Backlog(self)
-                next_ms = self.next_stage_ms(backlog, stage + 1, request.key, count, continued)
+                next_ms = self.next_stage_ms(backlog, stage + 1, request.key + OPTIONAL_ORDER_S, count, continued)
                 if next_ms is not None:
                     next_ms += self.settings.budget_reserve * request.options.budget_ms
             stop = should_stop(stage, scores, request.options, self.plan,
@@ -738,14 +758,56 @@ class Cascade:
             if stopping:
                 request.answer(group.samples[stop], logits[rows][stop], stage, scores[stop])
                 go_on = ~stop
-                continuing = _Group(request, group.samples[go_on], features[rows][go_on])
+                samples = group.samples[go_on]
+                continuing = _Group(request, samples, request.images[samples] if takes_image else features[rows][go_on])
             else:  # all continue: the rows themselves, no copy
-                continuing = _Group(request, group.samples, features[rows])
-            self._enqueue(self.segment_lanes[stage + 1], continuing)
+                continuing = _Group(request, group.samples,
+                                    request.images[group.samples] if takes_image else features[rows])
+            if request.options.policy == "budget":
+                go = ~stop
+                self._enqueue_optional(self.segment_lanes[stage + 1], continuing, stage, logits[rows][go], scores[go])
+            else:
+                self._enqueue(self.segment_lanes[stage + 1], continuing)
             if backlog is not None:  # (what went on before the backlog was made is in it)
                 continued += len(continuing.samples)
         if self.metrics and answered:
             self._exit_counters[stage].inc(answered)
+
+    def _enqueue_optional(self, lane: Lane, group: _Group, stage: int, logits: np.ndarray,
+                          scores: np.ndarray) -> None:
+        """A budget request's samples going on to `lane`: optional work, queued after every request's
+        mandatory work; answered from exit `stage` (`logits`, `scores`) instead if the stage cannot start
+        early enough to end within the budget less its reserve."""
+        request = group.request
+        group.fallback = (stage, logits, scores)
+        self._enqueue(lane, group, request.key + OPTIONAL_ORDER_S)
+        cost = self.costs[lane]
+        stage_s = cost.batch_ms(len(group.samples)) / 1000 if cost.known else 0.0
+        budget_s = request.options.budget_ms / 1000 * (1 - self.settings.budget_reserve)
+        group.give_up_at = request.started + budget_s - stage_s
+        group.give_up = self._loop.call_later(max(0.0, group.give_up_at - time.monotonic()), self._give_up, group)
+
+    def _give_up(self, group: _Group) -> None:
+        group.give_up = None
+        if group.live and not group.request.future.done():
+            self._answer_fallback(group)
+
+    def _answer_fallback(self, group: _Group) -> None:
+        """Out of its queue, answered from the exit its samples passed."""
+        lane, count = group.lane, len(group.samples)
+        group.live, group.inputs = False, None
+        if group.give_up is not None:
+            group.give_up.cancel()
+            group.give_up = None
+        group.request.waiting.remove(group)
+        self.queued[lane] -= count
+        self.in_lane[lane] -= count
+        self.gave_up += count
+        stage, logits, scores = group.fallback
+        group.request.answer(group.samples, logits, stage, scores)
+        if self.metrics:
+            self._exit_counters[stage].inc(count)
+        self._schedule_pump()
 
     def _dispatch_direct(self, lane: Lane, groups: list[_Group], logits: np.ndarray) -> None:
         """Every sample of a direct lane leaves at that lane's exit."""
