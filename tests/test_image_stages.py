@@ -272,8 +272,8 @@ def test_the_gateway_answers_each_image_as_the_per_exit_model_of_its_exit(calibr
 
 # -- the Triton cascade model --------------------------------------------------------------------
 @pytest.mark.parametrize("mode", MODES)
-def test_the_triton_cascade_model_runs_the_image_stage_in_both_modes(calibrated, per_exit, thresholds, mode,
-                                                                     triton_venv, tmp_path):
+def test_triton_runs_the_image_stage_in_the_cascade_model_in_both_modes_and_for_the_gateway(
+        calibrated, per_exit, thresholds, mode, triton_venv, tmp_path):
     import tritonclient.grpc as grpcclient
 
     from benchmarks.triton_launcher import TritonServer
@@ -288,6 +288,12 @@ def test_the_triton_cascade_model_runs_the_image_stage_in_both_modes(calibrated,
         for case in POLICY_CASES:
             parameters = {key: str(value) if key == "budget_ms" else value for key, value in case[0].items()}
             _assert_answers(_ask(grpcclient, server.grpc_url, CASCADE, parameters), case, per_exit, thresholds)
+        if mode != MODES[0]:
+            return  # one mode is enough for the gateway's stage-by-stage Triton backend
+        with GatewayProcess(repository, "--backend", "triton", "--triton-url", server.grpc_url,
+                            log_path=tmp_path / "gateway.log") as gateway:  # each segment a call to Triton
+            for case in POLICY_CASES:
+                _assert_answers(_ask(grpcclient, gateway.grpc_url, NAME, case[0]), case, per_exit, thresholds)
 
 
 # -- benchmarks ----------------------------------------------------------------------------------
