@@ -243,7 +243,7 @@ class Gateway:
         cascade_settings = CascadeSettings(settings.max_batch_size, settings.max_wait_ms, settings.workers,
                                            max_queue_images=queue_images,
                                            health_interval_s=settings.health_interval_ms / 1000,
-                                           backend_nice=settings.backend_nice)
+                                           backend_nice=settings.backend_nice, budget_reserve=settings.budget_reserve)
         fallback = None
         if settings.backend == "triton" and settings.triton_fallback and backend.name == "triton":
             fallback = stage_backend(settings.model_copy(update={"backend": "onnxruntime"}), manifest)

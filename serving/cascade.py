@@ -24,7 +24,11 @@ Requests are answered exactly once, whatever fails (issue 25):
 - the budget policy continues a request only if the next segment would finish
   within its budget less a reserve (`next_stage_ms`: each lane's batch time as a
   line fitted to its recent batches, the work of every lane queued before it in
-  deadline order and the batches running, then the batch it joins);
+  deadline order and the batches running, then the batch it joins); past its first
+  exit a budget request has an answer, so its deeper stages are optional work,
+  queued after every request's mandatory work (no first exit waits behind them),
+  and answered from the exit it passed when the next stage can no longer end
+  within the budget less the reserve (no deep stage runs late);
 - admission control bounds the images inside the cascade (`max_queue_images`):
   beyond it a request is refused at once with `Overloaded` (429 / RESOURCE_EXHAUSTED);
 - any exception in a stage (the backend call, or the dispatch after it) fails that
@@ -143,6 +147,7 @@ class _Group:
     # Budget policy: (exit position, logits, scores) of the exit its samples passed, what they answer
     # with if the next stage cannot start in time (at `give_up_at`, a time.monotonic(); its timer).
     fallback: tuple | None = None
+    budget_end: float = math.inf  # its request's start + budget less the reserve (time.monotonic())
     give_up_at: float = math.inf
     give_up: asyncio.TimerHandle | None = None
 
@@ -614,19 +619,23 @@ class Cascade:
         passes before a batch of this lane usually finishes are answered DeadlineExceeded instead."""
         heap, taken, size = self.queues[lane], [], 0
         expected = (self.run_ms[lane] or 0.0) / 1000  # a batch's usual backend time in this lane
+        cost, optional_end = self.costs[lane], math.inf  # the earliest budget end of the batch's budget groups
         while heap:
             group = heap[0][2]
             if not group.live:
                 heapq.heappop(heap)
                 continue
             request = group.request
-            if group.fallback is not None and now + expected >= group.give_up_at:
-                self._answer_fallback(group)  # its optional stage would end past the budget: answered now
+            count = len(group.samples)
+            ends = now + cost.batch_ms(size + count) / 1000  # this batch's end with the group in it
+            if group.fallback is not None and ends > group.budget_end:
+                self._answer_fallback(group)  # in this batch, its optional stage would end past the budget
                 continue
+            if ends > optional_end:  # it would make a budget request already in the batch late
+                break
             if request.deadline <= now + expected:  # expired, or would be before this batch is done
                 self._expire(request)
                 continue
-            count = len(group.samples)
             if taken and size + count > self.settings.max_batch_size:
                 break
             heapq.heappop(heap)
@@ -634,6 +643,8 @@ class Cascade:
             if group.give_up is not None:
                 group.give_up.cancel()
             request.waiting.remove(group)
+            if group.fallback is not None:
+                optional_end = min(optional_end, group.budget_end)
             self.queued[lane] -= count
             taken.append(group)
             size += count
@@ -783,8 +794,8 @@ class Cascade:
         self._enqueue(lane, group, request.key + OPTIONAL_ORDER_S)
         cost = self.costs[lane]
         stage_s = cost.batch_ms(len(group.samples)) / 1000 if cost.known else 0.0
-        budget_s = request.options.budget_ms / 1000 * (1 - self.settings.budget_reserve)
-        group.give_up_at = request.started + budget_s - stage_s
+        group.budget_end = request.started + request.options.budget_ms / 1000 * (1 - self.settings.budget_reserve)
+        group.give_up_at = group.budget_end - stage_s
         group.give_up = self._loop.call_later(max(0.0, group.give_up_at - time.monotonic()), self._give_up, group)
 
     def _give_up(self, group: _Group) -> None:

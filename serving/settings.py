@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     backend_nice: int = Field(10, ge=0, le=19, description="nice value of the backend threads (Linux): on "
                               "saturated cores the event loop (admission, refusals, answers) goes first; 0: as "
                               "the process")
+    budget_reserve: float = Field(0.2, ge=0, lt=1, description="share of a latency budget the budget policy "
+                                  "keeps for what the cascade does not see (front end, transport, the client): "
+                                  "a request goes on to the next stage only if it would finish before the rest")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may run "
                                     "before they are answered UNAVAILABLE (exit status 3 if any)")
     health_interval_ms: float = Field(250.0, gt=0, le=10000, description="how often the Triton backend's "

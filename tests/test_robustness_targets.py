@@ -6,7 +6,9 @@ generous bounds."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -15,6 +17,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from common.manifest import read_manifest
+from serving.backends import OnnxRuntimeBackend
 
 from .conftest import GatewayProcess
 
@@ -159,3 +162,74 @@ def test_overload_phase_records_the_generator_and_the_split(tiny_repository, tmp
         assert document["cpu_pinning"]["phases"] == ["capacity", "overload"]
     assert {"overload_offered_3x", "overload_served", "overload_admitted_p99_ms", "overload_refusal_p99_ms",
             "overload_memory_after_settle"} <= set(document["targets"])
+
+
+# -- the budget policy: deeper stages are optional work ------------------------------------------
+
+def test_a_budget_request_deeper_stages_go_after_every_mandatory_stage(tiny_repository):
+    """A budget request past its first exit has an answer: its deeper stages queue after every request's
+    mandatory work (here a later-deadline confidence request's whole cascade), yet still run when the
+    budget allows, and it answers from its deepest exit."""
+    from .test_hardening_core import hold, make, marked, options, settled
+
+    manifest = read_manifest(tiny_repository)
+
+    async def run():
+        cascade, backend = make(tiny_repository, manifest, workers=1, max_batch_size=2)
+        await cascade.start(marked(manifest, 1.0))  # the warm-up seeds every stage's cost
+        backend.calls.clear()
+        blocker = await hold(cascade, backend, manifest)
+        now = time.monotonic()
+        budget = asyncio.create_task(cascade.infer(marked(manifest, 80.0, 2), options(
+            manifest, policy="budget", budget_ms=30_000.0, thresholds=(2.0,))))
+        await asyncio.sleep(0)
+        later = asyncio.create_task(cascade.infer(marked(manifest, 81.0, 2), options(manifest, thresholds=(2.0,)),
+                                                  deadline=now + 60))
+        await asyncio.sleep(0)
+        backend.calls.clear()
+        backend.gate.set()
+        results = await asyncio.wait_for(asyncio.gather(blocker, budget, later), 20)
+        await cascade.stop()
+        return results, [call for call in backend.calls if call[0].startswith("seg")], settled(cascade), \
+            cascade.gave_up
+
+    (_, budget, later), calls, clean, gave_up = asyncio.run(run())
+    lanes = [lane for lane, _, _ in calls]
+    assert lanes == ["seg0", "seg0", "seg1", "seg2", "seg1", "seg2"], calls
+    assert calls[0][2] == [80.0, 80.0] and calls[1][2] == [81.0, 81.0]  # the budget request's first exit first
+    assert (budget.exit_index == 2).all() and (later.exit_index == 2).all()
+    assert clean and gave_up == 0
+
+
+def test_a_budget_request_whose_next_stage_cannot_start_in_time_answers_from_the_exit_it_passed(tiny_repository):
+    """Its next stage waits behind mandatory work past the point where it could still end within the
+    budget less the reserve: it leaves the queue and answers from the exit it passed (those logits,
+    that exit), in time, instead of running late; the other request is unaffected."""
+    from .test_hardening_core import make, marked, options, settled, until
+
+    manifest = read_manifest(tiny_repository)
+    images = marked(manifest, 90.0)
+
+    async def run():
+        cascade, backend = make(tiny_repository, manifest, workers=1, max_batch_size=1)
+        await cascade.start(marked(manifest, 1.0))  # the warm-up seeds every stage's cost
+        backend.calls.clear()
+        backend.held_lane = "seg1"  # the slot stays busy with the mandatory request's second stage
+        backend.gate.clear()
+        budget = asyncio.create_task(cascade.infer(images, options(manifest, policy="budget", budget_ms=300.0,
+                                                                   thresholds=(2.0,))))
+        await asyncio.sleep(0)
+        mandatory = asyncio.create_task(cascade.infer(marked(manifest, 91.0), options(manifest, thresholds=(2.0,))))
+        answer = await asyncio.wait_for(budget, 20)  # answered while the slot is still held
+        running = [lane for lane, _, _ in backend.calls]
+        backend.gate.set()
+        other = await asyncio.wait_for(mandatory, 20)
+        await until(lambda: settled(cascade))
+        await cascade.stop()
+        return answer, running, other, cascade.gave_up
+
+    answer, running, other, gave_up = asyncio.run(run())
+    assert running == ["seg0", "seg0", "seg1"]  # its own seg0, the other's seg0, the other's seg1 (held)
+    expected = OnnxRuntimeBackend(tiny_repository, manifest).run(0, images)[0]
+    assert (answer.exit_index == 0).all() and np.allclose(answer.logits, expected, atol=1e-5)
+    assert (other.exit_index == 2).all() and gave_up == 1
