@@ -207,6 +207,7 @@ class Run:
         messages = infer_messages(self.model, self.images, min(len(self.images), 512))
         with pinned_self(self.pinning.loadgen if self.pinning else None), self.pinned_gateway("overload") as gateway:
             pid = gateway.process.pid
+            started = rss_mb(pid)  # idle after start-up (the old baseline's kind: no overload seen yet)
             asyncio.run(raw_open_loop(gateway.grpc_url, messages, rate, warm_s, seed=1))
             time.sleep(settle)
             baseline = rss_mb(pid)
@@ -245,7 +246,8 @@ class Run:
                                         "moment the generator sent it",
                   "admitted_latency_from_send_ms": percentiles(ok_service),
                   "refusal_latency_from_send_ms": percentiles(refused_service),
-                  "memory_mb": {"baseline": baseline, "peak": peak, "end_of_load": end, "after_settle": settled,
+                  "memory_mb": {"after_start": started, "warm_up_s": warm_s, "baseline": baseline,
+                                "peak": peak, "end_of_load": end, "after_settle": settled,
                                 "settling": settling}}
         self.targets += [
             target("overload_offered_3x", ">= 0.95 of 3x capacity really sent (the generator kept up)",
