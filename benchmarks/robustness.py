@@ -139,6 +139,21 @@ class Caller:
             await self.client.close()
 
 
+def refusal_cost(capacity_cpu: dict | None, overload_cpu: dict | None, served: int, refused: int) -> dict | None:
+    """The gateway's CPU per refused call under overload, estimated: its CPU in the overload window less
+    what the served requests cost at capacity (CPU per request of the closed loop), over the refusals;
+    and the share of the gateway's CPU that went to refusing."""
+    try:
+        per_served = capacity_cpu["ms_per_request"]["gateway"]
+        total_ms = overload_cpu["cpu_s"]["gateway"] * 1000
+    except (KeyError, TypeError):
+        return None
+    refusing_ms = max(0.0, total_ms - served * per_served)
+    return {"gateway_ms_per_served_at_capacity": per_served,
+            "gateway_ms_per_refusal": round(refusing_ms / refused, 4) if refused else None,
+            "refusing_share_of_gateway_cpu": round(refusing_ms / total_ms, 3) if total_ms else None}
+
+
 def counts(outcomes: list[str]) -> dict:
     return {name: outcomes.count(name) for name in sorted(set(outcomes))}
 
@@ -249,6 +264,8 @@ class Run:
                   "memory_mb": {"after_start": started, "warm_up_s": warm_s, "baseline": baseline,
                                 "peak": peak, "end_of_load": end, "after_settle": settled,
                                 "settling": settling}}
+        result["refusal_cost_estimate"] = refusal_cost(self.results.get("capacity", {}).get("cpu"), load.cpu,
+                                                      len(ok), len(outcomes) - len(ok))
         self.targets += [
             target("overload_offered_3x", ">= 0.95 of 3x capacity really sent (the generator kept up)",
                    round(achieved / rate, 3), achieved >= 0.95 * rate),

@@ -156,6 +156,7 @@ def test_overload_phase_records_the_generator_and_the_split(tiny_repository, tmp
     refused = overload["outcomes"].get("RESOURCE_EXHAUSTED", 0)
     assert sum(overload["gateway_refusals"].values()) == refused  # every refusal the client saw is counted
     assert overload["cpu"]["cpu_s"]["gateway"] > 0
+    assert overload["refusal_cost_estimate"]["gateway_ms_per_served_at_capacity"] > 0
     if len(os.sched_getaffinity(0)) >= 2:
         split = overload["cpu_pinning"]
         assert split and not set(split["servers"]) & set(split["loadgen"])
