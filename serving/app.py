@@ -128,6 +128,12 @@ def profiled_image_ms(manifest: Manifest) -> float | None:
     return total
 
 
+def optional_nice(settings: Settings) -> int | None:
+    """The nice value of the budget policy's optional-stage thread (None: no such thread)."""
+    nice = settings.backend_nice if settings.optional_nice is None else settings.optional_nice
+    return None if nice < 0 else nice
+
+
 def parallel_workers(workers: int) -> int:
     """Backend calls that really run at once: `workers`, at most the cores this process may use."""
     try:
@@ -243,7 +249,8 @@ class Gateway:
         cascade_settings = CascadeSettings(settings.max_batch_size, settings.max_wait_ms, settings.workers,
                                            max_queue_images=queue_images,
                                            health_interval_s=settings.health_interval_ms / 1000,
-                                           backend_nice=settings.backend_nice, budget_reserve=settings.budget_reserve)
+                                           backend_nice=settings.backend_nice, budget_reserve=settings.budget_reserve,
+                                           optional_nice=optional_nice(settings))
         fallback = None
         if settings.backend == "triton" and settings.triton_fallback and backend.name == "triton":
             fallback = stage_backend(settings.model_copy(update={"backend": "onnxruntime"}), manifest)

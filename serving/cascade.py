@@ -28,7 +28,11 @@ Requests are answered exactly once, whatever fails (issue 25):
   exit a budget request has an answer, so its deeper stages are optional work,
   queued after every request's mandatory work (no first exit waits behind them),
   and answered from the exit it passed when the next stage can no longer end
-  within the budget less the reserve (no deep stage runs late);
+  within the budget less the reserve (no deep stage runs late), or, if its batch
+  has not ended by then, at that moment (the batch's rows for it are ignored);
+  with `optional_nice` they run on one backend thread of their own at that nice
+  value, never on the `workers` slots (at most one optional batch at a time, and
+  a first stage never waits for a slot behind one);
 - admission control bounds the images inside the cascade (`max_queue_images`):
   beyond it a request is refused at once with `Overloaded` (429 / RESOURCE_EXHAUSTED);
 - any exception in a stage (the backend call, or the dispatch after it) fails that
@@ -149,7 +153,8 @@ class _Group:
     fallback: tuple | None = None
     budget_end: float = math.inf  # its request's start + budget less the reserve (time.monotonic())
     give_up_at: float = math.inf
-    give_up: asyncio.TimerHandle | None = None
+    give_up: asyncio.TimerHandle | None = None  # while it waits: `_give_up`; while its batch runs: `_abandon`
+    abandoned: bool = False  # answered from its fallback while its batch ran: the batch's rows are ignored
 
 
 class _BatchScores:
@@ -224,7 +229,9 @@ class _Backlog:
         self.keys: dict[Lane, list[float]] = {}
         self.cumulative: dict[Lane, list[int]] = {}
         for lane in cascade.lanes:
-            entries = sorted((key, len(group.samples)) for key, _, group in cascade.queues[lane] if group.live)
+            entries = sorted((key, len(group.samples)) for key, _, group in
+                             itertools.chain(cascade.queues[lane], cascade.optional_queues.get(lane, ()))
+                             if group.live)
             self.keys[lane] = [key for key, _ in entries]
             self.cumulative[lane] = list(itertools.accumulate(count for _, count in entries))
         self.running = {lane: cascade.in_lane[lane] - cascade.queued[lane] for lane in cascade.lanes}
@@ -263,6 +270,11 @@ class CascadeSettings:
     # Nice value of the backend threads (Linux; 0: the process's): when the gateway's cores are saturated
     # the event loop, which admits, refuses and answers requests, runs before more backend work.
     backend_nice: int = 0
+    # Budget requests' optional deeper stages run on one backend thread of their own at this nice value
+    # (Linux), never on the `workers` slots, so they cannot hold a slot that a first stage needs, and on a
+    # saturated core they yield to the mandatory work when it is higher than `backend_nice` (None: no such
+    # thread, they share the slots; the gateway's --optional-nice).
+    optional_nice: int | None = None
 
 
 def default_queue_images(per_image_ms: float | None, workers: int, queue_ms: float, minimum: int,
@@ -297,6 +309,8 @@ class Cascade:
         self.direct_lanes = [Lane(position, direct=True) for position in range(stages)] if self.direct else []
         self.lanes = [*self.segment_lanes, *self.direct_lanes]
         self.queues: dict[Lane, list] = {lane: [] for lane in self.lanes}  # heaps of (key, sequence, group)
+        # With an optional slot, the budget requests' optional groups wait in heaps of their own, per segment.
+        self.optional_queues: dict[Lane, list] = {lane: [] for lane in self.segment_lanes}
         self.queued: dict[Lane, int] = dict.fromkeys(self.lanes, 0)  # live samples waiting in each lane
         self.in_lane: dict[Lane, int] = dict.fromkeys(self.lanes, 0)  # samples waiting or running in each
         self._waiting_since: dict[Lane, float] = dict.fromkeys(self.lanes, 0.0)
@@ -330,6 +344,9 @@ class Cascade:
             metrics.admitted_images.set_function(lambda: self.images_in)
             metrics.backend_ready.set_function(lambda: float(self.backend_ready))
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # batches for the backend threads; None stops one
+        self._optional_jobs: queue.SimpleQueue = queue.SimpleQueue()  # batches for the optional slot's thread
+        self._optional_free = 0 if settings.optional_nice is None else 1  # the optional slot, when free
+        self.abandoned = 0  # samples answered from their fallback while their optional batch ran
         self._threads: list[threading.Thread] = []
         self._sequence = itertools.count()
         self._free = settings.workers  # backend slots not running a batch
@@ -347,8 +364,12 @@ class Cascade:
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._threads = [threading.Thread(target=self._backend_thread, name=f"stage_{k}", daemon=True)
+        self._threads = [threading.Thread(target=self._backend_thread, name=f"stage_{k}", daemon=True,
+                                          args=(self._jobs, self.settings.backend_nice))
                          for k in range(self.settings.workers)]
+        if self.settings.optional_nice is not None:
+            self._threads.append(threading.Thread(target=self._backend_thread, name="stage_optional", daemon=True,
+                                                  args=(self._optional_jobs, self.settings.optional_nice)))
         for thread in self._threads:
             thread.start()
         if warmup_input is not None:
@@ -427,8 +448,8 @@ class Cascade:
         for timer in (self._wait_timer, self._trim_timer):
             if timer is not None:
                 timer.cancel()
-        for _ in self._threads:
-            self._jobs.put(None)
+        for thread in self._threads:
+            (self._optional_jobs if thread.name == "stage_optional" else self._jobs).put(None)
         # A backend call stuck past every deadline must not hold the shutdown: the threads are daemons.
         await asyncio.to_thread(lambda: [thread.join(timeout=5) for thread in self._threads])
         for backend in (self.backend, self.fallback):
@@ -559,7 +580,9 @@ class Cascade:
 
     def _enqueue(self, lane: Lane, group: _Group, key: float | None = None) -> None:
         group.lane = lane
-        heapq.heappush(self.queues[lane], (group.request.key if key is None else key, next(self._sequence), group))
+        optional = group.fallback is not None and self.settings.optional_nice is not None
+        heap = self.optional_queues[lane] if optional else self.queues[lane]
+        heapq.heappush(heap, (group.request.key if key is None else key, next(self._sequence), group))
         group.request.waiting.append(group)
         if not self.queued[lane]:
             self._waiting_since[lane] = time.monotonic()
@@ -586,6 +609,13 @@ class Cascade:
             groups = self._take_batch(lane, now)
             if groups:
                 self._submit(lane, groups)
+        while self._optional_free > 0:  # the optional slot: the segment whose first optional group is due first
+            lane = self._best_optional_lane()
+            if lane is None:
+                break
+            groups = self._take_batch(lane, now, self.optional_queues[lane])
+            if groups:
+                self._submit(lane, groups, optional=True)
         if wake < math.inf and self._free > 0:  # a deep lane waits for samples upstream: look again then
             if self._wait_timer is not None:
                 self._wait_timer.cancel()
@@ -605,6 +635,15 @@ class Cascade:
             best, best_key = lane, heap[0][0]
         return best, wake
 
+    def _best_optional_lane(self) -> Lane | None:
+        best, best_key = None, math.inf
+        for lane, heap in self.optional_queues.items():
+            while heap and not heap[0][2].live:
+                heapq.heappop(heap)
+            if heap and heap[0][0] < best_key:
+                best, best_key = lane, heap[0][0]
+        return best
+
     def _must_wait(self, lane: Lane, now: float) -> bool:
         """A deep segment whose batch is not full waits (bounded) for samples still upstream."""
         max_wait = self.settings.max_wait_ms / 1000
@@ -614,10 +653,12 @@ class Cascade:
             return False
         return any(self.in_lane[earlier] for earlier in self.segment_lanes[:lane.position])
 
-    def _take_batch(self, lane: Lane, now: float) -> list[_Group]:
+    def _take_batch(self, lane: Lane, now: float, heap: list | None = None) -> list[_Group]:
         """Up to a maximum batch of live groups, earliest deadline first; requests whose deadline
-        passes before a batch of this lane usually finishes are answered DeadlineExceeded instead."""
-        heap, taken, size = self.queues[lane], [], 0
+        passes before a batch of this lane usually finishes are answered DeadlineExceeded instead.
+        A budget group taken is answered from its fallback if the batch has not ended by its budget's end."""
+        heap = self.queues[lane] if heap is None else heap
+        taken, size = [], 0
         expected = (self.run_ms[lane] or 0.0) / 1000  # a batch's usual backend time in this lane
         cost, optional_end = self.costs[lane], math.inf  # the earliest budget end of the batch's budget groups
         while heap:
@@ -642,9 +683,11 @@ class Cascade:
             group.live = False
             if group.give_up is not None:
                 group.give_up.cancel()
+                group.give_up = None
             request.waiting.remove(group)
             if group.fallback is not None:
                 optional_end = min(optional_end, group.budget_end)
+                group.give_up = self._loop.call_later(max(0.0, group.budget_end - now), self._abandon, group)
             self.queued[lane] -= count
             taken.append(group)
             size += count
@@ -652,25 +695,32 @@ class Cascade:
             self._waiting_since[lane] = now
         return taken
 
-    def _submit(self, lane: Lane, groups: list[_Group]) -> None:
-        self._free -= 1
+    def _submit(self, lane: Lane, groups: list[_Group], optional: bool = False) -> None:
+        if optional:
+            self._optional_free -= 1
+        else:
+            self._free -= 1
         try:
             batch = groups[0].inputs if len(groups) == 1 else np.concatenate([g.inputs for g in groups])
         except Exception as error:  # nothing reaches a backend: the batch fails here
-            self._free += 1
+            if optional:
+                self._optional_free += 1
+            else:
+                self._free += 1
             self.in_lane[lane] -= sum(len(group.samples) for group in groups)
+            self._settle_timers(groups)
             self._batch_failed(lane, groups, error)
             return
         latest = max(group.request.deadline for group in groups)
-        self._jobs.put((lane, groups, batch, latest))
+        (self._optional_jobs if optional else self._jobs).put((lane, groups, batch, latest, optional))
 
-    def _backend_thread(self) -> None:
+    def _backend_thread(self, jobs: queue.SimpleQueue, nice: int) -> None:
         """A backend thread: runs batches, hands each outcome back to the event loop in one call."""
-        if self.settings.backend_nice:  # below the event loop: it admits, refuses and answers first
+        if nice:  # below the event loop: it admits, refuses and answers first
             with contextlib.suppress(OSError, AttributeError):
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.settings.backend_nice)
-        while (job := self._jobs.get()) is not None:
-            lane, groups, batch, deadline = job
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        while (job := jobs.get()) is not None:
+            lane, groups, batch, deadline, optional = job
             backend = self.backend if self.backend_ready or self.fallback is None else self.fallback
             started, cpu = time.monotonic(), time.thread_time()
             try:
@@ -686,16 +736,20 @@ class Cascade:
             cpu = time.thread_time() - cpu
             try:
                 self._loop.call_soon_threadsafe(self._finish_batch, lane, groups, len(batch), outcome, started,
-                                                time.monotonic(), cpu)
+                                                time.monotonic(), cpu, optional)
             except RuntimeError:  # the event loop is closed: nobody waits for this batch
                 pass
 
     def _finish_batch(self, lane: Lane, groups: list[_Group], size: int, outcome, started: float,
-                      finished: float, cpu_seconds: float) -> None:
+                      finished: float, cpu_seconds: float, optional: bool = False) -> None:
         """On the event loop: a backend call's outcome to its requests. Whatever raises here
         fails this batch's requests; the slot and the counters are settled first."""
-        self._free += 1
+        if optional:
+            self._optional_free += 1
+        else:
+            self._free += 1
         self.in_lane[lane] -= size
+        self._settle_timers(groups)
         try:
             if self.metrics:
                 self._stage_metrics[lane].observe(size, finished - started, cpu_seconds)
@@ -712,6 +766,14 @@ class Cascade:
             self._batch_failed(lane, groups, error)
         finally:
             self._schedule_pump()
+
+    @staticmethod
+    def _settle_timers(groups: list[_Group]) -> None:
+        """A batch is over: its budget groups' timers go."""
+        for group in groups:
+            if group.give_up is not None:
+                group.give_up.cancel()
+                group.give_up = None
 
     def _batch_failed(self, lane: Lane, groups: list[_Group], error: Exception) -> None:
         """Log and count a failed stage batch; its requests are answered with the error."""
@@ -746,7 +808,7 @@ class Cascade:
             rows = slice(offset, offset + count)
             offset += count
             request = group.request
-            if request.future.done():  # expired, cancelled or failed meanwhile
+            if request.future.done() or group.abandoned:  # expired, cancelled, failed or answered meanwhile
                 continue
             if request.deadline <= now:
                 self._expire(request)
@@ -802,6 +864,21 @@ class Cascade:
         group.give_up = None
         if group.live and not group.request.future.done():
             self._answer_fallback(group)
+
+    def _abandon(self, group: _Group) -> None:
+        """Its optional batch has not ended by its budget's end (less the reserve): answered from the
+        exit its samples passed now; the batch's rows for it are ignored when it ends."""
+        group.give_up = None
+        request = group.request
+        if group.abandoned or request.future.done():
+            return
+        group.abandoned, count = True, len(group.samples)
+        self.gave_up += count
+        self.abandoned += count
+        stage, logits, scores = group.fallback
+        request.answer(group.samples, logits, stage, scores)
+        if self.metrics:
+            self._exit_counters[stage].inc(count)
 
     def _answer_fallback(self, group: _Group) -> None:
         """Out of its queue, answered from the exit its samples passed."""

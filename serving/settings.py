@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     backend_nice: int = Field(10, ge=0, le=19, description="nice value of the backend threads (Linux): on "
                               "saturated cores the event loop (admission, refusals, answers) goes first; 0: as "
                               "the process")
+    optional_nice: int | None = Field(None, ge=-1, le=19, description="nice value (Linux) of the one backend "
+                                      "thread that runs the budget policy's optional deeper stages (never on "
+                                      "the --workers slots, so no first stage waits for a slot behind them; "
+                                      "higher: they yield more CPU, and more of them are answered from the exit "
+                                      "they passed); default --backend-nice; -1: no such thread, they share the "
+                                      "--workers slots")
     budget_reserve: float = Field(0.2, ge=0, lt=1, description="share of a latency budget the budget policy "
                                   "keeps for what the cascade does not see (front end, transport, the client): "
                                   "a request goes on to the next stage only if it would finish before the rest")

@@ -92,15 +92,23 @@ def _thread_nice(pid: int) -> dict[int, int]:
 
 def test_backend_threads_run_below_the_event_loop(tiny_repository):
     """--backend-nice (default 10): the backend threads run at that nice value, the event loop's thread
-    (the process's main thread) stays at 0; --backend-nice 0 leaves every thread as the process."""
+    (the process's main thread) stays at 0; --backend-nice 0 leaves every thread as the process. The
+    budget policy's optional-stage thread runs at --optional-nice (default --backend-nice; -1: none)."""
     process = GatewayProcess(tiny_repository, "--workers", "3")
     try:
         nice = _thread_nice(process.process.pid)
         assert nice[process.process.pid] == 0
-        assert sorted(value for value in nice.values() if value)[-3:] == [10, 10, 10], nice
-        assert list(nice.values()).count(10) == 3, nice
+        assert sorted(value for value in nice.values() if value)[-4:] == [10, 10, 10, 10], nice
+        assert list(nice.values()).count(10) == 4, nice  # the 3 workers and the optional-stage thread
     finally:
         assert process.stop() == 0
+    for optional, counts in (("15", {10: 3, 15: 1}), ("-1", {10: 3, 15: 0})):
+        process = GatewayProcess(tiny_repository, "--workers", "3", "--optional-nice", optional)
+        try:
+            nice = list(_thread_nice(process.process.pid).values())
+            assert {value: nice.count(value) for value in counts} == counts, nice
+        finally:
+            assert process.stop() == 0
     process = GatewayProcess(tiny_repository, "--backend-nice", "0")
     try:
         assert set(_thread_nice(process.process.pid).values()) == {0}

@@ -1,0 +1,126 @@
+"""Issue 25, the budget policy under load: a budget request's optional deeper stages run on a backend
+thread of their own (lower priority), so they never hold a slot that a first stage needs, and a request
+whose optional batch has not ended by its budget's end (less the reserve) is answered from the exit it
+passed at that moment, the batch's rows ignored. In-process cascades on the tiny exported model with the
+real ONNX Runtime backend; no timing assertions (the gates hold calls far longer than any bound used)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+
+import numpy as np
+
+from common.manifest import read_manifest
+from serving.backends import OnnxRuntimeBackend
+from serving.cascade import Cascade, CascadeSettings, _Backlog, _Group, _Request
+from serving.metrics import GatewayMetrics
+from serving.policy import exit_plan
+
+from .test_hardening_core import GatedBackend, marked, options, settled, until
+
+
+class ThreadGatedBackend(GatedBackend):
+    """Records which thread ran each call, at which nice value; the gate holds only one thread's calls."""
+
+    def __init__(self, inner, held_thread: str) -> None:
+        super().__init__(inner)
+        self.held_thread = held_thread
+        self.threads: list[tuple[str, str, int]] = []  # (lane, thread name, its nice value)
+
+    def _record(self, lane, inputs):
+        name = threading.current_thread().name
+        with self.lock:
+            self.calls.append((lane, len(inputs), [float(v) for v in inputs[:, 0, 0, 0]]))
+            self.threads.append((lane, name, os.getpriority(os.PRIO_PROCESS, 0)))
+        if name == self.held_thread:
+            self.entered.set()
+            self.gate.wait(30)
+
+
+def make(tiny_repository, manifest, **settings):
+    backend = ThreadGatedBackend(OnnxRuntimeBackend(tiny_repository, manifest), "stage_optional")
+    cascade = Cascade(backend, exit_plan(manifest), CascadeSettings(**settings), GatewayMetrics())
+    return cascade, backend
+
+
+def test_optional_stages_run_on_their_own_lower_priority_thread_and_never_hold_a_first_stage(tiny_repository):
+    """One worker slot. The budget request's deeper stage is held on the optional thread; a mandatory
+    request meanwhile runs its whole cascade on the worker slot and is answered; released, the budget
+    request still completes its optional stages (on that thread) and answers from the deepest exit."""
+    manifest = read_manifest(tiny_repository)
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+
+    async def run():
+        cascade, backend = make(tiny_repository, manifest, workers=1, backend_nice=min(base + 5, 19),
+                                optional_nice=19)
+        await cascade.start(marked(manifest, 1.0))  # the warm-up seeds every stage's cost
+        backend.calls.clear()
+        backend.threads.clear()
+        backend.gate.clear()
+        budget = asyncio.create_task(cascade.infer(marked(manifest, 80.0, 2), options(
+            manifest, policy="budget", budget_ms=30_000.0, thresholds=(2.0,))))
+        await until(backend.entered.is_set)  # its second stage holds the optional thread
+        mandatory = await asyncio.wait_for(cascade.infer(marked(manifest, 81.0, 2),
+                                                         options(manifest, thresholds=(2.0,))), 20)
+        pending = not budget.done()
+        backend.gate.set()
+        answer = await asyncio.wait_for(budget, 20)
+        await until(lambda: settled(cascade) and cascade._optional_free == 1)
+        await cascade.stop()
+        return mandatory, pending, answer, list(backend.threads), cascade.gave_up
+
+    mandatory, pending, answer, threads, gave_up = asyncio.run(run())
+    assert pending and (mandatory.exit_index == 2).all()  # answered while the optional stage was held
+    assert (answer.exit_index == 2).all() and gave_up == 0
+    by_thread = {}
+    for lane, name, nice in threads:
+        by_thread.setdefault(name, []).append((lane, nice))
+    assert [lane for lane, _ in by_thread["stage_optional"]] == ["seg1", "seg2"]  # the budget request's
+    assert [lane for lane, _ in by_thread["stage_0"]] == ["seg0", "seg0", "seg1", "seg2"]  # both first stages
+    assert {nice for _, nice in by_thread["stage_optional"]} == {19}
+    assert {nice for _, nice in by_thread["stage_0"]} == {min(base + 5, 19)}
+
+
+def test_an_optional_batch_still_running_at_the_budget_end_answers_from_the_exit_it_passed(tiny_repository):
+    """Its optional stage started in time but is still running when the budget (less the reserve) ends:
+    the request is answered then, from the exit it passed (those logits, that exit); when the batch ends
+    its rows are ignored (no deeper stage runs for it) and every counter settles."""
+    manifest = read_manifest(tiny_repository)
+    images = marked(manifest, 90.0)
+
+    async def run():
+        cascade, backend = make(tiny_repository, manifest, workers=1, optional_nice=0)
+        await cascade.start(marked(manifest, 1.0))
+        backend.calls.clear()
+        backend.gate.clear()
+        answer = await asyncio.wait_for(cascade.infer(images, options(manifest, policy="budget", budget_ms=300.0,
+                                                                      thresholds=(2.0,))), 20)
+        held = backend.entered.is_set() and not backend.gate.is_set()  # answered while its batch was held
+        backend.gate.set()
+        await until(lambda: settled(cascade) and cascade._optional_free == 1)
+        await cascade.stop()
+        return answer, held, [lane for lane, _, _ in backend.calls], cascade.gave_up, cascade.abandoned
+
+    answer, held, lanes, gave_up, abandoned = asyncio.run(run())
+    expected = OnnxRuntimeBackend(tiny_repository, manifest).run(0, images)[0]
+    assert held and (answer.exit_index == 0).all() and np.allclose(answer.logits, expected, atol=1e-5)
+    assert lanes == ["seg0", "seg1"] and gave_up == 1 and abandoned == 1
+
+
+def test_without_an_optional_thread_optional_groups_share_the_worker_queues(tiny_repository):
+    """optional_nice=None keeps the former arrangement: optional groups in the segment's own queue
+    (after its mandatory work), and the budget estimate sees optional groups in either place."""
+    manifest = read_manifest(tiny_repository)
+    opts = options(manifest, policy="budget", budget_ms=100.0)
+    for optional_nice, separate in ((None, False), (19, True)):
+        cascade = Cascade(ThreadGatedBackend(OnnxRuntimeBackend(tiny_repository, manifest), ""),
+                          exit_plan(manifest), CascadeSettings(optional_nice=optional_nice), GatewayMetrics())
+        seg1 = cascade.segment_lanes[1]
+        group = _Group(_Request(opts, 3, 0.0, None, float("inf"), 1.0), np.arange(3), None)
+        group.fallback = (0, None, None)
+        cascade._enqueue(seg1, group, 7.0)
+        assert (len(cascade.optional_queues[seg1]), len(cascade.queues[seg1])) == ((1, 0) if separate else (0, 1))
+        backlog = _Backlog(cascade)
+        assert backlog.before(seg1, 8.0) == 3 and backlog.before(seg1, 6.0) == 0
