@@ -609,7 +609,9 @@ class Cascade:
             groups = self._take_batch(lane, now)
             if groups:
                 self._submit(lane, groups)
-        while self._optional_free > 0:  # the optional slot: the segment whose first optional group is due first
+        # The optional slot, while a worker slot is free (no mandatory work waits for one): the segment whose
+        # first optional group is due first.
+        while self._optional_free > 0 and self._free > 0:
             lane = self._best_optional_lane()
             if lane is None:
                 break

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 
 import numpy as np
 
@@ -24,23 +25,24 @@ from .test_hardening_core import GatedBackend, marked, options, settled, until
 class ThreadGatedBackend(GatedBackend):
     """Records which thread ran each call, at which nice value; the gate holds only one thread's calls."""
 
-    def __init__(self, inner, held_thread: str) -> None:
+    def __init__(self, inner, held_thread: str, held_marker: float | None = None) -> None:
         super().__init__(inner)
-        self.held_thread = held_thread
+        self.held_thread, self.held_marker = held_thread, held_marker  # (a marker: only its first-stage call)
         self.threads: list[tuple[str, str, int]] = []  # (lane, thread name, its nice value)
 
     def _record(self, lane, inputs):
         name = threading.current_thread().name
+        markers = [float(v) for v in inputs[:, 0, 0, 0]]
         with self.lock:
-            self.calls.append((lane, len(inputs), [float(v) for v in inputs[:, 0, 0, 0]]))
+            self.calls.append((lane, len(inputs), markers))
             self.threads.append((lane, name, os.getpriority(os.PRIO_PROCESS, 0)))
-        if name == self.held_thread:
+        if name == self.held_thread and (self.held_marker is None or self.held_marker in markers):
             self.entered.set()
             self.gate.wait(30)
 
 
-def make(tiny_repository, manifest, **settings):
-    backend = ThreadGatedBackend(OnnxRuntimeBackend(tiny_repository, manifest), "stage_optional")
+def make(tiny_repository, manifest, held_thread="stage_optional", held_marker=None, **settings):
+    backend = ThreadGatedBackend(OnnxRuntimeBackend(tiny_repository, manifest), held_thread, held_marker)
     cascade = Cascade(backend, exit_plan(manifest), CascadeSettings(**settings), GatewayMetrics())
     return cascade, backend
 
@@ -81,6 +83,41 @@ def test_optional_stages_run_on_their_own_lower_priority_thread_and_never_hold_a
     assert [lane for lane, _ in by_thread["stage_0"]] == ["seg0", "seg0", "seg1", "seg2"]  # both first stages
     assert {nice for _, nice in by_thread["stage_optional"]} == {19}
     assert {nice for _, nice in by_thread["stage_0"]} == {min(base + 5, 19)}
+
+
+def test_the_optional_thread_starts_a_batch_only_while_a_worker_slot_is_free(tiny_repository):
+    """One worker slot, held by a mandatory request's first stage: the budget request's deeper stage,
+    queued meanwhile, does not start (its CPU would slow the mandatory work); it runs once no mandatory
+    work holds the slot, after the mandatory request's whole cascade here, and still answers from the
+    deepest exit."""
+    manifest = read_manifest(tiny_repository)
+
+    async def run():
+        cascade, backend = make(tiny_repository, manifest, held_thread="stage_0", held_marker=81.0, workers=1,
+                                max_batch_size=1, max_wait_ms=0.0, optional_nice=0)
+        await cascade.start(marked(manifest, 1.0))
+        backend.calls.clear()
+        backend.threads.clear()
+        backend.gate.clear()
+        budget = asyncio.create_task(cascade.infer(marked(manifest, 80.0), options(
+            manifest, policy="budget", budget_ms=30_000.0, thresholds=(2.0,))))
+        await asyncio.sleep(0)
+        mandatory = asyncio.create_task(cascade.infer(marked(manifest, 81.0), options(manifest, thresholds=(2.0,)),
+                                                      deadline=time.monotonic() + 60))
+        await until(backend.entered.is_set)  # the mandatory request's first stage holds the worker slot
+        queued = sum(len(heap) for heap in cascade.optional_queues.values())
+        while_held = [lane for lane, _, _ in backend.calls]
+        backend.gate.set()
+        answers = await asyncio.wait_for(asyncio.gather(budget, mandatory), 20)
+        await until(lambda: settled(cascade) and cascade._optional_free == 1)
+        await cascade.stop()
+        return answers, queued, while_held, [(lane, name) for lane, name, _ in backend.threads]
+
+    (budget, mandatory), queued, while_held, calls = asyncio.run(run())
+    assert queued == 1 and while_held == ["seg0", "seg0"]  # its seg1 waits, not started
+    assert calls == [("seg0", "stage_0"), ("seg0", "stage_0"), ("seg1", "stage_0"), ("seg2", "stage_0"),
+                     ("seg1", "stage_optional"), ("seg2", "stage_optional")], calls
+    assert (budget.exit_index == 2).all() and (mandatory.exit_index == 2).all()
 
 
 def test_an_optional_batch_still_running_at_the_budget_end_answers_from_the_exit_it_passed(tiny_repository):
