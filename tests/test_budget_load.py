@@ -12,6 +12,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from common.manifest import read_manifest
 from serving.backends import OnnxRuntimeBackend
@@ -36,7 +37,8 @@ class ThreadGatedBackend(GatedBackend):
         with self.lock:
             self.calls.append((lane, len(inputs), markers))
             self.threads.append((lane, name, os.getpriority(os.PRIO_PROCESS, 0)))
-        if name == self.held_thread and (self.held_marker is None or self.held_marker in markers):
+        if name == self.held_thread and (self.held_marker is None or self.held_marker in markers) \
+                and self.held_lane in (None, lane):
             self.entered.set()
             self.gate.wait(30)
 
@@ -120,15 +122,20 @@ def test_the_optional_thread_starts_a_batch_only_while_a_worker_slot_is_free(tin
     assert (budget.exit_index == 2).all() and (mandatory.exit_index == 2).all()
 
 
-def test_an_optional_batch_still_running_at_the_budget_end_answers_from_the_exit_it_passed(tiny_repository):
+@pytest.mark.parametrize("optional_nice", [0, None], ids=["optional-thread", "shared-slots"])
+def test_an_optional_batch_still_running_at_the_budget_end_answers_from_the_exit_it_passed(tiny_repository,
+                                                                                           optional_nice):
     """Its optional stage started in time but is still running when the budget (less the reserve) ends:
     the request is answered then, from the exit it passed (those logits, that exit); when the batch ends
-    its rows are ignored (no deeper stage runs for it) and every counter settles."""
+    its rows are ignored (no deeper stage runs for it) and every counter settles. On the optional thread
+    or, without one, on a worker slot."""
     manifest = read_manifest(tiny_repository)
     images = marked(manifest, 90.0)
 
     async def run():
-        cascade, backend = make(tiny_repository, manifest, workers=1, optional_nice=0)
+        cascade, backend = make(tiny_repository, manifest, "stage_optional" if optional_nice is not None
+                                else "stage_0", workers=1, optional_nice=optional_nice)
+        backend.held_lane = "seg1"
         await cascade.start(marked(manifest, 1.0))
         backend.calls.clear()
         backend.gate.clear()
@@ -136,7 +143,7 @@ def test_an_optional_batch_still_running_at_the_budget_end_answers_from_the_exit
                                                                       thresholds=(2.0,))), 20)
         held = backend.entered.is_set() and not backend.gate.is_set()  # answered while its batch was held
         backend.gate.set()
-        await until(lambda: settled(cascade) and cascade._optional_free == 1)
+        await until(lambda: settled(cascade) and cascade._optional_free == (optional_nice is not None))
         await cascade.stop()
         return answer, held, [lane for lane, _, _ in backend.calls], cascade.gave_up, cascade.abandoned
 
