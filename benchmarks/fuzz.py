@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 from tritonclient.grpc import service_pb2
 
+from benchmarks.loadgen import set_parameter
 from common.errors import UserError, run_cli
 from common.manifest import ManifestError, read_manifest
 from common.paths import REPO_ROOT
@@ -172,15 +173,7 @@ class Mutator:
         for _ in range(self.random.randint(0, 3)):
             value = self.random.choice([True, 7, -(2 ** 63), 2 ** 63 - 1, float("nan"), float("inf"), 1e308, "x",
                                         "0.5,0.5", ""])
-            parameter = request.parameters[self.random.choice(FIELDS)]
-            if isinstance(value, bool):
-                parameter.bool_param = value
-            elif isinstance(value, int):
-                parameter.int64_param = value
-            elif isinstance(value, float):
-                parameter.double_param = value
-            else:
-                parameter.string_param = value
+            set_parameter(request.parameters[self.random.choice(FIELDS)], value)
         if self.random.random() < 0.3:
             output = request.outputs.add(name=self.random.choice(["logits", "exit_depth", "nope"]))
             output.parameters["classification"].int64_param = self.random.randint(-3, 5)

@@ -240,6 +240,18 @@ async def open_loop(target: Target, images: np.ndarray, labels: np.ndarray, rate
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
+def set_parameter(parameter, value) -> None:
+    """Set a KServe v2 gRPC `InferParameter` from a Python value (bool, int, float, else string)."""
+    if isinstance(value, bool):
+        parameter.bool_param = value
+    elif isinstance(value, int):
+        parameter.int64_param = value
+    elif isinstance(value, float):
+        parameter.double_param = value
+    else:
+        parameter.string_param = str(value)
+
+
 def infer_messages(model: str, images: np.ndarray, count: int, parameters: dict | None = None) -> list[bytes]:
     """`count` serialized ModelInferRequest messages of one image each (raw FP32 contents), built once:
     sending one is then a bytes hand-off to grpc, with no tritonclient object, copy or serialization per call."""
@@ -252,15 +264,7 @@ def infer_messages(model: str, images: np.ndarray, count: int, parameters: dict 
         request.inputs.add(name="images", datatype="FP32", shape=list(image.shape))
         request.raw_input_contents.append(image.tobytes())
         for name, value in (parameters or {}).items():
-            parameter = request.parameters[name]
-            if isinstance(value, bool):
-                parameter.bool_param = value
-            elif isinstance(value, int):
-                parameter.int64_param = value
-            elif isinstance(value, float):
-                parameter.double_param = value
-            else:
-                parameter.string_param = str(value)
+            set_parameter(request.parameters[name], value)
         messages.append(request.SerializeToString())
     return messages
 

@@ -588,37 +588,6 @@ def test_grpc_connections_beyond_the_limit_fail_and_slow_handshakes_are_cut(limi
         silent.close()
 
 
-def test_grpc_calls_past_the_concurrency_limit_are_resource_exhausted(tiny_repository, manifest_shape):
-    """--grpc-max-concurrent-rpcs (default: the admission bound plus 8): grpc refuses calls beyond it
-    RESOURCE_EXHAUSTED before reading them, even where the cascade would have room."""
-    process = GatewayProcess(tiny_repository, "--workers", "1", "--max-batch-size", "1", "--max-wait-ms", "0",
-                             "--grpc-max-concurrent-rpcs", "2")
-    images = np.random.default_rng(3).standard_normal((256, *manifest_shape)).astype(np.float32)
-
-    def call(_):
-        client = grpcclient.InferenceServerClient(process.grpc_url)
-        tensor = grpcclient.InferInput("images", list(images.shape), "FP32")
-        tensor.set_data_from_numpy(images)
-        try:  # 256 images x 3 single-sample stages each: long enough for 6 calls to overlap
-            client.infer(MODEL, [tensor], parameters={"threshold": 2.0})
-            return "ok"
-        except InferenceServerException as error:
-            return f"{error.status()} {error.message()}"
-        finally:
-            client.close()
-
-    try:
-        with ThreadPoolExecutor(6) as pool:
-            outcomes = list(pool.map(call, range(6)))
-        assert "ok" in outcomes
-        refused = [outcome for outcome in outcomes if outcome != "ok"]
-        assert refused and all("RESOURCE_EXHAUSTED" in outcome and "Concurrent RPC limit" in outcome
-                               for outcome in refused), outcomes
-        assert grpcclient.InferenceServerClient(process.grpc_url).is_server_ready()
-    finally:
-        assert process.stop() == 0
-
-
 @pytest.fixture(scope="module")
 def manifest_shape(tiny_repository):
     from common.manifest import read_manifest

@@ -65,6 +65,7 @@ def test_grpc_concurrency_limit_refusals_are_counted(tiny_repository, manifest_s
             outcomes = list(pool.map(call, range(6)))
         refused = [outcome for outcome in outcomes if "Concurrent RPC limit" in outcome]
         assert refused and "ok" in outcomes, outcomes
+        assert all(outcome.startswith("StatusCode.RESOURCE_EXHAUSTED") for outcome in refused), outcomes
         assert all(outcome == "ok" or outcome in refused for outcome in outcomes), outcomes
         text = process.metrics()
         assert _metric(text, "gateway_errors_total", protocol="grpc", error="ConcurrentRpcLimit") == len(refused)
