@@ -53,6 +53,26 @@ class CheckpointExit:
     standalone_macs: int | None = None
 
 
+def served_macs(exits: list[CheckpointExit], indices) -> dict[int, int]:
+    """MACs to reach each served exit (`indices`) through a cascade that computes only the served
+    exits' heads: the exported segments leave an unserved exit's head out (its output is unused), so
+    `CheckpointExit.macs`, which counts every earlier head, overcounts when exits are skipped.
+
+    `macs - standalone_macs` of exit i is what the heads of exits 0..i-1 cost together, so the head
+    of exit i costs the difference of that figure between exits i+1 and i. Exits without
+    `standalone_macs` (older metadata) are taken as they are.
+    """
+    before = [e.macs - (e.macs if e.standalone_macs is None else e.standalone_macs) for e in exits]
+    result, paid = {}, 0
+    for index in sorted(indices):
+        own = exits[index]
+        alone = own.macs if own.standalone_macs is None else own.standalone_macs
+        result[index] = own.macs if own.standalone_macs is None else alone + paid
+        if index + 1 < len(exits):
+            paid += before[index + 1] - before[index]
+    return result
+
+
 @dataclass(frozen=True)
 class CheckpointMeta:
     model: str

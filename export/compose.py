@@ -92,7 +92,7 @@ def compose_cascade(specs: list[StageSpec], name: str, output: Path = DEFAULT_RE
                     tolerance: float = 1e-4, force: bool = False, batching: BatchingConfig = BatchingConfig(),
                     log=print) -> Manifest:
     """Export, validate and write the cascade of `specs` as model `name`; returns its manifest."""
-    from common.checkpoint_meta import CheckpointExit
+    from common.checkpoint_meta import CheckpointExit, served_macs
     from export.onnx_export import ExportValidationError, export_and_validate
     from export.onnx_export import validation_images as heldout_images
     from export.repository import write_repository
@@ -122,18 +122,19 @@ def compose_cascade(specs: list[StageSpec], name: str, output: Path = DEFAULT_RE
             log(f"  {kind} {model.exits[item.exit_index].depth}: max abs error {item.max_abs_error:.2e}, "
                 f"top-1 agreement {item.top1_agreement * 100:.2f}%")
             exported.append(replace(item, exit_index=position[item.exit_index]))
+        through = served_macs(meta.exits, indices)  # this network's unserved heads are not run
         for index in indices:
             own = meta.exits[index]
             exits.append(CheckpointExit(
                 index=position[index], depth=depth_before + own.depth, params=params_before + own.params,
-                macs=macs_before + own.macs,
+                macs=macs_before + through[index],
                 standalone_macs=own.macs if own.standalone_macs is None else own.standalone_macs))
             heldout_acc.append(meta.heldout_acc[index] if meta.heldout_acc else None)
         stages.append({"checkpoint": str(spec.checkpoint), "model": meta.model, "exits": depths,
                        "checkpoint_commit": meta.git_commit, "cascade_depths": [exits[position[i]].depth
                                                                                 for i in indices]})
         last = meta.exits[indices[-1]]
-        depth_before, macs_before, params_before = (depth_before + last.depth, macs_before + last.macs,
+        depth_before, macs_before, params_before = (depth_before + last.depth, macs_before + through[indices[-1]],
                                                     params_before + last.params)
     composed = metas[0].updated(model=name, exits=exits, heldout_acc=heldout_acc)
     source = {"checkpoint": str(specs[0].checkpoint), "stages": stages, "composed": True,

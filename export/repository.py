@@ -18,7 +18,7 @@ from pathlib import Path
 
 from common import manifest as manifest_module
 from common import onnxruntime_session, triton_cascade
-from common.checkpoint_meta import CheckpointMeta
+from common.checkpoint_meta import CheckpointMeta, served_macs
 from common.manifest import (
     IMAGE_INPUT,
     IMAGE_STAGE,
@@ -209,9 +209,10 @@ def write_repository(
             name = exit_model_name(model_name, exits_meta[item.exit_index].depth)
             progress(f"writing {name}")
             exit_models[item.exit_index] = _write_model(staging, name, backend, item, batching, plan_builder)
+        through = served_macs(exits_meta, segment_models)  # the skipped exits' heads are not run
         entries = [
             ExitEntry(index=index, depth=exits_meta[index].depth, params=exits_meta[index].params,
-                      macs=exits_meta[index].macs, standalone_macs=exits_meta[index].standalone_macs,
+                      macs=through[index], standalone_macs=exits_meta[index].standalone_macs,
                       heldout_acc=heldout_acc[index],
                       exit_model=exit_models.get(index), segment_model=segment_models[index],
                       stage_input=stage_inputs[index])

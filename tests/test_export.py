@@ -90,6 +90,16 @@ def test_chosen_exits_get_segments_spanning_the_skipped_ones(tiny_checkpoint, tm
     assert sorted(p.name for p in (tmp_path / "repo").iterdir() if p.is_dir()) == [
         "mwresnet8_3_cascade", "mwresnet8_3_exit3", "mwresnet8_3_exit8", "mwresnet8_3_seg0to3",
         "mwresnet8_3_seg3to8"]
+    # The skipped exit's head is not in the segment (its output is unused, so the exporter drops it) and
+    # its MACs are not in the manifest: exit 8 costs its per-exit model plus exit 3's head, not exit 5's.
+    segment = onnx.load(str(_version_dir(tmp_path / "repo", manifest.exits[1].segment_model) / "model.onnx"))
+    assert [node.op_type for node in segment.graph.node].count("Gemm") == 1
+    _, meta = load_checkpoint(tiny_checkpoint)
+    head3 = meta.exits[1].macs - meta.exits[1].standalone_macs  # exit 3's head: what exit 5 pays on top
+    head5 = meta.exits[2].macs - meta.exits[2].standalone_macs - head3
+    assert head3 > 0 and head5 > 0
+    assert [e.macs for e in manifest.exits] == [meta.exits[0].macs, meta.exits[2].macs - head5]
+    assert manifest.exits[1].macs == meta.exits[2].standalone_macs + head3
 
 
 def test_new_export_adds_a_version_and_force_replaces(tiny_checkpoint, tmp_path):
@@ -294,3 +304,17 @@ def test_a_broken_manifest_is_a_manifest_error(tmp_path, text, message):
     (tmp_path / MANIFEST_FILE).write_text(text)
     with pytest.raises(ManifestError, match=message):
         read_manifest(tmp_path)
+
+
+def test_served_macs_counts_only_the_served_exits_heads():
+    from common.checkpoint_meta import CheckpointExit, served_macs
+    # trunk to each exit 10, 20, 30, 40; heads 1, 2, 3, 4 (macs: through the cascade, all earlier heads)
+    trunk, heads = [10, 20, 30, 40], [1, 2, 3, 4]
+    exits = [CheckpointExit(index=i, depth=i + 1, params=0, macs=trunk[i] + sum(heads[: i + 1]),
+                            standalone_macs=trunk[i] + heads[i]) for i in range(4)]
+    assert served_macs(exits, range(4)) == {i: e.macs for i, e in enumerate(exits)}  # all served: unchanged
+    assert served_macs(exits, [0, 3]) == {0: 11, 3: 40 + 1 + 4}
+    assert served_macs(exits, [1, 2]) == {1: 22, 2: 30 + 2 + 3}
+    assert served_macs(exits, [3]) == {3: 44}
+    older = [CheckpointExit(index=0, depth=1, params=0, macs=11), CheckpointExit(index=1, depth=2, params=0, macs=33)]
+    assert served_macs(older, [1]) == {1: 33}  # no standalone figures: taken as written

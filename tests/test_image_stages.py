@@ -119,9 +119,14 @@ def test_composed_manifest_has_the_image_stage_and_counts_macs_through_the_casca
     assert [entry.stage_input for entry in manifest.exits] == ["previous", "previous", "image", "previous",
                                                                 "previous"]
     assert manifest.image_stages == frozenset({2})
-    paid = student.exits[2]  # the student's last served exit (depth 8): what a sample reaching the full net paid
-    assert [entry.macs for entry in manifest.exits] == [student.exits[0].macs, paid.macs] + [
-        paid.macs + own.macs for own in full.exits]
+    # The student's last served exit (depth 8; its exit 1 is not served, so its head is not run): what a
+    # sample reaching the full net paid is that exit alone plus the head of exit 0.
+    paid = student.exits[2]
+    head0 = student.exits[1].macs - student.exits[1].standalone_macs
+    paid_macs = paid.standalone_macs + head0
+    assert paid_macs < paid.macs
+    assert [entry.macs for entry in manifest.exits] == [student.exits[0].macs, paid_macs] + [
+        paid_macs + own.macs for own in full.exits]
     assert [entry.params for entry in manifest.exits[2:]] == [paid.params + own.params for own in full.exits]
     own_macs = [own.macs if own.standalone_macs is None else own.standalone_macs for own in full.exits]
     assert [entry.standalone_macs for entry in manifest.exits[2:]] == own_macs
