@@ -12,6 +12,11 @@ Triton's dynamic batcher batches requests; the model re-batches the samples that
 continue at every stage. `budget_ms` is passed on as it is: inside Triton it counts
 from when the cascade model starts executing the request's batch.
 
+Concurrent requests with the same options go to Triton together, in one call, while
+`max_in_flight` calls run (serving/call_batcher.py; a lone request is sent at once): the
+gateway's client cost and Triton's front end's are paid per call, not per request
+(issue 19). Budget requests are sent alone, as they come.
+
 As the embedded cascade does (issue 25), it bounds the images in flight
 (`max_queue_images`: beyond, `Overloaded`), gives every call the request's
 deadline (at most `timeout_s`), polls Triton's health (readiness follows it, and
@@ -31,12 +36,16 @@ import numpy as np
 from common.manifest import Manifest
 from common.triton_cascade import NORMALISED_INPUT, cascade_model_name
 from serving.backends import CONNECT_TIMEOUT_S, triton_client, triton_failure, triton_request
+from serving.call_batcher import CallBatcher
 from serving.cascade import CascadeResult, until_quiet
 from serving.errors import DeadlineExceeded, InvalidParameter, Overloaded, Unavailable
 from serving.metrics import GatewayMetrics
 from serving.policy import ExitPlan, RequestOptions
 
 OUTPUTS = ("logits", "exit_depth", "confidence")
+# Calls to <model>_cascade at once before requests wait to go together: one that Triton runs and one
+# queued behind it keep its instance busy.
+MAX_CALLS_IN_FLIGHT = 2
 log = logging.getLogger("gateway.triton_cascade")
 
 
@@ -57,7 +66,8 @@ class TritonCascade:
 
     def __init__(self, manifest: Manifest, plan: ExitPlan, url: str, protocol: str = "grpc",
                  metrics: GatewayMetrics | None = None, timeout_s: float = 10.0,
-                 max_queue_images: int | None = None, health_interval_s: float = 0.25) -> None:
+                 max_queue_images: int | None = None, health_interval_s: float = 0.25,
+                 max_in_flight: int = MAX_CALLS_IN_FLIGHT) -> None:
         if protocol not in ("http", "grpc"):
             raise ValueError(f"protocol must be http or grpc, not {protocol!r}")
         self.plan, self.metrics, self.url, self.protocol, self.timeout_s = plan, metrics, url, protocol, timeout_s
@@ -73,9 +83,12 @@ class TritonCascade:
         self.health_interval_s = health_interval_s
         self.cut = 0
         self.last_refusal = 0.0  # time.monotonic() of the last request refused while stopping
-        self._calls: set[asyncio.Future] = set()
-        self._cutting = False
+        self.max_in_flight = max_in_flight
+        self._batcher: CallBatcher | None = None
+        self._parameters: dict[RequestOptions, dict] = {}  # request parameters of each options seen
+        self._exit_counters: dict[int, object] = {}  # exit position -> its counter (looked up once)
         self._health_task: asyncio.Task | None = None
+        self._health_client = None  # kept while Triton answers (no new connection per check)
         self._idle: asyncio.Event | None = None
         self._client = None
         if metrics:
@@ -115,6 +128,7 @@ class TritonCascade:
 
     async def start(self, warmup_input: np.ndarray | None = None) -> None:
         self._client = triton_client(self.module, self.protocol, self.url, self.timeout_s)
+        self._batcher = CallBatcher(self._call_with, self.max_batch_size, self.max_in_flight, self.timeout_s)
         self._idle = asyncio.Event()
         self._idle.set()
         if warmup_input is not None:
@@ -123,16 +137,22 @@ class TritonCascade:
         self.accepting = True
 
     async def _healthy(self) -> bool:
-        client = triton_client(self.module, self.protocol, self.url, CONNECT_TIMEOUT_S)
+        """Triton's readiness, on a client kept while it answers (a fresh one after a failed check)."""
+        client = self._health_client or triton_client(self.module, self.protocol, self.url, CONNECT_TIMEOUT_S)
         try:
             if self.protocol == "grpc":
-                return bool(await client.is_server_ready(client_timeout=CONNECT_TIMEOUT_S))
-            return bool(await client.is_server_ready())
+                ready = bool(await client.is_server_ready(client_timeout=CONNECT_TIMEOUT_S))
+            else:
+                ready = bool(await client.is_server_ready())
         except Exception:  # unreachable, frozen or restarting
-            return False
-        finally:
+            ready = False
+        if ready:
+            self._health_client = client
+        else:
+            self._health_client = None
             with contextlib.suppress(Exception):
                 await client.close()
+        return ready
 
     async def _watch_health(self) -> None:
         """Poll Triton: readiness follows it; a fresh client once it is back."""
@@ -164,17 +184,16 @@ class TritonCascade:
                 self.metrics.shutdown_cut.inc(cut)
             log.error("shutdown: requests not finished within the grace period answered UNAVAILABLE",
                       extra={"fields": {"requests": cut, "grace_s": timeout}})
-            self._cutting = True
-            for call in list(self._calls):
-                call.cancel()
+            self._batcher.cut(lambda: Unavailable("the gateway shut down before this request finished"))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), 1.0)
         await until_quiet(self)
         if self._health_task is not None:
             self._health_task.cancel()
-        if self._client is not None:
-            with contextlib.suppress(Exception):
-                await self._client.close()
+        for client in (self._client, self._health_client):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.close()
         return cut
 
     async def infer(self, inputs: np.ndarray, options: RequestOptions, deadline: float | None = None) -> CascadeResult:
@@ -196,29 +215,44 @@ class TritonCascade:
         self.in_flight += 1
         self.images_in += len(inputs)
         self._idle.clear()
-        parameters, size = request_parameters(options), self.max_batch_size
-        # the model's max_batch_size bounds a call: larger requests go in concurrent parts
-        calls = asyncio.gather(*(self._call(inputs[start:start + size], parameters, timeout_s)
-                                 for start in range(0, len(inputs), size)))
-        self._calls.add(calls)
+        size = self.max_batch_size
+        # A budget counts from when Triton starts on the call: such requests go alone, at once. The model's
+        # max_batch_size bounds a call: larger requests go in concurrent parts, each alone.
+        merge = options.policy != "budget" and len(inputs) <= size
+        deadline = None if deadline is None else time.monotonic() + timeout_s
         try:
-            parts = await calls
-            logits, depths, confidence = (np.concatenate(outputs) for outputs in zip(*parts))
-        except asyncio.CancelledError:
-            if self._cutting and calls.cancelled():  # stop() cut it: answered, not dropped
-                raise Unavailable("the gateway shut down before this request finished") from None
-            raise
+            if len(inputs) <= size:
+                logits, depths, confidence = await self._batcher.run(inputs, options, deadline, merge)
+            else:
+                parts = await asyncio.gather(*(self._batcher.run(inputs[start:start + size], options, deadline, False)
+                                               for start in range(0, len(inputs), size)))
+                logits, depths, confidence = (np.concatenate(outputs) for outputs in zip(*parts))
         finally:
-            self._calls.discard(calls)
             self.in_flight -= 1
             self.images_in -= len(inputs)
             if self.in_flight == 0:
                 self._idle.set()
         exit_index = np.searchsorted(self.depths, depths).astype(np.int32)
         if self.metrics:
-            for index, count in zip(*np.unique(exit_index, return_counts=True)):
-                self.metrics.exits.labels(depth=str(self.plan.depths[index])).inc(int(count))
+            for index, count in enumerate(np.bincount(exit_index.ravel(), minlength=len(self.depths)).tolist()):
+                if count:
+                    self._exit_counter(index).inc(count)
         return CascadeResult(logits, exit_index, confidence)
+
+    def _exit_counter(self, index: int):
+        counter = self._exit_counters.get(index)
+        if counter is None:
+            counter = self._exit_counters[index] = self.metrics.exits.labels(depth=str(self.plan.depths[index]))
+        return counter
+
+    async def _call_with(self, inputs: np.ndarray, options: RequestOptions, timeout_s: float) -> tuple[np.ndarray, ...]:
+        """The batcher's call: `inputs` with `options` as request parameters (built once per options)."""
+        parameters = self._parameters.get(options)
+        if parameters is None:
+            if len(self._parameters) >= 1024:
+                self._parameters.clear()
+            parameters = self._parameters[options] = request_parameters(options)
+        return await self._call(inputs, parameters, timeout_s)
 
     async def _call(self, inputs: np.ndarray, parameters: dict, timeout_s: float) -> tuple[np.ndarray, ...]:
         tensor, requested, timeout = triton_request(self.module, self.protocol, NORMALISED_INPUT, inputs, OUTPUTS,

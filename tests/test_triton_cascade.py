@@ -270,6 +270,24 @@ def test_gateway_with_the_triton_cascade_backend_answers_as_the_embedded_one(
             _ask(httpclient, gateway.http_url, MODEL, big, {})[1].tolist()
         with pytest.raises(InferenceServerException, match="unknown policy"):
             _ask(httpclient, forwarding.http_url, MODEL, IMAGES[:1], {"policy": "fastest"})
+        # Concurrent requests: those with the same options go to Triton together (fewer Triton requests
+        # than gateway requests), each answered with its own rows, as the embedded gateway answers it.
+        statistics = httpclient.InferenceServerClient(triton.http_url)
+
+        def triton_requests() -> int:
+            stats = statistics.get_inference_statistics(CASCADE)["model_stats"][0]["inference_stats"]
+            return int(stats["success"]["count"])
+
+        jobs = [(IMAGES[i % 13:i % 13 + 1 + i % 3], PARAMETER_SETS[i % 3]) for i in range(96)]
+        before = triton_requests()
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda job: _ask(grpcclient, forwarding.grpc_url, MODEL, *job), jobs))
+        assert triton_requests() - before < len(jobs)
+        for (images, parameters), answer in zip(jobs, answers):
+            expected = _ask(grpcclient, gateway.grpc_url, MODEL, images, parameters)
+            assert answer[1].tolist() == expected[1].tolist()
+            np.testing.assert_allclose(answer[0], expected[0], atol=1e-4)
+            np.testing.assert_allclose(answer[2], expected[2], atol=1e-5)
         with urllib.request.urlopen(f"http://{forwarding.http_url}/metrics") as response:  # its own metrics
             assert "gateway_exits_total" in response.read().decode()
     finally:
