@@ -13,6 +13,16 @@ a geometric ensemble of each exit with every earlier one (`ensemble`) or with th
 before it (`pair`), weights fitted on the calibration half (an offline measurement: serving
 `ensemble` needs the earlier exits' log-probabilities carried between stages; `pair` could
 recompute the previous head from the segment's input). Logits come from PyTorch in float32.
+
+A candidate may also be a composed cascade as `export.compose` builds it: stages joined by `+`,
+each a checkpoint with, after a colon, the exit depths it serves, cheapest network first:
+
+    python -m benchmarks.exit_ablation \
+        "checkpoints/mwresnet20_3.safetensors+checkpoints/mwresnet56_5.safetensors:45,56" ...
+
+Its exits cost what the served exits cost through the cascade (a skipped exit's head is not
+run; a later network's exits add the earlier networks' served prefix), and its drop and MACs
+are measured against the last network's final exit alone, as the composed manifest does.
 """
 
 from __future__ import annotations
@@ -58,6 +68,36 @@ def checkpoint_logits(path: Path, with_test: bool) -> Logits:
     return Logits(logits_of(train.images[heldout_idx]), train.labels[heldout_idx],
                   logits_of(test.images) if test else None, test.labels if test else None,
                   np.array([e.macs for e in meta.exits], np.float64), float(final.standalone_macs or final.macs))
+
+
+def candidate_logits(text: str, with_test: bool) -> Logits:
+    """Logits of one checkpoint, or of a composed cascade `A[:depths]+B[:depths]+...`."""
+    from common.checkpoint_meta import read_checkpoint_meta, served_macs
+    from export.compose import parse_stage
+    from export.pipeline import parse_exit_depths
+
+    if "+" not in text:
+        return checkpoint_logits(Path(text), with_test)
+    parts = []
+    macs_before = 0.0
+    for spec in (parse_stage(part) for part in text.split("+")):
+        meta = read_checkpoint_meta(spec.checkpoint)
+        depths = parse_exit_depths(spec.exits, [e.depth for e in meta.exits])
+        indices = [i for i, e in enumerate(meta.exits) if e.depth in depths]
+        own = checkpoint_logits(spec.checkpoint, with_test)
+        through = served_macs(meta.exits, indices)
+        parts.append((own, indices, np.array([macs_before + through[i] for i in indices], np.float64)))
+        macs_before += through[indices[-1]]
+    first = parts[0][0]
+    for own, _, _ in parts[1:]:
+        if not np.array_equal(own.heldout_labels, first.heldout_labels):
+            raise UserError(f"{text}: the stages' held-out splits differ (they must share seed and size)")
+
+    def stacked(field: str):
+        return None if getattr(first, field) is None else np.concatenate(
+            [getattr(own, field)[indices] for own, indices, _ in parts])
+    return Logits(stacked("heldout"), first.heldout_labels, stacked("test"), first.test_labels,
+                  np.concatenate([macs for _, _, macs in parts]), parts[-1][0].full_macs)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -141,7 +181,8 @@ def two_fold(logits: Logits, mode: str, max_drop: float, margin: float = 0.0, se
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.exit_ablation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoints", type=Path, nargs="+")
+    parser.add_argument("checkpoints", nargs="+",
+                        help="checkpoints (.safetensors), or composed cascades A[:depths]+B[:depths]")
     parser.add_argument("--max-drop", type=float, default=0.5, help="accuracy-drop target in points (default 0.5)")
     parser.add_argument("--modes", default="plain,temperature,ensemble",
                         help="comma-separated: plain, temperature, ensemble (every earlier exit), pair (the "
@@ -163,11 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--modes: unknown mode in {args.modes!r}")
     rows = []
     for path in args.checkpoints:
-        logits = checkpoint_logits(path, args.test)
+        logits = candidate_logits(path, args.test)
         heldout_acc = (logits.heldout.argmax(-1) == logits.heldout_labels).mean(axis=1)
         for mode in modes:
             for margin in margins:
-                row = {"checkpoint": str(path), "mode": mode, "margin": margin,
+                row = {"checkpoint": path, "mode": mode, "margin": margin,
                        "heldout_exit_acc": heldout_acc.tolist(),
                        "exit_macs_fraction": (logits.macs / logits.full_macs).tolist(),
                        "heldout_2fold": two_fold(logits, mode, args.max_drop / 100, margin)}
@@ -197,9 +238,19 @@ def _accuracies(values, separator: str) -> str:
     return separator.join(f"{a * 100:.1f}" for a in values)
 
 
+def label(candidate: str) -> str:
+    """A checkpoint's stem; a composed cascade's stems (with their served depths) joined by arrows."""
+    from export.compose import parse_stage
+
+    if "+" not in candidate:
+        return Path(candidate).stem
+    specs = [parse_stage(part) for part in candidate.split("+")]
+    return " -> ".join(spec.checkpoint.stem + (f":{spec.exits}" if spec.exits else "") for spec in specs)
+
+
 def render_row(row: dict) -> str:
     parts = [("2-fold", row["heldout_2fold"])] + ([("test", row["test"])] if "test" in row else [])
-    text = (f"{Path(row['checkpoint']).stem:>16} {row['mode']:>11} m{row['margin']:g}: held-out exits "
+    text = (f"{label(row['checkpoint']):>16} {row['mode']:>11} m{row['margin']:g}: held-out exits "
             + _accuracies(row["heldout_exit_acc"], "/"))
     for name, part in parts:
         macs, drop, best = _figures(part)
@@ -218,7 +269,7 @@ def render_markdown(result: dict) -> str:
              + (" test acc per exit (%) | test mean MACs | test drop (pt) | test oracle |" if with_test else ""),
              "|---|---|---:|---|---:|---:|---:|" + ("---|---:|---:|---:|" if with_test else "")]
     for row in result["rows"]:
-        cells = [Path(row["checkpoint"]).stem, row["mode"], f"{row['margin']:g}",
+        cells = [label(row["checkpoint"]), row["mode"], f"{row['margin']:g}",
                  _accuracies(row["heldout_exit_acc"], " / "), *_figures(row["heldout_2fold"])]
         if "test" in row:
             cells += [_accuracies(row["test"]["exit_acc"], " / "), *_figures(row["test"])]

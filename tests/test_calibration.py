@@ -215,3 +215,27 @@ def test_exit_ablation_writes_its_table(tiny_checkpoint, imagefolder, tmp_path):
     for row in rows:
         assert 0 < row["test"]["macs_fraction"] <= 1.01 and len(row["test"]["exit_acc"]) == 3
     assert "| tiny | ensemble | 1 |" in out.with_suffix(".md").read_text()
+
+
+def test_exit_ablation_measures_a_composed_cascade(tiny_checkpoint, imagefolder, tmp_path):
+    import json
+
+    from common.checkpoint_meta import read_checkpoint_meta
+    from tests.conftest import run_module
+
+    out = tmp_path / "composed"
+    composed = f"{tiny_checkpoint}:3,5+{tiny_checkpoint}:8"  # the tiny net's first two exits, then it again
+    result = run_module("benchmarks.exit_ablation", str(tiny_checkpoint), composed, "--modes", "plain",
+                        "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    single, chained = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert chained["checkpoint"] == composed
+    assert chained["heldout_exit_acc"] == single["heldout_exit_acc"]  # the same exits' logits, in order
+    exits = read_checkpoint_meta(tiny_checkpoint).exits
+    full = exits[2].standalone_macs  # the baseline: the last network's final exit alone
+    # The second network starts from the image again: exit 8 costs what exits 3 and 5 cost, then the
+    # network alone (its own skipped heads are not run).
+    expected = [exits[0].macs / full, exits[1].macs / full, (exits[1].macs + full) / full]
+    assert chained["exit_macs_fraction"] == pytest.approx(expected)
+    assert 0 < chained["heldout_2fold"]["macs_fraction"] <= expected[-1] + 1e-9
+    assert "| tiny:3,5 -> tiny:8 | plain | 0 |" in out.with_suffix(".md").read_text()
