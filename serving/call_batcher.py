@@ -6,7 +6,8 @@ building and parsing, grpc's C core) on top of the server side's; Triton's front
 pays one request each too. `CallBatcher` keeps at most `max_in_flight` calls running;
 the requests that arrive meanwhile wait, grouped by their options, and go together
 in one call (up to `max_images` images) as soon as a call returns. A lone request
-never waits: below the bound it is sent at once. The backend answers per image with
+never waits: below the bound it is sent at once, from its own task (no task, future
+or timer of the batcher's: the call's timeout is its deadline). The backend answers per image with
 the request's options, so a request's rows are what it would get alone.
 
 Every request keeps its own deadline (a timer answers it `DeadlineExceeded` while
@@ -58,6 +59,8 @@ class CallBatcher:
         self._open: dict[Hashable, _Batch] = {}  # the batch each key's new requests join
         self._full: list[_Batch] = []  # batches that reached max_images, first to go
         self._running: dict[asyncio.Task, list[_Member]] = {}  # each running call's requests
+        self._alone: set[asyncio.Task] = set()  # the tasks of requests sent at once, from their own task
+        self._cut_error: Callable[[], Exception] | None = None  # set by cut
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def run(self, inputs: np.ndarray, key: Hashable, deadline: float | None = None,
@@ -66,6 +69,8 @@ class CallBatcher:
         `deadline` (a time.monotonic(); None: the batcher's timeout) or DeadlineExceeded."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
+        if merge and self.in_flight < self.max_in_flight:  # (then nothing waits: _flush would start it now)
+            return await self._run_alone(inputs, key, deadline)
         member = _Member(inputs, self._loop.create_future(), deadline)
         if deadline is not None:
             member.timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, member)
@@ -88,6 +93,25 @@ class CallBatcher:
         finally:
             if member.timer is not None:
                 member.timer.cancel()
+
+    async def _run_alone(self, inputs: np.ndarray, key: Hashable, deadline: float | None) -> tuple[np.ndarray, ...]:
+        task = asyncio.current_task()
+        self.in_flight += 1
+        self.calls += 1
+        self._alone.add(task)
+        try:
+            timeout_s = self.timeout_s if deadline is None else min(self.timeout_s, deadline - time.monotonic())
+            if timeout_s <= 0:
+                raise DeadlineExceeded("the request's deadline passed before it was sent")
+            return await self.call(inputs, key, timeout_s)
+        except asyncio.CancelledError:
+            if self._cut_error is not None and task not in self._alone:  # cut took it: answered, not dropped
+                raise self._cut_error() from None
+            raise
+        finally:
+            self._alone.discard(task)
+            self.in_flight -= 1
+            self._flush()
 
     @staticmethod
     def _expire(member: _Member) -> None:
@@ -146,13 +170,17 @@ class CallBatcher:
     def cut(self, error_factory: Callable[[], Exception]) -> int:
         """Answer every request still waiting or running `error_factory()` and cancel the running calls;
         returns how many requests were answered so."""
+        self._cut_error = error_factory
         members = [member for batch in [*self._full, *self._open.values()] for member in batch.members]
         self._full.clear()
         self._open.clear()
         for task, running in list(self._running.items()):
             members.extend(running)
             task.cancel()
-        answered = 0
+        answered = len(self._alone)
+        for task in list(self._alone):
+            self._alone.discard(task)
+            task.cancel()
         for member in members:
             if not member.future.done():
                 member.future.set_exception(error_factory())

@@ -15,7 +15,8 @@ from when the cascade model starts executing the request's batch.
 Concurrent requests with the same options go to Triton together, in one call, while
 `max_in_flight` calls run (serving/call_batcher.py; a lone request is sent at once): the
 gateway's client cost and Triton's front end's are paid per call, not per request
-(issue 19). Budget requests are sent alone, as they come.
+(issue 19). Budget requests are sent alone, as they come. Over gRPC the calls are made by
+serving/kserve_grpc_client.py (the request's constant part serialized once per options).
 
 As the embedded cascade does (issue 25), it bounds the images in flight
 (`max_queue_images`: beyond, `Overloaded`), gives every call the request's
@@ -35,10 +36,11 @@ import numpy as np
 
 from common.manifest import Manifest
 from common.triton_cascade import NORMALISED_INPUT, cascade_model_name
-from serving.backends import CONNECT_TIMEOUT_S, triton_client, triton_failure, triton_request
+from serving.backends import CONNECT_TIMEOUT_S, GRPC_CHANNEL_ARGS, triton_client, triton_failure, triton_request
 from serving.call_batcher import CallBatcher
 from serving.cascade import CascadeResult, until_quiet
 from serving.errors import DeadlineExceeded, InvalidParameter, Overloaded, Unavailable
+from serving.kserve_grpc_client import KServeGrpcClient, constant_part
 from serving.metrics import GatewayMetrics
 from serving.policy import ExitPlan, RequestOptions
 
@@ -85,7 +87,8 @@ class TritonCascade:
         self.last_refusal = 0.0  # time.monotonic() of the last request refused while stopping
         self.max_in_flight = max_in_flight
         self._batcher: CallBatcher | None = None
-        self._parameters: dict[RequestOptions, dict] = {}  # request parameters of each options seen
+        # (request parameters, serialized constant part of a gRPC request) of each options seen
+        self._parameters: dict[RequestOptions, tuple[dict, bytes]] = {}
         self._exit_counters: dict[int, object] = {}  # exit position -> its counter (looked up once)
         self._health_task: asyncio.Task | None = None
         self._health_client = None  # kept while Triton answers (no new connection per check)
@@ -127,14 +130,20 @@ class TritonCascade:
         return self.accepting and self.backend_ready
 
     async def start(self, warmup_input: np.ndarray | None = None) -> None:
-        self._client = triton_client(self.module, self.protocol, self.url, self.timeout_s)
+        self._client = self._new_client()
         self._batcher = CallBatcher(self._call_with, self.max_batch_size, self.max_in_flight, self.timeout_s)
         self._idle = asyncio.Event()
         self._idle.set()
         if warmup_input is not None:
-            await self._call(warmup_input, {"policy": "full"}, self.timeout_s)
+            warmup = {"policy": "full"}
+            await self._call(warmup_input, warmup, constant_part(self.model, OUTPUTS, warmup), self.timeout_s)
         self._health_task = asyncio.create_task(self._watch_health())
         self.accepting = True
+
+    def _new_client(self):
+        if self.protocol == "grpc":
+            return KServeGrpcClient(self.url, GRPC_CHANNEL_ARGS)
+        return triton_client(self.module, self.protocol, self.url, self.timeout_s)
 
     async def _healthy(self) -> bool:
         """Triton's readiness, on a client kept while it answers (a fresh one after a failed check)."""
@@ -160,8 +169,7 @@ class TritonCascade:
             healthy = await self._healthy()
             if healthy != self.backend_ready:
                 if healthy:
-                    old, self._client = self._client, triton_client(self.module, self.protocol, self.url,
-                                                                    self.timeout_s)
+                    old, self._client = self._client, self._new_client()
                     with contextlib.suppress(Exception):
                         await old.close()
                     log.warning("Triton available again")
@@ -247,14 +255,22 @@ class TritonCascade:
 
     async def _call_with(self, inputs: np.ndarray, options: RequestOptions, timeout_s: float) -> tuple[np.ndarray, ...]:
         """The batcher's call: `inputs` with `options` as request parameters (built once per options)."""
-        parameters = self._parameters.get(options)
-        if parameters is None:
+        built = self._parameters.get(options)
+        if built is None:
             if len(self._parameters) >= 1024:
                 self._parameters.clear()
-            parameters = self._parameters[options] = request_parameters(options)
-        return await self._call(inputs, parameters, timeout_s)
+            parameters = request_parameters(options)
+            built = self._parameters[options] = (parameters, constant_part(self.model, OUTPUTS, parameters))
+        return await self._call(inputs, *built, timeout_s)
 
-    async def _call(self, inputs: np.ndarray, parameters: dict, timeout_s: float) -> tuple[np.ndarray, ...]:
+    async def _call(self, inputs: np.ndarray, parameters: dict, constant: bytes,
+                    timeout_s: float) -> tuple[np.ndarray, ...]:
+        if isinstance(self._client, KServeGrpcClient):
+            try:
+                outputs = await self._client.infer(constant, NORMALISED_INPUT, "FP32", inputs, timeout_s)
+                return tuple(outputs[name] for name in OUTPUTS)
+            except Exception as error:  # InferenceServerException, or an answer without an output
+                raise _gateway_error(self.model, error) from None
         tensor, requested, timeout = triton_request(self.module, self.protocol, NORMALISED_INPUT, inputs, OUTPUTS,
                                                     timeout_s)
         try:

@@ -227,6 +227,36 @@ def test_bad_parameters_are_error_responses_not_crashes(triton, protocol, parame
     assert _ask(module, url, CASCADE, IMAGES[:2], {})[1].shape == (2,)  # the model still serves
 
 
+def test_the_forwarding_client_answers_and_fails_as_tritonclient(triton):
+    """serving.kserve_grpc_client (the triton-cascade gateway's gRPC client) against tritonclient on
+    the same requests to <model>_cascade: the same outputs; Triton's refusal the same exception."""
+    import asyncio
+
+    from serving.kserve_grpc_client import KServeGrpcClient, constant_part
+    from serving.triton_cascade import OUTPUTS, _gateway_error
+
+    images = normalise_uint8(IMAGES, *_mean_std(triton))
+
+    async def ask(parameters):
+        client = KServeGrpcClient(triton.grpc_url)
+        try:
+            return await client.infer(constant_part(CASCADE, OUTPUTS, parameters), "normalised_images", "FP32",
+                                      images, 10.0)
+        finally:
+            await client.close()
+
+    for parameters in [{}, {"policy": "fixed", "exit_depth": 5}, {"score": "entropy", "threshold": "0.05"}]:
+        answer = asyncio.run(ask(parameters))
+        expected = _ask(grpcclient, triton.grpc_url, CASCADE, images, parameters, "normalised_images", "FP32")
+        for name, values in zip(OUTPUTS, expected):
+            assert answer[name].dtype == values.dtype and answer[name].shape == values.shape
+            assert np.array_equal(answer[name], values)
+    with pytest.raises(InferenceServerException, match="unknown policy") as raised:
+        asyncio.run(ask({"policy": "fastest"}))
+    assert "INVALID_ARG" in str(raised.value.status())
+    assert type(_gateway_error(CASCADE, raised.value)).__name__ == "InvalidParameter"
+
+
 def test_a_bad_request_batched_with_good_ones_fails_alone(triton):
     jobs = [{"policy": "fastest"} if i % 3 == 0 else {} for i in range(12)]
 
