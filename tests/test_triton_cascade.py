@@ -324,6 +324,52 @@ def test_gateway_with_the_triton_cascade_backend_answers_as_the_embedded_one(
         assert forwarding.stop() == 0
 
 
+def test_the_forwarding_gateway_answers_running_and_waiting_requests_at_shutdown(triton, calibrated_repository,
+                                                                                 tmp_path):
+    """Triton frozen (SIGSTOP): the forwarding gateway's calls hang, the requests behind them wait to go
+    together; SIGTERM with no grace answers every one of them UNAVAILABLE and exits with status 3."""
+    import re
+    import signal
+    import time
+
+    if triton.mode != IN_PROCESS:
+        pytest.skip("one mode is enough for the gateway's forwarding")
+    log = tmp_path / "forwarding.log"
+    forwarding = GatewayProcess(calibrated_repository, "--backend", "triton-cascade", "--triton-url", triton.grpc_url,
+                                "--shutdown-grace-s", "0", log_path=log)
+    group = os.getpgid(triton.process.pid)  # tritonserver and its stubs
+
+    def admitted() -> float:
+        match = re.search(r"^gateway_admitted_images (\S+)$", forwarding.metrics(), re.M)
+        return float(match.group(1)) if match else 0.0
+
+    def call(position):
+        try:
+            _ask(grpcclient, forwarding.grpc_url, MODEL, IMAGES[position:position + 2], PARAMETER_SETS[position % 2])
+            return "ok"
+        except InferenceServerException as error:
+            return str(error.status())
+
+    try:
+        os.killpg(group, signal.SIGSTOP)
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(call, position) for position in range(6)]
+            deadline = time.monotonic() + 60
+            while admitted() < 12:
+                assert time.monotonic() < deadline and not any(f.done() for f in futures)
+                time.sleep(0.02)
+            forwarding.process.send_signal(signal.SIGTERM)
+            outcomes = [future.result(timeout=60) for future in futures]
+        status = forwarding.process.wait(timeout=60)
+    finally:
+        os.killpg(group, signal.SIGCONT)
+        forwarding.stop()
+    assert outcomes == ["StatusCode.UNAVAILABLE"] * 6, outcomes
+    assert status == 3
+    assert "answered UNAVAILABLE" in log.read_text()
+    assert _ask(grpcclient, triton.grpc_url, CASCADE, IMAGES, {})[1].shape == (len(IMAGES),)  # Triton serves on
+
+
 def test_triton_cascade_backend_without_triton_is_a_one_line_error(tiny_repository):
     from benchmarks.triton_launcher import free_port
 
