@@ -28,6 +28,7 @@ are measured against the last network's final exit alone, as the composed manife
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ class Logits:
     full_macs: float  # the network without early heads
 
 
+@functools.lru_cache(maxsize=8)  # composed candidates share their networks: run each once
 def checkpoint_logits(path: Path, with_test: bool) -> Logits:
     model, meta = load_checkpoint(path)
     train = load_split_for_model(meta.dataset_source(), "train", meta.input_size)
