@@ -76,6 +76,7 @@ NO_DEADLINE_ORDER_S = 3600.0  # ordering key of a request without a deadline: it
 # Added to the ordering key of a budget request's deeper stages: optional work (the request has an answer
 # from the exit it passed) goes after every request's mandatory work, whatever their deadlines.
 OPTIONAL_ORDER_S = 2 * NO_DEADLINE_ORDER_S
+CONTINUE_ALPHA = 0.05  # weight of a batch in the moving average of the share of samples going on
 TRIM_AFTER_IDLE_S = 1.0  # an idle cascade gives freed heap memory back to the system after this
 TRIM_AFTER_IMAGES = 256  # ... when at least this many images went through since the last time
 
@@ -323,6 +324,9 @@ class Cascade:
             if profiled:
                 self.costs[lane].observe(1, profiled)
         self._direct_lane_of = {depth: lane for depth, lane in zip(plan.depths, self.direct_lanes)}
+        # Moving average, per segment, of the share of a non-budget request's samples that went on to the
+        # next one (what a confidence request's path is expected to be; 0 until seen: stage 0 only).
+        self.continue_share = [0.0] * stages
         self.images_in = 0  # images of the requests inside the cascade (admission control bounds it)
         self.requests: set[_Request] = set()
         self.backend_ready = True
@@ -662,6 +666,7 @@ class Cascade:
         heap = self.queues[lane] if heap is None else heap
         taken, size = [], 0
         expected = (self.run_ms[lane] or 0.0) / 1000  # a batch's usual backend time in this lane
+        entry = self.segment_lanes[0] if heap is self.queues[self.segment_lanes[0]] else None
         cost, optional_end = self.costs[lane], math.inf  # the earliest budget end of the batch's budget groups
         while heap:
             group = heap[0][2]
@@ -679,6 +684,13 @@ class Cascade:
             if request.deadline <= now + expected:  # expired, or would be before this batch is done
                 self._expire(request)
                 continue
+            if lane is entry and request.deadline < math.inf:
+                spare_ms = (request.deadline - now - expected) * 1000
+                # Its deeper stages would end after its deadline: stage 0 for nothing (a cheap upper bound
+                # first, which every request with time to spare passes).
+                if self.path_ms(request, count, upper=True) > spare_ms and self.path_ms(request, count) > spare_ms:
+                    self._expire(request)
+                    continue
             if taken and size + count > self.settings.max_batch_size:
                 break
             heapq.heappop(heap)
@@ -805,6 +817,7 @@ class Cascade:
         backlog = None  # what waits for the backend slots, made when a budget request first needs it
         continued = 0  # samples of this batch enqueued in the next segment so far (before the next group's)
         offset, answered = 0, 0
+        mandatory = mandatory_stopped = 0  # samples of non-budget requests, and those that left here
         for group in groups:
             count = len(group.samples)
             rows = slice(offset, offset + count)
@@ -827,6 +840,9 @@ class Cascade:
                                elapsed_ms=(now - request.started) * 1000, next_stage_ms=next_ms)
             stopping = int(np.count_nonzero(stop))
             answered += stopping
+            if request.options.policy != "budget":
+                mandatory += count
+                mandatory_stopped += stopping
             if stopping == count:
                 request.answer(group.samples, logits[rows], stage, scores)
                 continue
@@ -845,6 +861,9 @@ class Cascade:
                 self._enqueue(self.segment_lanes[stage + 1], continuing)
             if backlog is not None:  # (what went on before the backlog was made is in it)
                 continued += len(continuing.samples)
+        if not last and mandatory:
+            share = 1.0 - mandatory_stopped / mandatory
+            self.continue_share[stage] += CONTINUE_ALPHA * (share - self.continue_share[stage])
         if self.metrics and answered:
             self._exit_counters[stage].inc(answered)
 
@@ -920,6 +939,46 @@ class Cascade:
     def _record_run_ms(self, lane: Lane, milliseconds: float, alpha: float = 0.1) -> None:
         previous = self.run_ms[lane]
         self.run_ms[lane] = milliseconds if previous is None else (1 - alpha) * previous + alpha * milliseconds
+
+    def path_ms(self, request: _Request, count: int, upper: bool = False) -> float:
+        """Predicted backend time (ms) after stage 0 until `count` samples of `request` entering stage 0 now
+        have run the deeper stages they are expected to need (a fixed or full request: every stage to its
+        exit; a confidence request: each stage with the chance that one of its samples gets there, from the
+        moving share that went on, and the samples expected there). In each deeper stage, what runs or waits
+        there with an earlier order key goes first (shared by the slots), then its own batch. Budget
+        requests: 0 (only their first stage is mandatory). Lanes whose cost is unknown count 0. `upper`:
+        everything in each stage counted as ahead (no look at the queues: a bound, O(stages))."""
+        policy = request.options.policy
+        if policy == "budget" or self.stages < 2:
+            return 0.0
+        last = self.stages - 1
+        if policy == "fixed" and request.options.exit_depth in self.plan.depths:
+            last = self.plan.depths.index(request.options.exit_depth)
+        maximum, workers = self.settings.max_batch_size, self.settings.workers
+        total, reach = 0.0, 1.0
+        for stage in range(1, last + 1):
+            if policy == "confidence":
+                reach *= self.continue_share[stage - 1]
+                if reach <= 0.0:
+                    break
+            cost = self.costs[self.segment_lanes[stage]]
+            if not cost.known:
+                continue
+            expected = count * reach
+            chance = 1.0 - (1.0 - reach) ** count  # that one of its samples gets here (it waits for that one)
+            ahead = self.in_lane[self.segment_lanes[stage]] if upper else self._ahead(stage, request.key)
+            total += chance * (cost.work_ms(ahead, maximum) / workers
+                               + cost.batch_ms(min(maximum, max(1.0, expected))))
+        return total
+
+    def _ahead(self, stage: int, key: float) -> int:
+        """Samples running in segment `stage` and those waiting there with an order key before `key`."""
+        lane = self.segment_lanes[stage]
+        if not self.in_lane[lane]:
+            return 0
+        waiting_before = sum(len(group.samples) for entry_key, _, group in self.queues[lane]
+                             if group.live and entry_key < key)
+        return self.in_lane[lane] - self.queued[lane] + waiting_before
 
     def next_stage_ms(self, backlog: _Backlog, stage: int, key: float, own: int, continued: int = 0) -> float | None:
         """Predicted time until segment `stage` has run a request's `own` samples, whose order key is

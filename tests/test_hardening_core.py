@@ -346,6 +346,71 @@ def test_the_budget_estimate_counts_the_work_ahead_in_deadline_order_and_the_bat
     assert make(tiny_repository, manifest)[0].next_stage_ms(backlog, 1, 1.0, 1) is None  # no cost known yet
 
 
+def test_stage_zero_is_not_run_for_a_request_whose_deeper_stages_end_past_its_deadline(tiny_repository, manifest):
+    """Deterministic: hand-made queues, lane costs and continue shares, no backend call. Two slots,
+    batches of 8. Segment 1 holds 6 samples due before the requests below and 4 due after; 2 run in
+    segment 2."""
+    async def run():
+        cascade, _ = make(tiny_repository, manifest, workers=2, max_batch_size=8)
+        seg0, seg1, seg2 = cascade.segment_lanes
+        cascade.costs.update({seg0: _line(1.0, 0.5), seg1: _line(2.0, 1.0), seg2: _line(0.0, 2.0)})
+        cascade.run_ms[seg0] = 5.0
+        cascade.continue_share[:] = [0.5, 0.5, 0.0]
+        loop = asyncio.get_running_loop()
+        for key, count in ((0.001, 6), (9.0, 4)):
+            cascade._enqueue(seg1, _Group(_Request(options(manifest), count, 0.0, loop.create_future(), math.inf,
+                                                   key), np.arange(count), None))
+        cascade.in_lane[seg2] += 2
+
+        def request(deadline, count=4, **kwargs):
+            return _Request(options(manifest, **kwargs), count, 0.0, loop.create_future(), deadline, deadline)
+
+        # full: segment 1 after its 6 (2 + 6, on two slots) then its 4 (2 + 4); segment 2 after the 2
+        # running (4 on two slots) then its 4 (8): 4 + 6 + 2 + 8.
+        full = request(5.0, policy="full")
+        assert cascade.path_ms(full, 4) == pytest.approx(20.0)
+        assert cascade.path_ms(full, 4, upper=True) == pytest.approx(7.0 + 6.0 + 2.0 + 8.0)  # all 10 ahead
+        # confidence: segment 1 if one of 4 goes on (1 - 0.5^4), 2 expected there; segment 2: 1 - 0.75^4, 1.
+        confident = request(5.0)
+        assert cascade.path_ms(confident, 4) == pytest.approx((1 - 0.5 ** 4) * (4 + 4) + (1 - 0.75 ** 4) * (2 + 2))
+        assert cascade.path_ms(request(5.0, policy="fixed", exit_depth=manifest.exit_depths[1]), 4) \
+            == pytest.approx(10.0)
+        assert cascade.path_ms(request(5.0, policy="fixed", exit_depth=manifest.exit_depths[0]), 4) == 0.0
+        assert cascade.path_ms(request(5.0, policy="budget", budget_ms=10.0), 4) == 0.0
+
+        # Taking stage 0 at time 0 (its batches take 5 ms): 15 ms left after it is too little for the
+        # full path (20 ms), 30 ms is enough; a request without a deadline is always taken.
+        short, roomy, endless = request(0.020, policy="full"), request(0.035, policy="full"), request(math.inf)
+        endless.key = 50.0
+        for item in (short, roomy, endless):
+            cascade._enqueue(seg0, _Group(item, np.arange(4), np.zeros((4, *manifest.input.shape), np.float32)))
+        taken = [group.request for group in cascade._take_batch(seg0, 0.0)]
+        return taken, short, roomy, endless, dict(cascade.dropped)
+
+    taken, short, roomy, endless, dropped = asyncio.run(run())
+    assert taken == [roomy, endless]
+    assert isinstance(short.future.exception(), DeadlineExceeded) and dropped["expired"] == 4
+
+
+def test_the_share_of_samples_going_on_follows_what_the_requests_do(tiny_repository, manifest):
+    """Non-budget requests move each segment's share of samples going on (0 before any was seen); those
+    of budget requests (optional deeper work) do not."""
+    async def run():
+        cascade, _ = make(tiny_repository, manifest, workers=1)
+        await cascade.start()
+        before = list(cascade.continue_share)
+        await cascade.infer(marked(manifest, 70.0, 4), options(manifest, policy="budget", budget_ms=10_000.0))
+        after_budget = list(cascade.continue_share)
+        await cascade.infer(marked(manifest, 71.0, 4), options(manifest, thresholds=(2.0,)))  # all go on
+        after = list(cascade.continue_share)
+        await cascade.stop()
+        return before, after_budget, after
+
+    before, after_budget, after = asyncio.run(run())
+    assert before == after_budget == [0.0] * len(before)
+    assert all(0.0 < share <= 1.0 for share in after[:-1]) and after[-1] == 0.0
+
+
 def test_a_request_past_its_budget_stops_at_the_first_exit(tiny_repository, manifest):
     async def run():
         cascade, backend = make(tiny_repository, manifest, workers=1)
