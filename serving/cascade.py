@@ -667,6 +667,7 @@ class Cascade:
         taken, size = [], 0
         expected = (self.run_ms[lane] or 0.0) / 1000  # a batch's usual backend time in this lane
         entry = self.segment_lanes[0] if heap is self.queues[self.segment_lanes[0]] else None
+        bound_ms = None  # (stage 0) the longest path any request could be predicted, made when first needed
         cost, optional_end = self.costs[lane], math.inf  # the earliest budget end of the batch's budget groups
         while heap:
             group = heap[0][2]
@@ -686,9 +687,11 @@ class Cascade:
                 continue
             if lane is entry and request.deadline < math.inf:
                 spare_ms = (request.deadline - now - expected) * 1000
-                # Its deeper stages would end after its deadline: stage 0 for nothing (a cheap upper bound
-                # first, which every request with time to spare passes).
-                if self.path_ms(request, count, upper=True) > spare_ms and self.path_ms(request, count) > spare_ms:
+                if bound_ms is None:
+                    bound_ms = self.path_bound_ms()
+                # Its deeper stages would end after its deadline: stage 0 for nothing (the bound first, which
+                # every request with time to spare passes at once).
+                if bound_ms > spare_ms and self.path_ms(request, count) > spare_ms:
                     self._expire(request)
                     continue
             if taken and size + count > self.settings.max_batch_size:
@@ -939,6 +942,16 @@ class Cascade:
     def _record_run_ms(self, lane: Lane, milliseconds: float, alpha: float = 0.1) -> None:
         previous = self.run_ms[lane]
         self.run_ms[lane] = milliseconds if previous is None else (1 - alpha) * previous + alpha * milliseconds
+
+    def path_bound_ms(self) -> float:
+        """An upper bound of `path_ms` for any request now: in every deeper segment, all it holds ahead,
+        then a full batch."""
+        maximum, total = self.settings.max_batch_size, 0.0
+        for lane in self.segment_lanes[1:]:
+            cost = self.costs[lane]
+            if cost.known:
+                total += cost.work_ms(self.in_lane[lane], maximum) / self.settings.workers + cost.batch_ms(maximum)
+        return total
 
     def path_ms(self, request: _Request, count: int, upper: bool = False) -> float:
         """Predicted backend time (ms) after stage 0 until `count` samples of `request` entering stage 0 now

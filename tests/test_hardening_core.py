@@ -370,6 +370,8 @@ def test_stage_zero_is_not_run_for_a_request_whose_deeper_stages_end_past_its_de
         full = request(5.0, policy="full")
         assert cascade.path_ms(full, 4) == pytest.approx(20.0)
         assert cascade.path_ms(full, 4, upper=True) == pytest.approx(7.0 + 6.0 + 2.0 + 8.0)  # all 10 ahead
+        # The bound: all 10 ahead then a full batch (2 + 8) in segment 1; the 2 running then 8 (16) in 2.
+        assert cascade.path_bound_ms() == pytest.approx(7.0 + 10.0 + 2.0 + 16.0)
         # confidence: segment 1 if one of 4 goes on (1 - 0.5^4), 2 expected there; segment 2: 1 - 0.75^4, 1.
         confident = request(5.0)
         assert cascade.path_ms(confident, 4) == pytest.approx((1 - 0.5 ** 4) * (4 + 4) + (1 - 0.75 ** 4) * (2 + 2))
