@@ -166,8 +166,9 @@ def target(name: str, goal: str, measured, met: bool | None) -> dict:
 
 class Run:
     def __init__(self, repository: Path, output: Path, durations: dict, images: np.ndarray, labels: np.ndarray | None,
-                 model: str, log=print, pinning: CoreSplit | None = None) -> None:
+                 model: str, log=print, pinning: CoreSplit | None = None, gateway_args: tuple[str, ...] = ()) -> None:
         self.repository, self.output, self.durations, self.log = repository, output, durations, log
+        self.gateway_args = tuple(gateway_args)  # added to every gateway's command line (experiments)
         self.pinning = pinning  # capacity and overload: the gateway on pinning.servers, the load on .loadgen
         self.images, self.labels, self.model = images, labels, model
         self.results: dict = {}
@@ -176,7 +177,8 @@ class Run:
         (output / "logs").mkdir(parents=True, exist_ok=True)
 
     def gateway(self, name: str, *args: str) -> GatewayServer:
-        return GatewayServer(self.repository, *args, log_path=self.output / "logs" / f"gateway_{name}.log")
+        return GatewayServer(self.repository, *self.gateway_args, *args,
+                             log_path=self.output / "logs" / f"gateway_{name}.log")
 
     def loadgen_target(self, url: str, parameters: dict | None = None, budget_ms: float | None = None) -> Target:
         return Target("grpc", url, self.model, parameters or {}, budget_ms=budget_ms)
@@ -642,7 +644,8 @@ def load_workload(repository: Path, data: Path | None, count: int) -> tuple[np.n
 
 
 def run(repository: Path, output: Path, phases: list[str], durations: dict, data: Path | None = None,
-        images: int = 2000, command: str = "", log=print, pin: bool = True) -> dict:
+        images: int = 2000, command: str = "", log=print, pin: bool = True,
+        gateway_args: tuple[str, ...] = ()) -> dict:
     try:
         manifest = read_manifest(repository)
     except ManifestError as error:
@@ -653,7 +656,7 @@ def run(repository: Path, output: Path, phases: list[str], durations: dict, data
     if pinning:
         log(f"capacity and overload: the gateway on cores {list(pinning.servers)}, "
             f"the load generator on {list(pinning.loadgen)}")
-    session = Run(repository, output, durations, pixels, labels, manifest.model, log, pinning)
+    session = Run(repository, output, durations, pixels, labels, manifest.model, log, pinning, gateway_args)
     for phase in phases:
         log(f"phase {phase}")
         started = time.monotonic()
@@ -666,7 +669,7 @@ def run(repository: Path, output: Path, phases: list[str], durations: dict, data
     document = {"command": command, "commit": git_commit(), "machine": machine_description(),
                 "date": utc_timestamp(), "cpus": os.cpu_count(),
                 "cpu_pinning": {"phases": ["capacity", "overload"], **pinning.as_dict()} if pinning else None,
-                "model": manifest.model, "images": source,
+                "model": manifest.model, "images": source, "gateway_args": list(gateway_args),
                 "durations": durations, "phases": session.results,
                 "targets": {entry.pop("name"): entry for entry in session.targets}}
     (output / "robustness.json").write_text(json.dumps(document, indent=2, default=str) + "\n")
@@ -685,6 +688,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=2000, help="test images the load draws from")
     parser.add_argument("--no-pin", action="store_true", help="capacity and overload: gateway and load "
                         "generator share every core (default: disjoint cores, as benchmarks.run)")
+    parser.add_argument("--gateway-arg", action="append", default=[], metavar="ARG",
+                        help="added to every gateway's command line (repeat; e.g. --gateway-arg=--budget-reserve "
+                             "--gateway-arg=0.3): experiments, not the defaults the targets are about")
     for name, default in ISSUE_DURATIONS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None,
                             help=f"default {default} ({QUICK_DURATIONS[name]} with --quick)")
@@ -702,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or REPO_ROOT / "benchmarks" / "results" / f"{stamp}-{platform.node()}-robustness"
     command = "python -m benchmarks.robustness " + " ".join(sys.argv[1:] if argv is None else argv)
     document = run(args.model_repository, output, phases, durations, args.data, args.images, command,
-                   pin=not args.no_pin)
+                   pin=not args.no_pin, gateway_args=tuple(args.gateway_arg))
     print(json.dumps(document["targets"], indent=2))
     print(f"results in {output / 'robustness.json'}")
     return 0

@@ -704,3 +704,15 @@ def test_the_robustness_run_writes_every_phase(tiny_repository, tmp_path):
     if "triton" in document["phases"]:
         assert document["phases"]["triton"]["request_while_down"] == "UNAVAILABLE"
     assert document["commit"] and document["command"].startswith("python -m benchmarks.robustness")
+
+
+def test_the_robustness_run_passes_gateway_arguments_on(tiny_repository, tmp_path):
+    """--gateway-arg reaches every gateway the run starts (a real process that takes it)."""
+    from benchmarks.robustness import Run
+
+    images = np.zeros((2, 3, 32, 32), np.float32)
+    session = Run(tiny_repository, tmp_path, {}, images, None, MODEL, gateway_args=("--budget-reserve", "0.3"))
+    with session.gateway("probe", "--workers", "1") as gateway:
+        args = list(gateway.process.args)
+        ready = httpx.get(f"http://{gateway.http_url}/v2/health/ready", timeout=10).status_code
+    assert args[-4:] == ["--budget-reserve", "0.3", "--workers", "1"] and ready == 200
