@@ -35,11 +35,11 @@ import numpy as np
 from PIL import Image
 from tritonclient.grpc import service_pb2
 
-from benchmarks.loadgen import set_parameter
 from common.errors import UserError, run_cli
 from common.manifest import ManifestError, read_manifest
 from common.paths import REPO_ROOT
 from common.provenance import git_commit, machine_description, utc_timestamp
+from serving.kserve_grpc_client import set_parameter
 
 KINDS = ("json", "binary", "raw", "classify", "grpc", "grpc_bytes")
 FIELDS = ["name", "shape", "datatype", "data", "parameters", "id", "outputs", "inputs", "binary_data_size",

@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from common.errors import UserError
+from serving.kserve_grpc_client import set_parameter
 
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
 
@@ -238,18 +239,6 @@ async def open_loop(target: Target, images: np.ndarray, labels: np.ndarray, rate
 
 # -- a cheap open-loop generator (overload) -------------------------------------
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
-
-
-def set_parameter(parameter, value) -> None:
-    """Set a KServe v2 gRPC `InferParameter` from a Python value (bool, int, float, else string)."""
-    if isinstance(value, bool):
-        parameter.bool_param = value
-    elif isinstance(value, int):
-        parameter.int64_param = value
-    elif isinstance(value, float):
-        parameter.double_param = value
-    else:
-        parameter.string_param = str(value)
 
 
 def infer_messages(model: str, images: np.ndarray, count: int, parameters: dict | None = None) -> list[bytes]:

@@ -31,14 +31,21 @@ def constant_part(model: str, outputs, parameters: dict) -> bytes:
     for name in outputs:
         request.outputs.add().name = name
     for name, value in parameters.items():
-        parameter = request.parameters[name]
-        if isinstance(value, bool):
-            parameter.bool_param = value
-        elif isinstance(value, int):
-            parameter.int64_param = value
-        else:
-            parameter.string_param = str(value)
+        set_parameter(request.parameters[name], value)
     return request.SerializeToString()
+
+
+def set_parameter(parameter, value) -> None:
+    """Set a KServe v2 gRPC `InferParameter` from a Python value (bool, int, float, else string), as
+    tritonclient does."""
+    if isinstance(value, bool):
+        parameter.bool_param = value
+    elif isinstance(value, int):
+        parameter.int64_param = value
+    elif isinstance(value, float):
+        parameter.double_param = value
+    else:
+        parameter.string_param = str(value)
 
 
 class KServeGrpcClient:

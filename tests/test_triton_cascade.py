@@ -245,12 +245,18 @@ def test_the_forwarding_client_answers_and_fails_as_tritonclient(triton):
         finally:
             await client.close()
 
-    for parameters in [{}, {"policy": "fixed", "exit_depth": 5}, {"score": "entropy", "threshold": "0.05"}]:
+    for parameters in [{}, {"policy": "fixed", "exit_depth": 5}, {"score": "entropy", "threshold": "0.05"},
+                       {"threshold": 0.6}]:  # a float goes as double_param, as tritonclient sends it
         answer = asyncio.run(ask(parameters))
         expected = _ask(grpcclient, triton.grpc_url, CASCADE, images, parameters, "normalised_images", "FP32")
         for name, values in zip(OUTPUTS, expected):
             assert answer[name].dtype == values.dtype and answer[name].shape == values.shape
             assert np.array_equal(answer[name], values)
+    from tritonclient.grpc import service_pb2
+
+    sent = service_pb2.ModelInferRequest.FromString(
+        constant_part(CASCADE, OUTPUTS, {"threshold": 0.6, "exit_depth": 5}))
+    assert sent.parameters["threshold"].double_param == 0.6 and sent.parameters["exit_depth"].int64_param == 5
     with pytest.raises(InferenceServerException, match="unknown policy") as raised:
         asyncio.run(ask({"policy": "fastest"}))
     assert "INVALID_ARG" in str(raised.value.status())
