@@ -246,3 +246,14 @@ def test_early_heads_with_convolutions_train_and_are_recorded(imagefolder, tmp_p
 
     model, _ = load_checkpoint(output)
     assert type(model.heads[0]).__name__ == "ConvExitHead" and type(model.heads[-1]).__name__ == "ExitHead"
+
+
+def test_epoch_images_makes_short_epochs_of_a_new_draw(imagefolder, tmp_path):
+    checkpoint = tmp_path / "short.safetensors"
+    train(imagefolder, checkpoint, "--epochs", "2", "--epoch-images", "20", "--batch-size", "10")
+    state = torch.load(checkpoint.with_suffix(".resume.pt"), weights_only=False)
+    assert state["scheduler"]["last_epoch"] == 2 * 2  # two epochs of ceil(20 / 10) steps, not of the whole set
+    assert load_metadata(checkpoint).training["epoch_images"] == 20
+    result = run_module("training.train", *TINY, "--data", str(imagefolder), "--output", str(checkpoint),
+                        "--epoch-images", "-5")
+    assert result.returncode != 0 and "--epoch-images must be positive" in result.stderr

@@ -109,7 +109,8 @@ class Trainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay, nesterov=True)
-        self.steps_per_epoch = math.ceil(len(self.train_labels) / (config.batch_size * self.world))
+        self.epoch_images = min(config.epoch_images or len(self.train_labels), len(self.train_labels))
+        self.steps_per_epoch = math.ceil(self.epoch_images / (config.batch_size * self.world))
         self.scheduler = build_scheduler(self.optimizer, config.schedule, self.steps_per_epoch * config.epochs)
 
     def _restore_state(self) -> None:
@@ -226,7 +227,7 @@ class Trainer:
         config = self.config
         generator = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + epoch)
         order = torch.randperm(len(self.train_labels), generator=generator, device=self.device)
-        order = order[self.rank :: self.world]
+        order = order[: self.epoch_images][self.rank :: self.world]  # --epoch-images: a new draw each epoch
         self.model.train()
         if config.freeze_trunk:  # frozen parts keep their batch-norm statistics too
             for module in (self.model.stem, *self.model.segments, self.model.heads[-1]):

@@ -34,6 +34,7 @@ class TrainConfig:
     heldout_seed: int = 0
     cutout: int = 0
     limit_train: int = 0
+    epoch_images: int = 0  # 0: every training image each epoch
     # optimisation
     epochs: int = 30
     batch_size: int = 128  # per process
@@ -73,6 +74,8 @@ class TrainConfig:
             raise UserError("--epochs and --batch-size must be positive")
         if self.cutout < 0:
             raise UserError("--cutout must be 0 (off) or a square size in pixels")
+        if self.epoch_images < 0:
+            raise UserError("--epoch-images must be positive (or 0: every training image each epoch)")
         if self.freeze_trunk and not (self.init_from or self.resume):
             raise UserError("--freeze-trunk needs trained weights: give --init-from (or --resume)")
         if self.freeze_trunk and self.freeze_backbone:
@@ -147,6 +150,10 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                       help="Cutout augmentation: zero one PIXELS x PIXELS square per training image "
                            "(16 is the paper's size for CIFAR-10; default 0 = off)")
     data.add_argument("--limit-train", type=int, help="train on the first N images only (smoke runs)")
+    data.add_argument("--epoch-images", type=int, metavar="N",
+                      help="an epoch is N training images drawn at random, a new draw each epoch, so that a long "
+                           "network gets short epochs (a checkpoint and a held-out evaluation each) and a "
+                           "schedule that fits the time there is (default: every training image each epoch)")
     optim = parser.add_argument_group("optimisation (SGD with Nesterov momentum)")
     optim.add_argument("--epochs", type=int)
     optim.add_argument("--batch-size", type=int, help="per process")
