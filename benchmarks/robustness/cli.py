@@ -1,0 +1,54 @@
+"""`python -m benchmarks.robustness`: the command line (the usage text is the package's docstring)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import signal
+import sys
+from pathlib import Path
+
+import benchmarks.robustness as package
+from benchmarks.robustness.runner import ISSUE_DURATIONS, PHASES, QUICK_DURATIONS, run
+from common.errors import UserError
+from common.paths import REPO_ROOT
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.robustness", description=package.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-repository", type=Path, default=REPO_ROOT / "model_repository")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="results directory (default benchmarks/results/<date>-<machine>-robustness)")
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {', '.join(PHASES)}")
+    parser.add_argument("--quick", action="store_true", help="seconds per phase: a smoke test, not figures")
+    parser.add_argument("--data", type=Path, default=None, help="dataset (default: the checkpoint's)")
+    parser.add_argument("--images", type=int, default=2000, help="test images the load draws from")
+    parser.add_argument("--no-pin", action="store_true", help="capacity and overload: gateway and load "
+                        "generator share every core (default: disjoint cores, as benchmarks.run)")
+    parser.add_argument("--gateway-arg", action="append", default=[], metavar="ARG",
+                        help="added to every gateway's command line (repeat; e.g. --gateway-arg=--budget-reserve "
+                             "--gateway-arg=0.3): experiments, not the defaults the targets are about")
+    for name, default in ISSUE_DURATIONS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None,
+                            help=f"default {default} ({QUICK_DURATIONS[name]} with --quick)")
+    args = parser.parse_args(argv)
+    phases = [phase.strip() for phase in args.phases.split(",") if phase.strip()]
+    unknown = sorted(set(phases) - set(PHASES))
+    if unknown:
+        raise UserError(f"unknown phases {', '.join(unknown)}; choose from {', '.join(PHASES)}")
+    durations = dict(QUICK_DURATIONS if args.quick else ISSUE_DURATIONS)
+    for name in durations:
+        if getattr(args, name) is not None:
+            durations[name] = getattr(args, name)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the servers started here stop
+    stamp = dt.datetime.now().strftime("%Y-%m-%d")
+    output = args.output or REPO_ROOT / "benchmarks" / "results" / f"{stamp}-{platform.node()}-robustness"
+    command = "python -m benchmarks.robustness " + " ".join(sys.argv[1:] if argv is None else argv)
+    document = run(args.model_repository, output, phases, durations, args.data, args.images, command,
+                   pin=not args.no_pin, gateway_args=tuple(args.gateway_arg))
+    print(json.dumps(document["targets"], indent=2))
+    print(f"results in {output / 'robustness.json'}")
+    return 0

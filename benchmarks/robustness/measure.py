@@ -1,0 +1,126 @@
+"""Measuring helpers of the robustness run: process memory, percentiles, /metrics lines, one gRPC
+caller that records each call's outcome, the refusal-cost estimate, target records, and polling a
+gateway's readiness."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident memory of a process, MB (Linux)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    array = np.asarray(values)
+    return {f"p{q}": round(float(np.percentile(array, q)), 3) for q in (50, 90, 99)} | {
+        "max": round(float(array.max()), 3)}
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    for line in text.splitlines():
+        if line.startswith(name + labels + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def entry_images(text: str, first_depth: int) -> float:
+    """Images that entered a backend call in a lane requests enter by (stage 0, or a per-exit model)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith('gateway_stage_batch_size_sum{depth="'):
+            depth = line.split('"')[1]
+            if depth == str(first_depth) or depth.endswith("-direct"):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def status_name(error: Exception) -> str:
+    status = getattr(error, "status", None)
+    text = str(status() if callable(status) else "") or type(error).__name__
+    return text.removeprefix("StatusCode.")
+
+
+class Caller:
+    """One tritonclient gRPC asyncio client; each call's outcome (`ok` or the gRPC code) and latency."""
+
+    def __init__(self, url: str, model: str) -> None:
+        import tritonclient.grpc.aio as module
+
+        self.module, self.model = module, model
+        self.client = module.InferenceServerClient(url)
+
+    async def call(self, images: np.ndarray, parameters: dict | None = None,
+                   timeout_s: float | None = None) -> tuple[str, float]:
+        tensor = self.module.InferInput("images", list(images.shape), "FP32")
+        tensor.set_data_from_numpy(images)
+        started = time.perf_counter()
+        try:
+            await self.client.infer(self.model, [tensor], parameters=parameters or None, client_timeout=timeout_s)
+            outcome = "ok"
+        except Exception as error:  # InferenceServerException and transport errors alike
+            outcome = status_name(error)
+            if outcome == "UNAVAILABLE" and "before this request finished" in str(error):
+                outcome = "UNAVAILABLE_CUT"  # in flight at the end of a shutdown's grace period
+        return outcome, (time.perf_counter() - started) * 1000
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.close()
+
+
+def refusal_cost(capacity_cpu: dict | None, overload_cpu: dict | None, served: int, refused: int) -> dict | None:
+    """The gateway's CPU per refused call under overload, estimated: its CPU in the overload window less
+    what the served requests cost at capacity (CPU per request of the closed loop), over the refusals;
+    and the share of the gateway's CPU that went to refusing."""
+    try:
+        per_served = capacity_cpu["ms_per_request"]["gateway"]
+        total_ms = overload_cpu["cpu_s"]["gateway"] * 1000
+    except (KeyError, TypeError):
+        return None
+    refusing_ms = max(0.0, total_ms - served * per_served)
+    return {"gateway_ms_per_served_at_capacity": per_served,
+            "gateway_ms_per_refusal": round(refusing_ms / refused, 4) if refused else None,
+            "refusing_share_of_gateway_cpu": round(refusing_ms / total_ms, 3) if total_ms else None}
+
+
+def counts(outcomes: list[str]) -> dict:
+    return {name: outcomes.count(name) for name in sorted(set(outcomes))}
+
+
+def target(name: str, goal: str, measured, met: bool | None) -> dict:
+    return {"target": goal, "measured": measured, "met": met, "name": name}
+
+
+
+def ready(address: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"http://{address}/v2/health/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def until(condition, timeout: float, interval: float = 0.01) -> float:
+    """Seconds until `condition()` held (polled every `interval`); raises after `timeout`."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+    return time.monotonic() - started
+

@@ -1,0 +1,47 @@
+"""The state every phase of the robustness run shares: the repository, the results directory, the
+durations, the workload, the CPU split; how a phase starts a gateway and aims the load generator at it;
+and the results and targets the phases add to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.cpu import CoreSplit, pin_process_tree, pinned_self
+from benchmarks.loadgen import Target
+from benchmarks.servers import GatewayServer
+
+
+class Session:
+    """What the phases share; each phase is a method of a subclass (load, faults, hostile)."""
+
+    def __init__(self, repository: Path, output: Path, durations: dict, images: np.ndarray, labels: np.ndarray | None,
+                 model: str, log=print, pinning: CoreSplit | None = None, gateway_args: tuple[str, ...] = ()) -> None:
+        self.repository, self.output, self.durations, self.log = repository, output, durations, log
+        self.gateway_args = tuple(gateway_args)  # added to every gateway's command line (experiments)
+        self.pinning = pinning  # capacity and overload: the gateway on pinning.servers, the load on .loadgen
+        self.images, self.labels, self.model = images, labels, model
+        self.results: dict = {}
+        self.targets: list[dict] = []
+        self.capacity_rps: float | None = None
+        (output / "logs").mkdir(parents=True, exist_ok=True)
+
+    def gateway(self, name: str, *args: str) -> GatewayServer:
+        return GatewayServer(self.repository, *self.gateway_args, *args,
+                             log_path=self.output / "logs" / f"gateway_{name}.log")
+
+    def loadgen_target(self, url: str, parameters: dict | None = None, budget_ms: float | None = None) -> Target:
+        return Target("grpc", url, self.model, parameters or {}, budget_ms=budget_ms)
+
+    def labels_or_dummy(self) -> np.ndarray:
+        return self.labels if self.labels is not None else np.full(len(self.images), -1)
+
+    def pinned_gateway(self, name: str, *args: str) -> GatewayServer:
+        """A gateway started on the servers' cores (so it sizes its default queue bound for them), its whole
+        process tree kept there; this process runs the load from the other cores."""
+        with pinned_self(self.pinning.servers if self.pinning else None):
+            gateway = self.gateway(name, *args)
+        if self.pinning is not None:
+            pin_process_tree(gateway.process.pid, self.pinning.servers)
+        return gateway
