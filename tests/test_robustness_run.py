@@ -1,0 +1,54 @@
+"""The robustness run (benchmarks.robustness, `make robustness`) at seconds per phase on the tiny model,
+against real gateway processes (and a real tritonserver when installed)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+
+from .hardening_helpers import MODEL
+
+
+def test_the_robustness_run_writes_every_phase(tiny_repository, tmp_path):
+    """`make robustness` at seconds per phase on the tiny model: every phase runs and records its
+    figures and targets; what must hold whatever the machine (no request lost at shutdown, no
+    error or duplicate in the soak) holds. The figures themselves mean nothing here."""
+
+    from benchmarks.robustness import PHASES, main
+    from benchmarks.triton_launcher import triton_installed
+
+    phases = [phase for phase in PHASES if phase != "triton" or triton_installed()]
+    output = tmp_path / "run"
+    assert main(["--model-repository", str(tiny_repository), "--output", str(output), "--quick", "--images", "60",
+                 "--phases", ",".join(phases), "--capacity-s", "1", "--overload-s", "1", "--settle-s", "0.5",
+                 "--budget-s", "1", "--soak-s", "2", "--backlog-s", "1", "--grace-s", "0.2",
+                 "--cancel-calls", "10", "--fuzz-requests", "120"]) == 0
+    document = json.loads((output / "robustness.json").read_text())
+    assert set(document["phases"]) == set(phases)
+    assert not [phase for phase, result in document["phases"].items() if "error" in result]
+    targets = document["targets"]
+    shutdown = document["phases"]["shutdown"]
+    assert targets["shutdown_every_request_answered"]["met"] and targets["shutdown_exit_status"]["met"], shutdown
+    assert targets["soak_errors"]["met"] and targets["soak_duplicates"]["met"]
+    assert document["phases"]["overload"]["outcomes"].get("ok", 0) > 0
+    assert document["phases"]["bomb"]["status"] >= 400  # refused, whatever its time
+    fuzzed = targets["fuzz_unexpected_5xx"]["measured"]
+    assert fuzzed == {"findings": 0, "requests": 120} and targets["fuzz_hangs"]["measured"]["hangs"] == 0
+    assert not targets["fuzz_hangs"]["met"]  # 120 requests are not the 50,000 the target asks for
+    if "triton" in document["phases"]:
+        assert document["phases"]["triton"]["request_while_down"] == "UNAVAILABLE"
+    assert document["commit"] and document["command"].startswith("python -m benchmarks.robustness")
+
+
+def test_the_robustness_run_passes_gateway_arguments_on(tiny_repository, tmp_path):
+    """--gateway-arg reaches every gateway the run starts (a real process that takes it)."""
+    from benchmarks.robustness import Run
+
+    images = np.zeros((2, 3, 32, 32), np.float32)
+    session = Run(tiny_repository, tmp_path, {}, images, None, MODEL, gateway_args=("--budget-reserve", "0.3"))
+    with session.gateway("probe", "--workers", "1") as gateway:
+        args = list(gateway.process.args)
+        ready = httpx.get(f"http://{gateway.http_url}/v2/health/ready", timeout=10).status_code
+    assert args[-4:] == ["--budget-reserve", "0.3", "--workers", "1"] and ready == 200
