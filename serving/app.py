@@ -255,7 +255,7 @@ class Gateway:
         if settings.backend == "triton" and settings.triton_fallback and backend.name == "triton":
             fallback = stage_backend(settings.model_copy(update={"backend": "onnxruntime"}), manifest)
         return backend, Cascade(backend, plan, cascade_settings, self.metrics, profiled_stage_ms(manifest),
-                                fallback=fallback)
+                                fallback=fallback, model=manifest.model)
 
     def make_dataplane(self, manifest: Manifest, cascade) -> DataPlane:
         settings = self.settings

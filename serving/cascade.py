@@ -127,8 +127,9 @@ class Cascade(_Scheduler, _BudgetEstimates, _Admission):
 
     def __init__(self, backend: StageBackend, plan: ExitPlan, settings: CascadeSettings,
                  metrics: GatewayMetrics | None = None, profiled_ms: list[float | None] | None = None,
-                 fallback: StageBackend | None = None) -> None:
+                 fallback: StageBackend | None = None, model: str = "") -> None:
         self.backend, self.plan, self.settings, self.metrics = backend, plan, settings, metrics
+        self.model = model  # the name its metrics carry (their `model` label)
         self.fallback = fallback  # runs the stages while `backend` is unhealthy (if given)
         stages = len(plan.depths)
         self.stages = stages
@@ -168,11 +169,12 @@ class Cascade(_Scheduler, _BudgetEstimates, _Admission):
         self.image_stages = frozenset(getattr(backend, "image_stages", ()))
         self._timeouts = bool(getattr(backend, "accepts_timeout", False))
         if metrics:
-            self._stage_metrics = {lane: metrics.stage(f"{plan.depths[lane.position]}-direct" if lane.direct
-                                                       else str(plan.depths[lane.position]))
+            self._model_metrics = metrics.model(model)
+            self._stage_metrics = {lane: self._model_metrics.stage(f"{plan.depths[lane.position]}-direct"
+                                                                   if lane.direct else str(plan.depths[lane.position]))
                                    for lane in self.lanes}
-            self._exit_counters = [metrics.exits.labels(depth=str(depth)) for depth in plan.depths]
-            metrics.queue_depth.set_function(lambda: self.queue_depth)  # read when scraped
+            self._exit_counters = [self._model_metrics.exit(depth) for depth in plan.depths]
+            self._model_metrics.read_queue_depth(lambda: self.queue_depth)  # read when scraped
             metrics.admitted_images.set_function(lambda: self.images_in)
             metrics.backend_ready.set_function(lambda: float(self.backend_ready))
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # batches for the backend threads; None stops one
@@ -267,7 +269,7 @@ class Cascade(_Scheduler, _BudgetEstimates, _Admission):
         if unfinished:
             self.cut += len(unfinished)
             if self.metrics:
-                self.metrics.shutdown_cut.inc(len(unfinished))
+                self._model_metrics.shutdown_cut.inc(len(unfinished))
             log.error("shutdown: requests not finished within the grace period answered UNAVAILABLE",
                       extra={"fields": {"requests": len(unfinished), "grace_s": timeout,
                                         "images": sum(request.size for request in unfinished)}})
@@ -391,7 +393,7 @@ class Cascade(_Scheduler, _BudgetEstimates, _Admission):
         if dropped:
             self.dropped[reason] += dropped
             if self.metrics:
-                self.metrics.dropped_samples.labels(reason).inc(dropped)
+                self._model_metrics.dropped(reason).inc(dropped)
             self._schedule_pump()  # a waiting deep lane may no longer have to wait
 
     def _enqueue(self, lane: Lane, group: _Group, key: float | None = None) -> None:

@@ -235,7 +235,7 @@ class _Scheduler:
         stage = f"{self.plan.depths[lane.position]}{'-direct' if lane.direct else ''}"
         self.failed_batches += 1
         if self.metrics:
-            self.metrics.backend_errors.labels(stage).inc()
+            self._model_metrics.backend_error(stage).inc()
         requests = {id(group.request): group.request for group in groups}
         if isinstance(error, GatewayError):
             log.error("stage batch failed", extra={"fields": {"stage": stage, "requests": len(requests),

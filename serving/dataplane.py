@@ -77,6 +77,7 @@ class DataPlane:
                  default_policy: str = "confidence", max_request_batch: int = 256,
                  request_timeout_s: float = 0.0) -> None:
         self.manifest, self.cascade, self.metrics = manifest, cascade, metrics
+        self.model_metrics = metrics.model(manifest.model)  # its series (`model` label), made once
         self.default_policy = default_policy
         self.request_timeout_s = request_timeout_s  # deadline of requests that bring none (0: none)
         self.max_request_batch = max_request_batch
@@ -200,7 +201,7 @@ class DataPlane:
         outputs = self._check_outputs(request.outputs)
         result = await self.cascade.infer(images, self.request_options(request.parameters), deadline)
         tensors = [self._output_tensor(output, result) for output in outputs]
-        self.metrics.answered(protocol, len(images), time.perf_counter() - started)
+        self.model_metrics.answered(protocol, len(images), time.perf_counter() - started)
         return InferResponse(self.manifest.model, "1", request.id, tensors, outputs)
 
     def _output_tensor(self, output: RequestedOutput, result) -> Tensor:
@@ -231,7 +232,7 @@ class DataPlane:
         normalised = self.normalise(INPUT_NAME, tensor)
         result = await self.cascade.infer(normalised, resolve_options(options, self.plan), self.deadline())
         probabilities = softmax(result.logits)
-        self.metrics.samples.inc(len(images))
+        self.model_metrics.samples.inc(len(images))
         answers = []
         for i in range(len(images)):
             order = np.argsort(-probabilities[i])[: max(1, min(top_k, len(self.manifest.classes)))]

@@ -198,6 +198,7 @@ class ModelStore:
         not loaded the version yet): polling tries the same manifest again."""
         serving = self.models.get(name)
         self.refused[name] = ("" if retry else fingerprint, reason)
+        self._bind_metrics()  # the gauges read the versions serving, not the refused one
         log.error("model version refused: " + ("the previous version keeps serving" if serving else "not loaded"),
                   extra={"fields": {"model": name, "version": version, "reason": reason, "explicit": explicit,
                                     "serving_version": serving.version if serving else None}})
@@ -232,6 +233,7 @@ class ModelStore:
             pass
         cut = await old.cascade.stop(max(0.0, self.drain_timeout_s - (time.monotonic() - started)))
         self.retiring.discard(old)
+        self._bind_metrics()
         log.info("previous model version released", extra={"fields": {
             "model": old.name, "version": old.version, "cut": cut,
             "drain_s": round(time.monotonic() - started, 3)}})
@@ -274,9 +276,16 @@ class ModelStore:
         return sum(cuts)
 
     def _bind_metrics(self) -> None:
-        """The queue gauges add up every model's cascade (each cascade binds them to itself)."""
+        """Each model's queue depth adds up its versions' cascades (the one serving and those draining), the
+        admission gauge every model's (each cascade binds them to itself); a model no longer served loses its
+        queue depth series."""
         versions = lambda: [*self.models.values(), *self.retiring]  # noqa: E731
-        self.metrics.queue_depth.set_function(lambda: sum(v.cascade.queue_depth for v in versions()))
+        names = {version.name for version in versions()}
+        for name in self.metrics.queue_depth_models - names:  # unloaded, or refused before it ever served
+            self.metrics.forget_queue_depth(name)
+        for name in names:  # (again: a version's cascade binds its model's gauge to itself when made)
+            self.metrics.model(name).read_queue_depth(
+                lambda name=name: sum(v.cascade.queue_depth for v in versions() if v.name == name))
         self.metrics.admitted_images.set_function(
             lambda: sum(getattr(v.cascade, "images_in", 0) for v in versions()))
         self.metrics.backend_ready.set_function(

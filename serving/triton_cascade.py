@@ -90,6 +90,7 @@ class TritonCascade:
         # (request parameters, serialized constant part of a gRPC request) of each options seen
         self._parameters: dict[RequestOptions, tuple[dict, bytes]] = {}
         self._exit_counters: dict[int, object] = {}  # exit position -> its counter (looked up once)
+        self._model_metrics = metrics.model(manifest.model) if metrics else None  # its series (`model` label)
         self._health_task: asyncio.Task | None = None
         self._health_client = None  # kept while Triton answers (no new connection per check)
         self._idle: asyncio.Event | None = None
@@ -189,7 +190,7 @@ class TritonCascade:
         if self.in_flight:
             cut = self.cut = self.in_flight
             if self.metrics:
-                self.metrics.shutdown_cut.inc(cut)
+                self._model_metrics.shutdown_cut.inc(cut)
             log.error("shutdown: requests not finished within the grace period answered UNAVAILABLE",
                       extra={"fields": {"requests": cut, "grace_s": timeout}})
             self._batcher.cut(lambda: Unavailable("the gateway shut down before this request finished"))
@@ -250,7 +251,7 @@ class TritonCascade:
     def _exit_counter(self, index: int):
         counter = self._exit_counters.get(index)
         if counter is None:
-            counter = self._exit_counters[index] = self.metrics.exits.labels(depth=str(self.plan.depths[index]))
+            counter = self._exit_counters[index] = self._model_metrics.exit(self.plan.depths[index])
         return counter
 
     async def _call_with(self, inputs: np.ndarray, options: RequestOptions, timeout_s: float) -> tuple[np.ndarray, ...]:

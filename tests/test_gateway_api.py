@@ -212,8 +212,9 @@ def test_bad_grpc_input_gets_the_matching_code(gateway, images, model, parameter
 
 
 def _queue_depth(gateway) -> float:
-    match = re.search(r"^gateway_queue_depth (\S+)$", gateway.metrics(), re.M)
-    return float(match.group(1))
+    values = re.findall(r"^gateway_queue_depth\{[^}]*\} (\S+)$", gateway.metrics(), re.M)  # one per model
+    assert values
+    return sum(map(float, values))
 
 
 def test_graceful_shutdown_finishes_requests_in_flight(tiny_repository, images, tmp_path):

@@ -264,13 +264,17 @@ def test_queue_depth_autoscaling_uses_the_gateways_real_metric_and_the_adapter_r
 
     metrics = GatewayMetrics()
     metric_name = metrics.queue_depth._name
-    assert f"\n{metric_name} " in "\n" + metrics.render().decode()  # a gauge: exposed under its own name
+    metrics.model("a").read_queue_depth(lambda: 1)
+    metrics.model("b").read_queue_depth(lambda: 2)
+    page = "\n" + metrics.render().decode()  # a gauge, exposed under its own name, one series per model
+    assert f'\n{metric_name}{{model="a"}} 1.0' in page and f'\n{metric_name}{{model="b"}} 2.0' in page
     objects = RENDERED["base"]
     (rule,) = yaml.safe_load(_find(objects, "ConfigMap", "early-exit-prometheus-adapter-rules")["data"]
                              ["config.yaml"])["rules"]
     assert rule["seriesQuery"].startswith(f"{metric_name}{{")
     assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
     assert "<<.LabelMatchers>>" in rule["metricsQuery"]
+    assert rule["metricsQuery"].startswith("sum(") and "by (<<.GroupBy>>)" in rule["metricsQuery"]  # the models
     autoscaler = _find(objects, "HorizontalPodAutoscaler", "early-exit-gateway")
     kinds = {m["type"]: m for m in autoscaler["spec"]["metrics"]}
     assert kinds["Resource"]["resource"]["name"] == "cpu"
@@ -436,7 +440,7 @@ def test_the_images_entrypoint_with_the_configmaps_environment_serves_through_tr
         assert result.as_numpy("logits").shape == (3, 3) and len(result.as_numpy("exit_depth")) == 3
         assert _triton_successes(triton) > served_before, "the answer did not come through Triton"
         page = httpx.get(f"http://127.0.0.1:{http_port}/metrics").text  # what the ServiceMonitor scrapes
-        assert "\ngateway_queue_depth " in page
+        assert '\ngateway_queue_depth{model="mwresnet8_3"} ' in page
     finally:
         process.terminate()
         assert process.wait(timeout=30) == 0

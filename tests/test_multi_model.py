@@ -146,6 +146,58 @@ def test_two_models_served_at_once(two_models, tmp_path):
     assert "model unloaded" in log and "previous model version released" in log
 
 
+def _series(text: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of a /metrics page: (name, its labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def _by_model(series: dict, name: str, **labels: str) -> dict[str, float]:
+    """The samples of metric `name` that have `labels`, summed by their `model` label ("": none)."""
+    totals: dict[str, float] = {}
+    for (sample, found), value in series.items():
+        found = dict(found)
+        if sample == name and all(found.get(key) == wanted for key, wanted in labels.items()):
+            totals[found.get("model", "")] = totals.get(found.get("model", ""), 0.0) + value
+    return totals
+
+
+def test_each_model_has_its_own_metric_series(two_models, tmp_path):
+    """Per-model series carry a `model` label with each model's own counts: samples, request latency by
+    protocol, exits by depth, stage batches, queue depth (one gauge series per model, gone when unloaded)."""
+    images = images_for(two_models)  # 4 images a request
+    depths = read_manifest(two_models).exit_depths
+    with GatewayProcess(two_models, log_path=tmp_path / "gateway.log") as gateway:
+        http = httpclient.InferenceServerClient(gateway.http_url)
+        grpc = grpcclient.InferenceServerClient(gateway.grpc_url)
+        for _ in range(3):  # MODEL: 3 gRPC requests, the full network
+            infer(grpcclient, grpc, MODEL, images)
+        for _ in range(2):  # SECOND: 2 HTTP requests, the first exit
+            tensor = httpclient.InferInput("images", list(images.shape), "FP32")
+            tensor.set_data_from_numpy(images)
+            http.infer(SECOND, [tensor], parameters={"policy": "fixed", "exit_depth": depths[0]})
+        series = _series(gateway.metrics())
+        assert _by_model(series, "gateway_samples_total") == {MODEL: 12, SECOND: 8}
+        assert _by_model(series, "gateway_request_latency_seconds_count", protocol="grpc") == {MODEL: 3}
+        assert _by_model(series, "gateway_request_latency_seconds_count", protocol="http") == {SECOND: 2}
+        assert _by_model(series, "gateway_exits_total", depth=str(depths[-1])) == {MODEL: 12, SECOND: 0}
+        assert _by_model(series, "gateway_exits_total", depth=str(depths[0])) == {MODEL: 0, SECOND: 8}
+        # Every image of a request ran the stage (or per-exit model) of the exit that answered it, once.
+        for model, depth, count in ((MODEL, depths[-1], 12), (SECOND, depths[0], 8)):
+            ran = sum(_by_model(series, "gateway_stage_batch_size_sum", depth=stage).get(model, 0.0)
+                      for stage in (str(depth), f"{depth}-direct"))
+            assert ran == count, (model, depth)
+        assert _by_model(series, "gateway_stage_batch_size_count").keys() == {MODEL, SECOND}
+        assert _by_model(series, "gateway_queue_depth") == {MODEL: 0, SECOND: 0}
+        http.unload_model(SECOND)
+        series = _series(gateway.metrics())
+        assert _by_model(series, "gateway_queue_depth") == {MODEL: 0}
+        assert _by_model(series, "gateway_samples_total") == {MODEL: 12, SECOND: 8}  # counters stay
+        assert gateway.stop() == 0
+
+
 def test_a_model_exported_while_serving_is_picked_up_by_polling(tiny_repository, other_checkpoint, tmp_path):
     repository = fresh_copy(tiny_repository, tmp_path)
     with GatewayProcess(repository, "--poll-repository-s", "0.2", log_path=tmp_path / "gateway.log") as gateway:

@@ -58,12 +58,12 @@ def stage_batches(text: str) -> dict[str, tuple[float, float, float]]:
     """(batches, samples, backend CPU seconds) of each stage so far, from gateway_stage_batch_size's
     count and sum and gateway_backend_cpu_seconds_total."""
     found: dict[str, list[float]] = {}
-    for kind, depth, value in re.findall(r'^gateway_stage_batch_size_(count|sum)\{depth="([^"]+)"\} (\S+)$', text,
-                                         re.MULTILINE):
-        found.setdefault(depth, [0.0, 0.0, 0.0])[0 if kind == "count" else 1] = float(value)
-    for depth, value in re.findall(r'^gateway_backend_cpu_seconds_total\{stage="([^"]+)"\} (\S+)$', text,
-                                   re.MULTILINE):
-        found.setdefault(depth, [0.0, 0.0, 0.0])[2] = float(value)
+    for kind, depth, value in re.findall(r'^gateway_stage_batch_size_(count|sum)\{depth="([^"]+)"[^}]*\} (\S+)$',
+                                         text, re.MULTILINE):  # (any model: the profile serves one)
+        found.setdefault(depth, [0.0, 0.0, 0.0])[0 if kind == "count" else 1] += float(value)
+    for depth, value in re.findall(r'^gateway_backend_cpu_seconds_total\{(?:model="[^"]*",)?stage="([^"]+)"\} (\S+)$',
+                                   text, re.MULTILINE):
+        found.setdefault(depth, [0.0, 0.0, 0.0])[2] += float(value)
     return {depth: tuple(values) for depth, values in found.items()}
 
 
