@@ -3,6 +3,7 @@ multi-exit nets exported to real ONNX, real gateway processes, real tritonclient
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import shutil
@@ -196,6 +197,58 @@ def test_each_model_has_its_own_metric_series(two_models, tmp_path):
         assert _by_model(series, "gateway_queue_depth") == {MODEL: 0}
         assert _by_model(series, "gateway_samples_total") == {MODEL: 12, SECOND: 8}  # counters stay
         assert gateway.stop() == 0
+
+
+class BrokenBackend:
+    """A real backend whose every stage call fails (what a broken model's failed batches look like)."""
+
+    name = "broken"
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def run(self, position, inputs, **kwargs):
+        raise RuntimeError("this model's backend is broken")
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_failed_batches_and_exits_are_counted_for_their_own_model(tiny_repository):
+    """Two models' cascades on one set of metrics: one answers, the other's backend fails; each model's
+    exits and failed batches land in its own series."""
+    from serving.backends import OnnxRuntimeBackend
+    from serving.cascade import Cascade, CascadeSettings
+    from serving.errors import Unavailable
+    from serving.metrics import GatewayMetrics
+    from serving.policy import RequestOptions, exit_plan, resolve_options
+
+    manifest = read_manifest(tiny_repository)
+    plan = exit_plan(manifest)
+    metrics = GatewayMetrics()
+    full = resolve_options(RequestOptions(policy="full"), plan)
+    images = images_for(tiny_repository)
+
+    async def run():
+        working = Cascade(OnnxRuntimeBackend(tiny_repository, manifest), plan, CascadeSettings(), metrics, model="a")
+        broken = Cascade(BrokenBackend(OnnxRuntimeBackend(tiny_repository, manifest)), plan, CascadeSettings(),
+                         metrics, model="b")
+        await working.start()
+        await broken.start()
+        await working.infer(images, full)
+        with pytest.raises(Unavailable):
+            await broken.infer(images, full)
+        await working.stop()
+        await broken.stop()
+
+    asyncio.run(run())
+    value = metrics.registry.get_sample_value
+    first, last = str(plan.depths[0]), str(plan.depths[-1])
+    assert value("gateway_backend_errors_total", {"stage": first, "model": "b"}) == 1
+    assert value("gateway_backend_errors_total", {"stage": first, "model": "a"}) is None
+    assert value("gateway_exits_total", {"depth": last, "model": "a"}) == len(images)
+    assert value("gateway_exits_total", {"depth": last, "model": "b"}) == 0
+    assert value("gateway_queue_depth", {"model": "a"}) == 0 == value("gateway_queue_depth", {"model": "b"})
 
 
 def test_a_model_exported_while_serving_is_picked_up_by_polling(tiny_repository, other_checkpoint, tmp_path):
