@@ -6,7 +6,6 @@ that is killed and comes back. No timing assertions beyond generous bounds."""
 from __future__ import annotations
 
 import json
-import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +16,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from benchmarks.robustness.measure import metric
 from common.manifest import read_manifest
 
 from .conftest import GatewayProcess
@@ -30,11 +30,6 @@ def manifest(tiny_repository):
 
 
 # -- a real gateway process ----------------------------------------------------
-
-def _metric(text: str, name: str, labels: str = "") -> float:
-    match = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
-
 
 def _infer_grpc(url, images, parameters=None, client_timeout=None):
     client = grpcclient.InferenceServerClient(url)
@@ -86,15 +81,15 @@ def test_a_grpc_deadline_takes_the_request_out_of_the_cascade(slow_gateway, mani
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         text = slow_gateway.metrics()
-        if _metric(text, "gateway_admitted_images") == 0:
+        if metric(text, "gateway_admitted_images") == 0:
             break
         time.sleep(0.05)
-    dropped = sum(_metric(text, "gateway_dropped_samples_total", f'{{reason="{reason}"}}')
-                  - _metric(before, "gateway_dropped_samples_total", f'{{reason="{reason}"}}')
+    dropped = sum(metric(text, "gateway_dropped_samples_total", reason=reason)
+                  - metric(before, "gateway_dropped_samples_total", reason=reason)
                   for reason in ("expired", "cancelled"))
-    assert dropped > 0 and _metric(text, "gateway_admitted_images") == 0
-    computed = sum(_metric(text, "gateway_stage_batch_size_count", f'{{depth="{depth}"}}')
-                   - _metric(before, "gateway_stage_batch_size_count", f'{{depth="{depth}"}}') for depth in (3, 5, 8))
+    assert dropped > 0 and metric(text, "gateway_admitted_images") == 0
+    computed = sum(metric(text, "gateway_stage_batch_size_count", depth=str(depth))
+                   - metric(before, "gateway_stage_batch_size_count", depth=str(depth)) for depth in (3, 5, 8))
     assert computed < 4 * 3 * len(images)
     # A `timeout` parameter (microseconds, as tritonclient sends it) is a deadline too: 504.
     answer = _infer_http(slow_gateway.http_url, images[:1], {"timeout": 1})
@@ -130,15 +125,15 @@ def test_http_clients_that_disconnect_have_their_requests_cancelled(slow_gateway
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         text = slow_gateway.metrics()
-        if _metric(text, "gateway_admitted_images") == 0:
+        if metric(text, "gateway_admitted_images") == 0:
             break
         time.sleep(0.05)
-    assert _metric(text, "gateway_admitted_images") == 0
-    cancelled = (_metric(text, "gateway_dropped_samples_total", '{reason="cancelled"}')
-                 - _metric(before, "gateway_dropped_samples_total", '{reason="cancelled"}'))
+    assert metric(text, "gateway_admitted_images") == 0
+    cancelled = (metric(text, "gateway_dropped_samples_total", reason="cancelled")
+                 - metric(before, "gateway_dropped_samples_total", reason="cancelled"))
     assert cancelled > left / 2, (cancelled, outcomes)  # most of their images never computed
-    gone = (_metric(text, "gateway_errors_total", '{error="ClientDisconnected",protocol="http"}')
-            - _metric(before, "gateway_errors_total", '{error="ClientDisconnected",protocol="http"}'))
+    gone = (metric(text, "gateway_errors_total", error="ClientDisconnected", protocol="http")
+            - metric(before, "gateway_errors_total", error="ClientDisconnected", protocol="http"))
     assert gone == outcomes.count("left")
     log = slow_gateway.log_path.read_text()[log_start:]  # what the gateway logged during this test
     assert "internal error" not in log and "Traceback" not in log, log[-3000:]
@@ -177,7 +172,7 @@ def test_overload_is_refused_with_429_and_resource_exhausted(slow_gateway, manif
     statuses = {status for status, _ in http_results}
     assert 200 in statuses and 429 in statuses and statuses <= {200, 429}
     assert all(int(retry) >= 1 for status, retry in http_results if status == 429)
-    assert _metric(slow_gateway.metrics(), "gateway_admitted_images") == 0
+    assert metric(slow_gateway.metrics(), "gateway_admitted_images") == 0
 
 
 def test_sigterm_answers_every_request_and_the_exit_status_says_what_was_cut(tiny_repository, manifest, tmp_path):
@@ -202,7 +197,7 @@ def test_sigterm_answers_every_request_and_the_exit_status_says_what_was_cut(tin
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(call, position) for position in range(8)]
             deadline = time.monotonic() + 60
-            while _metric(process.metrics(), "gateway_admitted_images") < 8 * len(images):
+            while metric(process.metrics(), "gateway_admitted_images") < 8 * len(images):
                 assert time.monotonic() < deadline and not any(f.done() for f in futures)
                 time.sleep(0.02)
             process.process.send_signal(signal.SIGTERM)

@@ -52,3 +52,24 @@ def test_the_robustness_run_passes_gateway_arguments_on(tiny_repository, tmp_pat
         args = list(gateway.process.args)
         ready = httpx.get(f"http://{gateway.http_url}/v2/health/ready", timeout=10).status_code
     assert args[-4:] == ["--budget-reserve", "0.3", "--workers", "1"] and ready == 200
+
+
+def test_metric_readers_sum_over_labels_they_do_not_name():
+    """The robustness run reads /metrics by label subsets, so a series that gains a label (a model's) is
+    still counted, summed over its values."""
+    from benchmarks.robustness.measure import entry_images, metric
+    text = "\n".join([
+        "# TYPE gateway_errors_total counter",
+        'gateway_errors_total{error="Overloaded",protocol="grpc"} 3.0',
+        'gateway_errors_total{error="Overloaded",protocol="http"} 2.0',
+        "# TYPE gateway_stage_batch_size histogram",
+        'gateway_stage_batch_size_sum{depth="15",model="a"} 7.0',
+        'gateway_stage_batch_size_sum{depth="15",model="b"} 5.0',
+        'gateway_stage_batch_size_sum{depth="25",model="b"} 5.0',
+        'gateway_stage_batch_size_sum{depth="56-direct",model="b"} 1.0',
+        "# TYPE gateway_admitted_images gauge",
+        "gateway_admitted_images 4.0", ""])
+    assert metric(text, "gateway_errors_total", error="Overloaded") == 5.0
+    assert metric(text, "gateway_errors_total", error="Overloaded", protocol="grpc") == 3.0
+    assert metric(text, "gateway_admitted_images") == 4.0 and metric(text, "gateway_absent_total") == 0
+    assert entry_images(text, 15) == 13.0  # stage 0 of both models and the per-exit model

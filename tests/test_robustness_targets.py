@@ -16,6 +16,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from benchmarks.robustness.measure import metric
 from common.manifest import read_manifest
 from serving.backends import OnnxRuntimeBackend
 
@@ -27,15 +28,6 @@ MODEL = "mwresnet8_3"
 @pytest.fixture(scope="module")
 def manifest_shape(tiny_repository):
     return tuple(read_manifest(tiny_repository).input.shape)
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{key}="{value}"' in line for key, value in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_grpc_concurrency_limit_refusals_are_counted(tiny_repository, manifest_shape):
@@ -60,7 +52,7 @@ def test_grpc_concurrency_limit_refusals_are_counted(tiny_repository, manifest_s
 
     try:
         quiet = process.metrics()
-        assert _metric(quiet, "gateway_errors_total", error="ConcurrentRpcLimit") == 0
+        assert metric(quiet, "gateway_errors_total", error="ConcurrentRpcLimit") == 0
         with ThreadPoolExecutor(6) as pool:
             outcomes = list(pool.map(call, range(6)))
         refused = [outcome for outcome in outcomes if "Concurrent RPC limit" in outcome]
@@ -68,14 +60,14 @@ def test_grpc_concurrency_limit_refusals_are_counted(tiny_repository, manifest_s
         assert all(outcome.startswith("StatusCode.RESOURCE_EXHAUSTED") for outcome in refused), outcomes
         assert all(outcome == "ok" or outcome in refused for outcome in outcomes), outcomes
         text = process.metrics()
-        assert _metric(text, "gateway_errors_total", protocol="grpc", error="ConcurrentRpcLimit") == len(refused)
-        assert _metric(text, "gateway_requests_total", protocol="grpc", outcome="error") == len(refused)
-        assert _metric(text, "gateway_requests_total", protocol="grpc", outcome="ok") == outcomes.count("ok")
+        assert metric(text, "gateway_errors_total", protocol="grpc", error="ConcurrentRpcLimit") == len(refused)
+        assert metric(text, "gateway_requests_total", protocol="grpc", outcome="error") == len(refused)
+        assert metric(text, "gateway_requests_total", protocol="grpc", outcome="ok") == outcomes.count("ok")
         # Health and metadata calls still go through the per-call handlers and are not counted as refused.
         client = grpcclient.InferenceServerClient(process.grpc_url)
         assert client.is_server_ready() and client.get_model_metadata(MODEL).name == MODEL
         client.close()
-        assert _metric(process.metrics(), "gateway_errors_total", error="ConcurrentRpcLimit") == len(refused)
+        assert metric(process.metrics(), "gateway_errors_total", error="ConcurrentRpcLimit") == len(refused)
     finally:
         assert process.stop() == 0
 

@@ -31,8 +31,8 @@ class FaultPhases(Session):
         expired = len(outcomes) - answered
         wasted = max(0.0, computed - answered * batch)  # every answered image ran stage 0 exactly once
         share = wasted / (expired * batch) if expired else 0.0
-        dropped = {reason: metric(after, "gateway_dropped_samples_total", f'{{reason="{reason}"}}')
-                   - metric(before, "gateway_dropped_samples_total", f'{{reason="{reason}"}}')
+        dropped = {reason: metric(after, "gateway_dropped_samples_total", reason=reason)
+                   - metric(before, "gateway_dropped_samples_total", reason=reason)
                    for reason in ("expired", "cancelled")}
         result = {"calls": calls, "images_per_call": batch, "deadline_ms": deadline_s * 1000,
                   "outcomes": counts(outcomes), "stage0_images_computed": computed,

@@ -73,8 +73,8 @@ class LoadPhases(Session):
         refused_service = [ms for outcome, ms in zip(outcomes, load.service_ms) if outcome == "RESOURCE_EXHAUSTED"]
         served_rps = len(ok) / seconds
         achieved = load.achieved_rps
-        refusals = {name: metric(after, "gateway_errors_total", f'{{error="{name}",protocol="grpc"}}')
-                    - metric(before, "gateway_errors_total", f'{{error="{name}",protocol="grpc"}}')
+        refusals = {name: metric(after, "gateway_errors_total", error=name, protocol="grpc")
+                    - metric(before, "gateway_errors_total", error=name, protocol="grpc")
                     for name in ("Overloaded", "ConcurrentRpcLimit")}
         result = {"capacity_rps": round(capacity, 1), "offered_rps": round(rate, 1),
                   "achieved_offered_rps": round(achieved, 1), "achieved_of_capacity": round(achieved / capacity, 3),

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def rss_mb(pid: int) -> float | None:
@@ -30,22 +31,23 @@ def percentiles(values: list[float]) -> dict:
         "max": round(float(array.max()), 3)}
 
 
-def metric(text: str, name: str, labels: str = "") -> float:
-    for line in text.splitlines():
-        if line.startswith(name + labels + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+def samples(text: str, name: str):
+    """The samples called `name` (e.g. `gateway_errors_total`) in a /metrics page."""
+    for family in text_string_to_metric_families(text):
+        yield from (sample for sample in family.samples if sample.name == name)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels`: labels not named (a model's, say) are
+    summed over, so a reader keeps working when a series gains a label."""
+    return sum(sample.value for sample in samples(text, name)
+               if all(sample.labels.get(key) == value for key, value in labels.items()))
 
 
 def entry_images(text: str, first_depth: int) -> float:
     """Images that entered a backend call in a lane requests enter by (stage 0, or a per-exit model)."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith('gateway_stage_batch_size_sum{depth="'):
-            depth = line.split('"')[1]
-            if depth == str(first_depth) or depth.endswith("-direct"):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    return sum(sample.value for sample in samples(text, "gateway_stage_batch_size_sum")
+               if sample.labels.get("depth") == str(first_depth) or sample.labels.get("depth", "").endswith("-direct"))
 
 
 def status_name(error: Exception) -> str:
