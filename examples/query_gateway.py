@@ -46,7 +46,7 @@ def main() -> int:
         result = client.infer(args.model, [tensor])
         predicted = result.as_numpy("logits").argmax(axis=1)
         print(f"{name}: exit depths {result.as_numpy('exit_depth').tolist()}")
-        print(f"{name}: confidence {np.round(result.as_numpy('confidence'), 2).tolist()}")
+        print(f"{name}: confidence {[round(float(c), 2) for c in result.as_numpy('confidence')]}")
         print(f"{name}: accuracy {(predicted == labels).mean() * 100:.1f}% on {len(labels)} images")
 
     files = []
