@@ -61,6 +61,16 @@ def slow_gateway(tiny_repository, tmp_path_factory):
     assert process.stop() == 0
 
 
+def _metrics_once_idle(gateway, timeout_s: float = 30.0) -> str:
+    """The gateway's /metrics once it holds no admitted images (or after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = gateway.metrics()
+        if metric(text, "gateway_admitted_images") == 0 or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
+
+
 def test_a_grpc_deadline_takes_the_request_out_of_the_cascade(slow_gateway, manifest):
     images = marked(manifest, 80.0, 256)
     before = slow_gateway.metrics()
@@ -77,13 +87,7 @@ def test_a_grpc_deadline_takes_the_request_out_of_the_cascade(slow_gateway, mani
         outcomes = list(pool.map(call, range(4)))
     assert "StatusCode.DEADLINE_EXCEEDED" in outcomes and set(outcomes) <= {"ok", "StatusCode.DEADLINE_EXCEEDED"}
     # The gateway drops what is left of it (a generous bound: its 768 stage calls never all run).
-    text = ""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        text = slow_gateway.metrics()
-        if metric(text, "gateway_admitted_images") == 0:
-            break
-        time.sleep(0.05)
+    text = _metrics_once_idle(slow_gateway)
     dropped = sum(metric(text, "gateway_dropped_samples_total", reason=reason)
                   - metric(before, "gateway_dropped_samples_total", reason=reason)
                   for reason in ("expired", "cancelled"))
@@ -121,13 +125,7 @@ def test_http_clients_that_disconnect_have_their_requests_cancelled(slow_gateway
         outcomes = list(pool.map(call, range(4)))
     assert "left" in outcomes
     left = outcomes.count("left") * len(images)
-    text = ""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        text = slow_gateway.metrics()
-        if metric(text, "gateway_admitted_images") == 0:
-            break
-        time.sleep(0.05)
+    text = _metrics_once_idle(slow_gateway)
     assert metric(text, "gateway_admitted_images") == 0
     cancelled = (metric(text, "gateway_dropped_samples_total", reason="cancelled")
                  - metric(before, "gateway_dropped_samples_total", reason="cancelled"))
