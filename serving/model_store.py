@@ -13,7 +13,9 @@ and once the old version's requests have drained its cascade stops and its sessi
 are closed. A version that does not load (unreadable manifest, missing or corrupt
 ONNX, a stage that fails its warm-up) is refused with an error log line and the old
 version keeps serving; polling retries it only when its manifest changes again
-(an explicit load always retries).
+(an explicit load always retries). Polling also unloads a model whose manifest file has
+been removed from the repository (as Triton's poll mode does), the way an explicit
+unload does; it loads it again once its manifest is back.
 """
 
 from __future__ import annotations
@@ -157,6 +159,10 @@ class ModelStore:
             path = list_manifests(self.repository).get(name)
             if path is None and current is not None and current.source.exists():
                 path = current.source  # its manifest file is there but unreadable now
+            if path is None and current is not None:
+                raise LoadRefused(f"no model {name!r} in the repository: its manifest {current.source} is gone; "
+                                  f"version {current.version} keeps serving until it is unloaded"
+                                  + (" (the next repository poll unloads it)" if self._poll_task else ""))
             if path is None:
                 raise LoadRefused(f"no model {name!r} in the repository")
             try:
@@ -215,6 +221,31 @@ class ModelStore:
             log.info("model unloaded", extra={"fields": {"model": name, "version": current.version}})
             self._retire(current)
 
+    async def unload_removed(self) -> list[str]:
+        """Unload every model that no manifest in the repository names any more (its manifest file deleted, or
+        `manifest.json` now another model's) as an explicit unload does, but not remembered as unloaded:
+        polling loads it again when its manifest is back. Nothing is unloaded while the repository directory
+        itself is missing (a repository swapped in by two renames). The names unloaded."""
+        removed = []
+        async with self._lock:
+            if not self.accepting or not self.repository.is_dir():
+                return removed
+            listed = list_manifests(self.repository)
+            for name, current in list(self.models.items()):
+                if name in listed or current.source is None or listed.get("") == current.source:
+                    continue  # (an unreadable manifest.json: the model it held stays, as a failed load leaves it)
+                del self.models[name]
+                self.refused.pop(name, None)
+                removed.append(name)
+                self._bind_metrics()
+                log.info("model unloaded", extra={"fields": {
+                    "model": name, "version": current.version,
+                    "reason": "its manifest was removed from the repository", "manifest": current.source.name}})
+                self._retire(current)
+            for name in set(self.refused) - set(listed) - set(self.models):
+                self.refused.pop(name)  # a refused manifest that comes back is tried again
+        return removed
+
     def _retire(self, old: ModelVersion) -> None:
         """Stop `old` once the requests routed to it have finished (at most `drain_timeout_s`)."""
         old.drained = asyncio.Event()
@@ -240,15 +271,19 @@ class ModelStore:
         return cut
 
     async def _poll(self, interval_s: float) -> None:
-        """Load new and changed models (not explicitly unloaded ones, not a version refused already)."""
+        """Load new and changed models (not explicitly unloaded ones, not a version refused already); unload
+        the models whose manifest was removed."""
         while True:
             await asyncio.sleep(interval_s)
             try:
+                await self.unload_removed()
                 for name, path in list_manifests(self.repository).items():
                     if not name:  # an unreadable manifest.json: the model it held, if one is loaded
                         name = next((v.name for v in self.models.values() if v.source == path), "")
                     fingerprint = fingerprint_of(path)
                     current = self.models.get(name)
+                    if current is not None and current.fingerprint == fingerprint:
+                        current.source = path  # the same manifest, moved (e.g. to manifest.json)
                     if (not name or name in self.unloaded or fingerprint is None
                             or (current is not None and current.fingerprint == fingerprint)
                             or self.refused.get(name, ("",))[0] == fingerprint):

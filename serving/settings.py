@@ -100,7 +100,8 @@ class Settings(BaseSettings):
                                   "(--backend triton)")
     # Several models and new versions (issue 26).
     poll_repository_s: float = Field(0.0, ge=0, description="how often the repository's manifests are checked "
-                                     "for new models and versions, loaded without a restart (0: never; "
+                                     "for new models and versions, loaded without a restart, and for "
+                                     "removed manifests, whose models are unloaded (0: never; "
                                      "POST /v2/repository/models/NAME/load loads on demand)")
 
     @field_validator("tls_cert", "tls_key")

@@ -268,6 +268,103 @@ def test_a_model_exported_while_serving_is_picked_up_by_polling(tiny_repository,
         assert gateway.stop() == 0
 
 
+def test_polling_unloads_a_model_whose_manifest_was_removed_and_loads_it_when_it_is_back(two_models, tmp_path):
+    """--poll-repository-s: a model whose manifest file is deleted is unloaded as an explicit unload does it
+    (new requests get 404 / NOT_FOUND, requests already inside finish with their answer, its queue-depth
+    series goes, the cascade stops), while the other model answers on; its manifest back, the next poll loads
+    it again."""
+    repository = fresh_copy(two_models, tmp_path)
+    images = images_for(repository)
+    expected = {name: final_logits(repository, name, images) for name in (MODEL, SECOND)}
+    manifest_path = list_manifests(repository)[SECOND]
+    saved = manifest_path.read_bytes()
+    log_path = tmp_path / "gateway.log"
+    with GatewayProcess(repository, "--poll-repository-s", "0.2", log_path=log_path) as gateway:
+        http = httpclient.InferenceServerClient(gateway.http_url)
+        grpc = grpcclient.InferenceServerClient(gateway.grpc_url)
+        clients = [LoadClient(protocol, url, images, model=SECOND)
+                   for protocol, url in (("http", gateway.http_url), ("grpc", gateway.grpc_url))]
+        for client in clients:
+            client.start()
+        deadline = time.monotonic() + 60
+        while sum(len(c.answers) for c in clients) < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        manifest_path.unlink()
+        while http.is_model_ready(SECOND):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for client in clients:
+            client.stopping.set()
+        for client in clients:
+            client.join(30)
+        # Every request either got its model's answer (those inside when it went) or "unknown model".
+        answers = [answer for client in clients for answer in client.answers]
+        assert len(answers) >= 20
+        for _, version, logits in answers:
+            assert version == "1"
+            np.testing.assert_allclose(logits, expected[SECOND], atol=1e-4)
+        failures = [failure for client in clients for failure in client.failures]
+        assert all("unknown model" in failure for failure in failures), failures[:3]
+        print(f"manifest removed under load: {len(answers)} answered, {len(failures)} unknown model")  # -s
+        answer = httpx.post(f"http://{gateway.http_url}/v2/models/{SECOND}/infer",
+                            json={"inputs": [{"name": "images", "shape": list(images.shape), "datatype": "FP32",
+                                              "data": images.ravel().tolist()}]})
+        assert answer.status_code == 404 and "unknown model" in answer.json()["error"]
+        with pytest.raises(InferenceServerException, match="unknown model") as error:
+            infer(grpcclient, grpc, SECOND, images)
+        assert error.value.status() == "StatusCode.NOT_FOUND"
+        assert not grpc.is_model_ready(SECOND)
+        for module, client in ((httpclient, http), (grpcclient, grpc)):  # the other model serves on
+            np.testing.assert_allclose(infer(module, client, MODEL, images).as_numpy("logits"), expected[MODEL],
+                                       atol=1e-4)
+        assert [m["name"] for m in http.get_model_repository_index()] == [MODEL]
+        assert _by_model(_series(gateway.metrics()), "gateway_queue_depth") == {MODEL: 0}
+        # An explicit load of the removed model: a clear refusal.
+        answer = httpx.post(f"http://{gateway.http_url}/v2/repository/models/{SECOND}/load")
+        assert answer.status_code == 400 and f"no model {SECOND!r} in the repository" in answer.json()["error"]
+        # The manifest back: the next poll loads the model again.
+        manifest_path.write_bytes(saved)
+        while not http.is_model_ready(SECOND):
+            assert time.monotonic() < deadline + 60
+            time.sleep(0.05)
+        for module, client in ((httpclient, http), (grpcclient, grpc)):
+            for name in (MODEL, SECOND):
+                np.testing.assert_allclose(infer(module, client, name, images).as_numpy("logits"), expected[name],
+                                           atol=1e-4)
+        assert [(m["name"], m["state"]) for m in http.get_model_repository_index()] == [(MODEL, "READY"),
+                                                                                         (SECOND, "READY")]
+        assert _by_model(_series(gateway.metrics()), "gateway_queue_depth") == {MODEL: 0, SECOND: 0}
+        assert gateway.stop() == 0
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    [unloaded] = [line for line in lines if line.get("message") == "model unloaded"]
+    assert unloaded["model"] == SECOND and "removed from the repository" in unloaded["reason"]
+    assert unloaded["manifest"] == manifest_path.name
+    released = [line for line in lines if line.get("message") == "previous model version released"]
+    assert [(line["model"], line["cut"]) for line in released] == [(SECOND, 0)]
+    assert [line["model"] for line in lines if line.get("message") == "model version loaded"] == [SECOND]
+
+
+def test_an_explicit_load_of_a_model_whose_manifest_is_gone_is_refused_clearly(two_models, tmp_path):
+    """Without polling, a model whose manifest was deleted serves on until it is unloaded; an explicit load
+    of it says that its manifest is gone."""
+    repository = fresh_copy(two_models, tmp_path)
+    images = images_for(repository)
+    with GatewayProcess(repository, log_path=tmp_path / "gateway.log") as gateway:
+        http = httpclient.InferenceServerClient(gateway.http_url)
+        manifest_path = list_manifests(repository)[SECOND]
+        manifest_path.unlink()
+        answer = httpx.post(f"http://{gateway.http_url}/v2/repository/models/{SECOND}/load")
+        assert answer.status_code == 400, answer.text
+        message = answer.json()["error"]
+        assert f"no model {SECOND!r} in the repository" in message and str(manifest_path) in message
+        assert "is gone" in message and "version 1 keeps serving" in message
+        np.testing.assert_allclose(infer(httpclient, http, SECOND, images).as_numpy("logits"),
+                                   final_logits(two_models, SECOND, images), atol=1e-4)
+        http.unload_model(SECOND)
+        assert not http.is_model_ready(SECOND) and http.is_model_ready(MODEL)
+        assert gateway.stop() == 0
+
+
 def test_force_export_leaves_only_its_own_model(two_models, tiny_checkpoint, tmp_path):
     repository = fresh_copy(two_models, tmp_path)
     from export.pipeline import ExportOptions, export_checkpoint
@@ -281,11 +378,11 @@ def test_force_export_leaves_only_its_own_model(two_models, tiny_checkpoint, tmp
 class LoadClient(threading.Thread):
     """Sends the same images again and again (policy full) until told to stop; keeps every answer."""
 
-    def __init__(self, protocol: str, url: str, images: np.ndarray) -> None:
+    def __init__(self, protocol: str, url: str, images: np.ndarray, model: str = MODEL) -> None:
         super().__init__(daemon=True)
         self.module = httpclient if protocol == "http" else grpcclient
         self.client = self.module.InferenceServerClient(url)
-        self.images, self.stopping = images, threading.Event()
+        self.images, self.model, self.stopping = images, model, threading.Event()
         self.answers: list[tuple[float, str, np.ndarray]] = []  # (sent at, model version, logits)
         self.failures: list[str] = []
 
@@ -293,7 +390,7 @@ class LoadClient(threading.Thread):
         while not self.stopping.is_set():
             sent = time.monotonic()
             try:
-                result = infer(self.module, self.client, MODEL, self.images)
+                result = infer(self.module, self.client, self.model, self.images)
             except Exception as error:  # every failure is counted, none expected
                 self.failures.append(str(error))
                 continue
