@@ -158,7 +158,10 @@ def grpc_security(settings: Settings) -> dict:
 
 def grpc_limits(settings: Settings, admission_images: int | None) -> GrpcLimits:
     """The gRPC front end's limits: calls at once from the admission bound (`admission_images`, summed
-    over the models served at start-up), the HTTP connection limit and read timeout where grpc has them."""
+    over the models served at start-up), the HTTP connection limit and read timeout where grpc has them.
+    grpc.aio cannot change its limit once the server runs, and a model loaded later may be any model (a
+    fast one's bound has no ceiling), so the default does not count models loaded later:
+    `grpc_limit_warning` says when they admit more than it."""
     return GrpcLimits(max_concurrent_rpcs=settings.grpc_max_concurrent_rpcs or concurrent_rpc_limit(admission_images),
                       max_connections=settings.max_connections, handshake_timeout_s=settings.read_timeout_s,
                       age_grace_s=max(settings.read_timeout_s, settings.request_timeout_s),
@@ -176,6 +179,19 @@ def admission_images(store: ModelStore) -> int | None:
             return None
         total += bound
     return total or None
+
+
+def grpc_limit_warning(limit: int | None, store: ModelStore) -> str | None:
+    """Why gRPC's default limit on calls at once (`limit`, fixed at start-up) now refuses calls that the
+    models served admit (None when it does not): a model loaded later was not counted in it."""
+    admitted = admission_images(store)
+    if limit is None or (admitted is not None and admitted <= limit):
+        return None
+    return (f"gRPC's limit on calls at once ({limit}, the admission bound of the models served at start-up) is "
+            f"below what the models served now admit ({admitted or 'without bound'} images: "
+            f"{', '.join(store.models)}): gRPC refuses calls beyond it RESOURCE_EXHAUSTED before a model's "
+            "admission sees them, and grpc cannot change it while it runs; set --grpc-max-concurrent-rpcs "
+            "(EE_GRPC_MAX_CONCURRENT_RPCS) for a gateway that loads models later, or restart this one")
 
 
 class Gateway:
@@ -262,14 +278,24 @@ class Gateway:
         return DataPlane(manifest, cascade, self.metrics, settings.default_policy, settings.max_request_batch,
                          settings.request_timeout_s)
 
+    def _check_grpc_limit(self, limit: int | None) -> None:
+        warning = grpc_limit_warning(limit, self.store)
+        if warning:
+            log.warning("grpc limit below the admission of the models served", extra={"fields": {
+                "grpc_max_concurrent_rpcs": limit, "admission_images": admission_images(self.store),
+                "detail": warning}})
+
     @asynccontextmanager
     async def lifespan(self, app):
         self._loop = asyncio.get_running_loop()
         await self.store.start(self.settings.poll_repository_s)
         if self.settings.grpc_port >= 0:
+            limits = grpc_limits(self.settings, admission_images(self.store))
             self.grpc_server = await start_grpc_server(self.dataplane, self.settings.host, self.settings.grpc_port,
                                                        self.max_body_bytes, **grpc_security(self.settings),
-                                                       limits=grpc_limits(self.settings, admission_images(self.store)))
+                                                       limits=limits)
+            if not self.settings.grpc_max_concurrent_rpcs:  # the default: say when a later load outgrows it
+                self.store.on_loaded = lambda: self._check_grpc_limit(limits.max_concurrent_rpcs)
         # What start-up made (modules, sessions, schemas: most of the heap's objects) is never garbage: out
         # of the collector's sight, so that a full collection under load walks only what requests made
         # (tens of ms less of a stalled event loop each time).

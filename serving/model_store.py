@@ -114,6 +114,7 @@ class ModelStore:
         self._lock: asyncio.Lock | None = None
         self._tasks: set[asyncio.Task] = set()
         self._poll_task: asyncio.Task | None = None
+        self.on_loaded: Callable[[], None] | None = None  # called after a version is loaded (and swapped in)
 
     # -- loading ---------------------------------------------------------------
     def load_initial(self) -> None:
@@ -196,6 +197,8 @@ class ModelStore:
                 "previous_version": current.version if current else None, "exits": manifest.exit_depths}})
             if current is not None:
                 self._retire(current)
+            if self.on_loaded is not None:
+                self.on_loaded()
             return loaded
 
     def _refuse(self, name: str, fingerprint: str, reason: str, explicit: bool, version: int | None = None,

@@ -65,7 +65,11 @@ class Settings(BaseSettings):
                                                         "connection; slower ones are disconnected")
     keep_alive_s: int = Field(5, ge=1, description="idle HTTP keep-alive connections close after this")
     grpc_max_concurrent_rpcs: int = Field(0, ge=0, description="gRPC calls at once; beyond, RESOURCE_EXHAUSTED "
-                                          "before the call is read (0: the admission bound in images plus 8)")
+                                          "before the call is read (0: the admission bound in images of the "
+                                          "models served at start-up, summed; grpc cannot change it while it "
+                                          "runs, so models loaded later are not counted and a load that makes "
+                                          "the models served admit more logs a warning: set it for a gateway "
+                                          "that loads models later)")
     grpc_max_pending_calls: int = Field(0, ge=0, description="gRPC calls grpc holds while the gateway is too "
                                         "busy to take them; beyond, refused at once in grpc's core, which the "
                                         "client sees as CANCELLED (0: grpc's default, 1000 to 3000)")

@@ -365,6 +365,30 @@ def test_an_explicit_load_of_a_model_whose_manifest_is_gone_is_refused_clearly(t
         assert gateway.stop() == 0
 
 
+def test_a_model_loaded_later_that_outgrows_the_default_grpc_limit_is_logged(tiny_repository, other_checkpoint,
+                                                                              tmp_path):
+    """gRPC's default limit on calls at once is the admission bound of the models served at start-up (grpc
+    cannot change it later): a model loaded later that makes the models served admit more logs a warning
+    saying so and what to set; both models serve."""
+    repository = fresh_copy(tiny_repository, tmp_path)
+    log_path = tmp_path / "gateway.log"
+    with GatewayProcess(repository, "--max-queue-images", "6", log_path=log_path) as gateway:
+        export(other_checkpoint, repository, SECOND)
+        answer = httpx.post(f"http://{gateway.http_url}/v2/repository/models/{SECOND}/load", timeout=60)
+        assert answer.status_code == 200, answer.text
+        grpc = grpcclient.InferenceServerClient(gateway.grpc_url)
+        images = images_for(repository)
+        for name in (MODEL, SECOND):
+            np.testing.assert_allclose(infer(grpcclient, grpc, name, images).as_numpy("logits"),
+                                       final_logits(repository, name, images), atol=1e-4)
+        assert gateway.stop() == 0
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    [warning] = [line for line in lines if line.get("message") == "grpc limit below the admission of the models served"]
+    assert warning["level"] == "warning"
+    assert warning["grpc_max_concurrent_rpcs"] == 6 and warning["admission_images"] == 12
+    assert "--grpc-max-concurrent-rpcs" in warning["detail"] and SECOND in warning["detail"]
+
+
 def test_force_export_leaves_only_its_own_model(two_models, tiny_checkpoint, tmp_path):
     repository = fresh_copy(two_models, tmp_path)
     from export.pipeline import ExportOptions, export_checkpoint
@@ -440,6 +464,7 @@ def test_new_version_swapped_in_under_load_without_a_failed_request(tiny_reposit
     log = log_path.read_text()
     assert '"message": "model version loaded"' in log and '"previous_version": 1' in log
     assert "previous model version released" in log
+    assert "grpc limit below" not in log  # a new version of the same model: its bound replaces the old one's
 
 
 def corrupt_version(repository, model=MODEL):
