@@ -159,7 +159,7 @@ def create_http_app(dataplane: ModelStore, options: HttpOptions | int, lifespan=
                        model: str | None = None):
         """Classify uploaded images (multipart field `files`, PNG/JPEG/WebP/GIF/BMP, within the limits).
 
-        Each image is converted to RGB, centre-cropped to a square, resized to the
+        Each image is converted to RGB, centre-cropped to the model's aspect ratio, resized to the
         model's input size (bilinear) and normalised with the manifest's mean/std.
         `model`: which of the gateway's models answers (default: the repository's first).
         """

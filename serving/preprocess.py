@@ -2,7 +2,8 @@
 
 An upload (PNG, JPEG, WebP, GIF or BMP, up to a limit of pixels) is converted to
 the model's channels (RGB, or Pillow's grayscale "L" for a one-channel model),
-centre-cropped to a square and resized to the model's input size with
+centre-cropped to the model's aspect ratio (the largest centred box of the input's
+H:W: a square for a square model) and resized to the model's input size with
 bilinear filtering, giving a uint8 HWC array; the dataplane then normalises it
 with the manifest's mean and std, exactly as training did.
 """
@@ -43,13 +44,24 @@ def decode_image(content: bytes, size: tuple[int, int], max_pixels: int = MAX_PI
             raise InvalidImage(f"image of {image.width}x{image.height} pixels exceeds the limit of "
                                f"{max_pixels} pixels")
         image = image.convert("L" if channels == 1 else "RGB")
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side))
+        left, top, right, bottom = centre_box(image.width, image.height, width, height)
+        image = image.crop((left, top, right, bottom))
         if image.size != (width, height):
             image = image.resize((width, height), Image.BILINEAR)
         array = np.asarray(image, dtype=np.uint8)
         return array[:, :, None] if array.ndim == 2 else array
+
+
+def centre_box(image_width: int, image_height: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the largest box centred in an image of `image_width` x `image_height`
+    whose sides are in the ratio `width`:`height` (rounded to whole pixels; at least one pixel a side)."""
+    if image_width * height >= image_height * width:  # the image is wider than the model's input: full height
+        box_width, box_height = (image_height * width + height // 2) // height, image_height
+    else:  # taller: full width
+        box_width, box_height = image_width, (image_width * height + width // 2) // width
+    box_width, box_height = max(1, min(box_width, image_width)), max(1, min(box_height, image_height))
+    left, top = (image_width - box_width) // 2, (image_height - box_height) // 2
+    return left, top, left + box_width, top + box_height
 
 
 @contextmanager
