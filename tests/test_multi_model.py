@@ -344,6 +344,38 @@ def test_polling_unloads_a_model_whose_manifest_was_removed_and_loads_it_when_it
     assert [line["model"] for line in lines if line.get("message") == "model version loaded"] == [SECOND]
 
 
+def test_no_model_is_unloaded_while_the_repository_directory_itself_is_missing(two_models, tmp_path):
+    """A repository swapped in by two renames (export's fallback without renameat2) is missing for a
+    moment: the check of removed manifests unloads nothing then; a deleted manifest in a present repository
+    is unloaded, the repository's manifest.json holding another model unloads the one it held."""
+    from serving.app import Gateway
+    from serving.settings import load_settings
+
+    repository = fresh_copy(two_models, tmp_path)
+    gateway = Gateway(load_settings(["--model-repository", str(repository)]))
+    store = gateway.store
+
+    async def run():
+        await store.start()
+        try:
+            moved = repository.with_name("moved")
+            repository.rename(moved)
+            assert await store.unload_removed() == [] and set(store.models) == {MODEL, SECOND}
+            moved.rename(repository)
+            list_manifests(repository)[SECOND].unlink()
+            assert await store.unload_removed() == [SECOND] and set(store.models) == {MODEL}
+            assert SECOND not in store.unloaded  # not an explicit unload: polling may load it again
+            manifest = read_manifest(repository)
+            (repository / MANIFEST_FILE).write_text(json.dumps({**manifest.to_dict(), "model": SECOND}))
+            assert await store.unload_removed() == [MODEL] and store.models == {}
+            await asyncio.wait_for(asyncio.gather(*store._tasks), 30)  # the retired versions released
+            assert not store.retiring
+        finally:
+            await store.stop(0)
+
+    asyncio.run(run())
+
+
 def test_an_explicit_load_of_a_model_whose_manifest_is_gone_is_refused_clearly(two_models, tmp_path):
     """Without polling, a model whose manifest was deleted serves on until it is unloaded; an explicit load
     of it says that its manifest is gone."""
