@@ -32,7 +32,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from common.manifest import Manifest, ManifestError, list_manifests, manifest_version
+from common.manifest import MANIFEST_FILE, Manifest, ManifestError, list_manifests, manifest_version
 from serving.dataplane import SERVER_NAME, SERVER_VERSION, DataPlane, InferRequest, InferResponse
 from serving.errors import GatewayError, ModelNotFound, Unavailable
 from serving.metrics import GatewayMetrics
@@ -189,6 +189,7 @@ class ModelStore:
                                    retry=isinstance(error, Unavailable)) from None
             loaded = self._version(manifest, fingerprint, cascade, path)
             self.models[name] = loaded
+            self._in_repository_order()
             self.unloaded.discard(name)
             self.refused.pop(name, None)
             self._bind_metrics()
@@ -200,6 +201,20 @@ class ModelStore:
             if self.on_loaded is not None:
                 self.on_loaded()
             return loaded
+
+    def _in_repository_order(self) -> None:
+        """`models` in the repository's order (manifest.json's model first: the default model), however the
+        models were unloaded and loaded again (an unreadable manifest.json's model stays first)."""
+        listed = list(list_manifests(self.repository))
+        place = {name: index for index, name in enumerate(listed)}
+        for name, version in self.models.items():
+            if name not in place and version.source is not None and version.source.name == MANIFEST_FILE:
+                place[name] = -1  # (an unreadable manifest.json: still the first model's)
+        ordered = sorted(self.models, key=lambda name: place.get(name, len(listed)))
+        if ordered != list(self.models):  # (in place: the same dict for whoever holds it)
+            versions = dict(self.models)
+            self.models.clear()
+            self.models.update((name, versions[name]) for name in ordered)
 
     def _refuse(self, name: str, fingerprint: str, reason: str, explicit: bool, version: int | None = None,
                 retry: bool = False) -> LoadRefused:

@@ -370,6 +370,13 @@ def test_no_model_is_unloaded_while_the_repository_directory_itself_is_missing(t
             assert await store.unload_removed() == [MODEL] and store.models == {}
             await asyncio.wait_for(asyncio.gather(*store._tasks), 30)  # the retired versions released
             assert not store.retiring
+            # Loaded again in any order, the repository's first model is the default one again.
+            for source in list_manifests(two_models).values():
+                shutil.copyfile(source, repository / source.name)
+            await store.load(SECOND)
+            assert store.default_model == SECOND  # the only model loaded
+            await store.load(MODEL)
+            assert list(store.models) == [MODEL, SECOND] and store.default_model == MODEL
         finally:
             await store.stop(0)
 
