@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import numpy as np
 from PIL import BmpImagePlugin, GifImagePlugin, Image, JpegImagePlugin, PngImagePlugin, WebPImagePlugin  # noqa: F401
 
+from common.images import centre_box
 from serving.errors import InvalidImage
 from serving.normalisation import normalise_uint8  # noqa: F401  (the dataplane's import)
 
@@ -50,18 +51,6 @@ def decode_image(content: bytes, size: tuple[int, int], max_pixels: int = MAX_PI
             image = image.resize((width, height), Image.BILINEAR)
         array = np.asarray(image, dtype=np.uint8)
         return array[:, :, None] if array.ndim == 2 else array
-
-
-def centre_box(image_width: int, image_height: int, width: int, height: int) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of the largest box centred in an image of `image_width` x `image_height`
-    whose sides are in the ratio `width`:`height` (rounded to whole pixels; at least one pixel a side)."""
-    if image_width * height >= image_height * width:  # the image is wider than the model's input: full height
-        box_width, box_height = (image_height * width + height // 2) // height, image_height
-    else:  # taller: full width
-        box_width, box_height = image_width, (image_width * height + width // 2) // width
-    box_width, box_height = max(1, min(box_width, image_width)), max(1, min(box_height, image_height))
-    left, top = (image_width - box_width) // 2, (image_height - box_height) // 2
-    return left, top, left + box_width, top + box_height
 
 
 @contextmanager

@@ -147,7 +147,9 @@ def test_cifar_and_svhn_convert_to_the_requested_channels_and_size(cifar10_pickl
     assert load_split(svhn_mat, "train", channels=1, cache_dir=tmp_path).images.shape == (12, 32, 32, 1)
 
 
-def test_rgb_at_a_square_size_keeps_the_cache_key_of_before(imagefolder_tar, tmp_path):
+def test_the_cache_key_names_the_size_and_the_centred_crop(imagefolder_tar, tmp_path):
+    """RGB at a square size keeps the key's old form, with the crop named since resized images are
+    cropped to the size's aspect ratio (caches of stretched images are not reused)."""
     from training.datasets import _cache_path
 
     explicit = _cache_path(tmp_path, imagefolder_tar, "test", "imagefolder", (32, 32), 3)
@@ -156,5 +158,23 @@ def test_rgb_at_a_square_size_keeps_the_cache_key_of_before(imagefolder_tar, tmp
     import hashlib
 
     stat = imagefolder_tar.stat()
-    key = f"{imagefolder_tar.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|test|imagefolder|32"
+    key = f"{imagefolder_tar.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|test|imagefolder|32|centre-box"
     assert hashlib.sha256(f"1|{key}".encode()).hexdigest()[:16] in explicit.name
+
+
+def test_resized_images_are_cropped_to_the_aspect_ratio_as_the_gateway_crops_uploads(tmp_path):
+    """A training image of another aspect ratio than `image_size` becomes exactly what the gateway makes of
+    the same file uploaded to /v1/classify: the centred box of the size's ratio, then the resize."""
+    from serving.preprocess import decode_image
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "wide" / "train" / "a"
+    folder.mkdir(parents=True)
+    picture = rng.integers(0, 256, (30, 60, 3), dtype=np.uint8)
+    picture[:, :15] = (255, 0, 0)  # a red band on the left that a square crop of the centre leaves out
+    Image.fromarray(picture).save(folder / "0.png")
+    for size in ((20, 20), (16, 24), (24, 16)):
+        loaded = load_split(tmp_path / "wide", "train", image_size=size, cache_dir=None).images[0]
+        served = decode_image((folder / "0.png").read_bytes(), size)
+        np.testing.assert_array_equal(loaded, served)
+    square = load_split(tmp_path / "wide", "train", image_size=20, cache_dir=None).images[0]
+    assert not (square[:, :2] == (255, 0, 0)).all(axis=-1).any()  # the band is cropped away, not squashed in

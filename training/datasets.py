@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from common.errors import UserError
+from common.images import centre_box
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CACHE_VERSION = 1
@@ -80,7 +81,8 @@ def load_split(
     """Load `split` ("train" or "test") of a dataset, decoding at most once.
 
     `image_size` (an int for square images, or (height, width)) resizes every image
-    (bilinear); None keeps the data's own size, which all images must share.
+    (bilinear), cropped first to the largest centred box of the size's aspect ratio, as the
+    gateway does with uploads (`common.images.centre_box`); None keeps the data's own size, which all images must share.
     `channels` (1 or 3) converts every image to grayscale or RGB; None takes it from the
     data: 1 if every image is grayscale, else 3.
     Decoded arrays are cached in `cache_dir`: by default `default_cache_dir()`,
@@ -158,6 +160,8 @@ def _cache_path(cache_dir, path: Path, split: str, data_format: str, size: tuple
         shape = str(size[0])  # the key of RGB at one square size, as caches before channels were chosen
     else:
         shape = f"{'x'.join(map(str, size)) if size else 'native'}-c{channels or 'auto'}"
+    if size is not None:
+        shape += "|centre-box"  # resized images are cropped to the size's aspect ratio first (2026-12-02)
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{split}|{data_format}|{shape}"
     digest = hashlib.sha256(f"{CACHE_VERSION}|{key}".encode()).hexdigest()[:16]
     return Path(cache_dir) / f"{path.name}-{split}-{digest}.npz"
@@ -169,8 +173,10 @@ def _decode_image(data: bytes | Path, size: tuple[int, int] | None, channels: in
     with Image.open(source) as image:
         gray = channels == 1 or (channels is None and image.mode in GRAY_MODES)
         image = image.convert("L" if gray else "RGB")
-        if size is not None and image.size != (size[1], size[0]):
-            image = image.resize((size[1], size[0]), Image.BILINEAR)
+        if size is not None and image.size != (size[1], size[0]):  # as the gateway does with uploads
+            image = image.crop(centre_box(image.width, image.height, size[1], size[0]))
+            if image.size != (size[1], size[0]):
+                image = image.resize((size[1], size[0]), Image.BILINEAR)
         array = np.asarray(image, dtype=np.uint8)
         return array[:, :, None] if array.ndim == 2 else array
 
@@ -268,7 +274,8 @@ def _load_svhn(path: Path, split: str, size: tuple[int, int] | None, channels: i
 
 
 def _conform(images: np.ndarray, size: tuple[int, int] | None, channels: int | None) -> np.ndarray:
-    """RGB (N, H, W, 3) images at the requested size and channels (Pillow's resize and conversion)."""
+    """RGB (N, H, W, 3) images at the requested size and channels (Pillow's centred crop to the size's
+    aspect ratio, resize and conversion)."""
     if (size is None or images.shape[1:3] == size) and channels in (None, 3):
         return np.ascontiguousarray(images)
     converted = []
@@ -277,7 +284,9 @@ def _conform(images: np.ndarray, size: tuple[int, int] | None, channels: int | N
         if channels == 1:
             picture = picture.convert("L")
         if size is not None and picture.size != (size[1], size[0]):
-            picture = picture.resize((size[1], size[0]), Image.BILINEAR)
+            picture = picture.crop(centre_box(picture.width, picture.height, size[1], size[0]))
+            if picture.size != (size[1], size[0]):
+                picture = picture.resize((size[1], size[0]), Image.BILINEAR)
         array = np.asarray(picture, dtype=np.uint8)
         converted.append(array[:, :, None] if array.ndim == 2 else array)
     return np.stack(converted)
