@@ -257,3 +257,15 @@ def test_epoch_images_makes_short_epochs_of_a_new_draw(imagefolder, tmp_path):
     result = run_module("training.train", *TINY, "--data", str(imagefolder), "--output", str(checkpoint),
                         "--epoch-images", "-5")
     assert result.returncode != 0 and "--epoch-images must be positive" in result.stderr
+
+
+def test_image_size_takes_height_and_width(imagefolder, tmp_path):
+    checkpoint = tmp_path / "wide.safetensors"
+    train(imagefolder, checkpoint, "--epochs", "1", "--image-size", "16,24")
+    meta = load_metadata(checkpoint)
+    assert meta.input_size == [3, 16, 24] and meta.training["image_size"] == [16, 24]
+    model, _ = load_checkpoint(checkpoint)
+    assert [out.shape for out in model(torch.zeros(2, 3, 16, 24))] == [(2, 3)] * 3
+    result = run_module("training.train", *TINY, "--data", str(imagefolder), "--output", str(checkpoint),
+                        "--image-size", "16,24,3")
+    assert result.returncode != 0 and "is not PIXELS or H,W" in result.stderr

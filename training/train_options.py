@@ -28,7 +28,7 @@ class TrainConfig:
     # data
     data: Path = DEFAULT_DATA
     data_format: str = "auto"
-    image_size: int | None = None  # None: the data's own size
+    image_size: int | tuple[int, int] | None = None  # None: the data's own size; (height, width) if not square
     channels: int | None = None  # None: from the data (1 if every image is grayscale, else 3)
     heldout_size: int = 5000
     heldout_seed: int = 0
@@ -83,7 +83,7 @@ class TrainConfig:
                             "final exit as loaded, the second trains every exit head")
         if self.pretrained and self.init_from:
             raise UserError("--pretrained loads a backbone's weights, --init-from a multi-exit checkpoint: give one")
-        if self.image_size is not None and self.image_size < 1:
+        if self.image_size is not None and min(image_sides(self.image_size)) < 1:
             raise UserError("--image-size must be positive")
         if not 0.0 <= self.head_grad_scale <= 1.0:
             raise UserError("--head-grad-scale must be between 0 and 1")
@@ -118,6 +118,24 @@ class TrainConfig:
 DEFAULTS = TrainConfig()
 
 
+def image_sides(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def parse_image_size(text: str) -> int | tuple[int, int]:
+    """`--image-size`: "32" (square) or "24,32" / "24x32" (height, width)."""
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        sides = [int(part) for part in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not PIXELS or H,W") from None
+    if len(sides) == 1:
+        return sides[0]
+    if len(sides) != 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not PIXELS or H,W")
+    return sides[0] if sides[0] == sides[1] else (sides[0], sides[1])
+
+
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.train",
@@ -138,9 +156,10 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     data.add_argument("--data", type=Path,
                       help="image-folder tree or .tar.gz, CIFAR pickles, or SVHN .mat (default: the shared CIFAR-10)")
     data.add_argument("--data-format", choices=FORMATS)
-    data.add_argument("--image-size", type=int, metavar="PIXELS",
-                      help="resize every image to PIXELS x PIXELS (default: the data's own size, which all images "
-                           "must share)")
+    data.add_argument("--image-size", type=parse_image_size, metavar="PIXELS|H,W",
+                      help="resize every image to PIXELS x PIXELS, or to H x W (an image of another aspect ratio is "
+                           "cropped to its centred box of that ratio first, as the gateway crops uploads; default: "
+                           "the data's own size, which all images must share)")
     data.add_argument("--channels", type=int, choices=CHANNELS,
                       help="1 (grayscale) or 3 (RGB) (default: from the data, 1 if every image is grayscale)")
     data.add_argument("--heldout-size", type=int,
