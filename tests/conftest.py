@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -177,3 +178,23 @@ def GatewayProcess(repository: Path, *extra: str, log_path: Path | None = None):
     from benchmarks.servers import GatewayServer
 
     return GatewayServer(repository, *extra, log_path=log_path)
+
+
+# Several models (tests/test_multi_model.py, tests/test_model_versions.py) ----------------------------
+@pytest.fixture(scope="module")
+def other_checkpoint(imagefolder, tmp_path_factory):
+    """A second tiny mwresnet8_3 checkpoint, weights from another seed."""
+    from .multi_model_helpers import make_checkpoint
+
+    return make_checkpoint(imagefolder, tmp_path_factory.mktemp("other") / "other.safetensors", seed=7)
+
+
+@pytest.fixture(scope="module")
+def two_models(tiny_repository, other_checkpoint, tmp_path_factory):
+    """The tiny model's repository with a second model (other weights) exported into it as `tiny_b`."""
+    from .multi_model_helpers import SECOND, export
+
+    repository = tmp_path_factory.mktemp("two") / "model_repository"
+    shutil.copytree(tiny_repository, repository)
+    export(other_checkpoint, repository, SECOND)
+    return repository
