@@ -391,7 +391,7 @@ def test_triton_cascade_backend_without_triton_is_a_one_line_error(tiny_reposito
 def two_model_repository(tiny_repository, imagefolder, tmp_path_factory):
     """The tiny repository with a second model (other weights) exported into it as `tiny_b`: its manifest is
     manifest.tiny_b.json and its cascade model tiny_b_cascade."""
-    from .test_multi_model import SECOND, export, make_checkpoint
+    from .multi_model_helpers import SECOND, export, make_checkpoint
 
     directory = tmp_path_factory.mktemp("two-models")
     checkpoint = make_checkpoint(imagefolder, directory / "other.safetensors", seed=7)
@@ -407,7 +407,7 @@ def two_model_repository(tiny_repository, imagefolder, tmp_path_factory):
 def test_each_cascade_model_reads_its_own_models_manifest(two_model_repository, triton_venv, tmp_path, mode):
     """Two models in one repository on a real tritonserver: each `<model>_cascade` runs its own model (its
     manifest: manifest.json for the first, manifest.<model>.json for the second), in both modes."""
-    from .test_multi_model import SECOND
+    from .multi_model_helpers import SECOND
 
     repository = _linked_copy(two_model_repository, tmp_path / "repo")
     for name in (MODEL, SECOND):
