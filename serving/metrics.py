@@ -8,14 +8,14 @@ them when /metrics is scraped (`LoopMetrics`, a collector). The others
 are looked up once.
 
 The series of one model (samples, exits, request latency, stage batch sizes,
-latencies and backend CPU, failed batches, requests cut at shutdown, queue depth)
+latencies and backend CPU, failed batches, requests cut at shutdown, dropped samples, queue depth)
 carry a `model` label: each model's cascade and dataplane write through its
 `ModelMetrics` (`GatewayMetrics.model(name)`), whose series are made once. A
 loop-updated series written without a model (the front end's latency of
 /v1/classify, a cascade made without a model name) leaves the label out, which
 Prometheus reads as the empty value. The front ends' request and error counters
 (`gateway_requests`, `gateway_errors`) count by protocol, often before a model is
-known; the admission and readiness gauges and the dropped samples cover every model.
+known; the admission and readiness gauges cover every model.
 """
 
 from __future__ import annotations
@@ -153,11 +153,10 @@ class ModelMetrics:
         latency.observe(seconds)
 
     def dropped(self, reason: str) -> LoopCounter:
-        """The gateway's dropped-samples counter for `reason` (not per model yet: the robustness benchmark and
-        the hardening tests read it by its `reason` label alone)."""
+        """The model's dropped-samples counter for `reason`."""
         counter = self._dropped.get(reason)
         if counter is None:
-            counter = self._dropped[reason] = self.metrics.dropped_samples.labels(reason)
+            counter = self._dropped[reason] = self.metrics.dropped_samples.labels(reason, self.model)
         return counter
 
     def backend_error(self, stage: str) -> LoopCounter:
@@ -195,7 +194,7 @@ class GatewayMetrics:
         self.dropped_samples = loop.family("gateway_dropped_samples", "Samples taken out of the cascade's "
                                            "queues before their next backend call, by reason (expired: past "
                                            "the request's deadline; cancelled: the client left; failed)",
-                                           ("reason",))
+                                           ("reason", "model"))
         self.backend_errors = loop.family("gateway_backend_errors", "Stage batches that failed (backend call "
                                           "or the dispatch after it), by stage", ("stage", "model"))
         self.shutdown_cut_by_model = loop.family(

@@ -229,3 +229,15 @@ def test_profile_and_calibrate_write_the_manifest_of_the_model_named(two_models,
 
     with pytest.raises(UserError, match="manifest of 'nope'"):
         calibrate_main(["--model-repository", str(repository), "--model", "nope"])
+
+
+def test_dropped_samples_are_counted_for_their_own_model():
+    from serving.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics()
+    metrics.model("a").dropped("expired").inc(3)
+    metrics.model("b").dropped("cancelled").inc(2)
+    value = metrics.registry.get_sample_value
+    assert value("gateway_dropped_samples_total", {"reason": "expired", "model": "a"}) == 3
+    assert value("gateway_dropped_samples_total", {"reason": "cancelled", "model": "b"}) == 2
+    assert value("gateway_dropped_samples_total", {"reason": "expired", "model": "b"}) is None
