@@ -12,7 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from common.manifest import FEATURES_OUTPUT, IMAGE_INPUT, LOGITS_OUTPUT, DeployedModel, Manifest
-from common.onnxruntime_session import create_session, execution_providers
+from common.onnxruntime_session import CPU, create_session, execution_providers
 from serving.errors import DeadlineExceeded, Unavailable
 
 log = logging.getLogger("gateway.backend")
@@ -54,6 +54,8 @@ class OnnxRuntimeBackend:
     def __init__(self, repository: Path, manifest: Manifest, intra_op_threads: int = 1,
                  device: str = "auto") -> None:
         self.provider = execution_providers(device)[0]
+        # On the CPU its calls compete for cores: the cascade runs at most one at a time per core it may use.
+        self.cpu_bound = self.provider == CPU
 
         def session(model: DeployedModel):
             path = Path(repository) / model.name / str(model.version) / "model.onnx"

@@ -39,7 +39,8 @@ Requests are answered exactly once, whatever fails (issue 25):
   batch's requests with a logged and counted error; the counters stay right;
 - `stop` answers whatever has not finished within its grace period `Unavailable`.
 
-Backend calls run on `workers` threads; decisions and bookkeeping run on the
+Backend calls run on `workers` threads (a CPU-bound backend uses at most one per core the process may
+use, `slots`); decisions and bookkeeping run on the
 event loop. The per-request and per-stage cost is kept small (issue 19): one
 hand-off to a backend thread per batch (a queue put) and one call back to the
 event loop per batch (`call_soon_threadsafe`), no task or future per batch; one
@@ -73,7 +74,7 @@ from serving.cascade_admission import _Admission, default_queue_images, until_qu
 from serving.cascade_estimates import _BudgetEstimates
 from serving.cascade_lanes import Lane, LaneCost, _Backlog
 from serving.cascade_records import NO_DEADLINE_ORDER_S, OPTIONAL_ORDER_S, CascadeResult, _BatchScores, _Group, _Request
-from serving.cascade_scheduler import CONTINUE_ALPHA, _Scheduler
+from serving.cascade_scheduler import CONTINUE_ALPHA, _Scheduler, usable_cores
 from serving.errors import DeadlineExceeded, Unavailable
 from serving.metrics import GatewayMetrics
 from serving.policy import ExitPlan, RequestOptions
@@ -184,6 +185,12 @@ class Cascade(_Scheduler, _BudgetEstimates, _Admission):
         self._threads: list[threading.Thread] = []
         self._sequence = itertools.count()
         self._free = settings.workers  # backend slots not running a batch
+        # A CPU-bound backend (ONNX Runtime on the CPU, one intra-op thread a call) runs at most one batch per
+        # core the process may use: more calls at once on the same cores only time-slice (each slower, caches
+        # thrashed, and smaller batches). `slots` of the `workers` slots are used, re-read every CORES_CHECK_S.
+        self._cpu_bound = bool(getattr(backend, "cpu_bound", False))
+        self.slots = min(settings.workers, usable_cores()) if self._cpu_bound else settings.workers
+        self._cores_checked = time.monotonic()
         self._pump_scheduled = False
         self._wait_timer: asyncio.TimerHandle | None = None
         self._health_task: asyncio.Task | None = None

@@ -30,14 +30,14 @@ async def until_quiet(cascade, quiet_s: float = 0.2, at_most_s: float = 2.0) -> 
 
 
 class _Admission:
-    """Mixed into `Cascade`: reads its `settings`, `images_in` and `run_ms`."""
+    """Mixed into `Cascade`: reads its `settings`, `slots`, `images_in` and `run_ms`."""
 
     def retry_after_s(self) -> float:
         """How long the images inside the cascade take to drain, roughly (for Retry-After)."""
         per_batch = [ms for lane, ms in self.run_ms.items() if ms and not lane.direct]
         batch_ms = sum(per_batch) if per_batch else 100.0
         batches = self.images_in / self.settings.max_batch_size
-        return max(1.0, batches * batch_ms / 1000 / self.settings.workers)
+        return max(1.0, batches * batch_ms / 1000 / self.slots)
 
     def overloaded(self, size: int) -> Overloaded | None:
         """Admission control: the refusal of a request of `size` images now (None: it would be admitted).

@@ -23,7 +23,7 @@ class _BudgetEstimates:
         for lane in self.segment_lanes[1:]:
             cost = self.costs[lane]
             if cost.known:
-                total += cost.work_ms(self.in_lane[lane], maximum) / self.settings.workers + cost.batch_ms(maximum)
+                total += cost.work_ms(self.in_lane[lane], maximum) / self.slots + cost.batch_ms(maximum)
         return total
 
     def path_ms(self, request: _Request, count: int, upper: bool = False) -> float:
@@ -40,7 +40,7 @@ class _BudgetEstimates:
         last = self.stages - 1
         if policy == "fixed" and request.options.exit_depth in self.plan.depths:
             last = self.plan.depths.index(request.options.exit_depth)
-        maximum, workers = self.settings.max_batch_size, self.settings.workers
+        maximum, workers = self.settings.max_batch_size, self.slots
         total, reach = 0.0, 1.0
         for stage in range(1, last + 1):
             if policy == "confidence":
@@ -92,4 +92,4 @@ class _BudgetEstimates:
         behind = backlog.queued(lane) - backlog.before(lane, key)
         joined = min(maximum, rest + own + behind)
         own_ms = cost.batch_ms(joined) + cost.work_ms(rest + own - maximum, maximum)  # (more than a batch: after)
-        return (work_ms / self.settings.workers + own_ms) * self.settings.budget_margin
+        return (work_ms / self.slots + own_ms) * self.settings.budget_margin

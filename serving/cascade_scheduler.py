@@ -28,6 +28,15 @@ from serving.policy import should_stop
 log = logging.getLogger("gateway.cascade")
 
 CONTINUE_ALPHA = 0.05  # weight of a batch in the moving average of the share of samples going on
+CORES_CHECK_S = 1.0  # how often a CPU-bound backend's slots are matched to the cores the process may use
+
+
+def usable_cores() -> int:
+    """The cores this process may run on now (its CPU affinity; it can change while it runs)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class _Scheduler:
@@ -43,8 +52,12 @@ class _Scheduler:
         """Give every free backend slot a batch: the ready lane whose first request is due first."""
         self._pump_scheduled = False
         now = time.monotonic()
+        if self._cpu_bound and now >= self._cores_checked + CORES_CHECK_S:
+            self._cores_checked = now
+            self.slots = min(self.settings.workers, usable_cores())
+        withheld = self.settings.workers - self.slots  # slots left unused (more than the cores)
         wake = math.inf
-        while self._free > 0:
+        while self._free > withheld:
             lane, wake = self._best_lane(now)
             if lane is None:
                 break
@@ -53,14 +66,14 @@ class _Scheduler:
                 self._submit(lane, groups)
         # The optional slot, while a worker slot is free (no mandatory work waits for one): the segment whose
         # first optional group is due first.
-        while self._optional_free > 0 and self._free > 0:
+        while self._optional_free > 0 and self._free > withheld:
             lane = self._best_optional_lane()
             if lane is None:
                 break
             groups = self._take_batch(lane, now, self.optional_queues[lane])
             if groups:
                 self._submit(lane, groups, optional=True)
-        if wake < math.inf and self._free > 0:  # a deep lane waits for samples upstream: look again then
+        if wake < math.inf and self._free > withheld:  # a deep lane waits for samples upstream: look again then
             if self._wait_timer is not None:
                 self._wait_timer.cancel()
             self._wait_timer = self._loop.call_later(max(0.0, wake - now), self._schedule_pump)
