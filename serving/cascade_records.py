@@ -57,8 +57,9 @@ class _Request:
     def result(self) -> CascadeResult:
         if len(self.parts) == 1:  # every sample in one batch: its rows, in order
             _, logits, index, confidence = self.parts[0]
-            return CascadeResult(logits, np.full(self.size, index, dtype=np.int32),
-                                 confidence.astype(np.float32, copy=False))
+            exit_index = np.empty(self.size, dtype=np.int32)
+            exit_index.fill(index)
+            return CascadeResult(logits, exit_index, confidence.astype(np.float32, copy=False))
         logits = np.zeros((self.size, self.parts[0][1].shape[1]), dtype=np.float32)
         exit_index = np.zeros(self.size, dtype=np.int32)
         confidences = np.zeros(self.size, dtype=np.float32)
