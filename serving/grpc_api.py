@@ -38,6 +38,8 @@ def _parameter_value(parameter: service_pb2.InferParameter):
 
 def _parameters(parameters, where: str) -> dict:
     """A map of InferParameter as plain values; a NaN or infinite double is no option value."""
+    if not parameters:  # (most requests: nothing to convert)
+        return {}
     values = {key: _parameter_value(value) for key, value in parameters.items()}
     for name, value in values.items():
         if isinstance(value, float) and not math.isfinite(value):
@@ -46,7 +48,7 @@ def _parameters(parameters, where: str) -> dict:
 
 
 def parse_model_infer(request: service_pb2.ModelInferRequest) -> InferRequest:
-    raw = list(request.raw_input_contents)
+    raw = request.raw_input_contents  # (indexed in place, not copied into a list)
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
     inputs = []
