@@ -37,7 +37,8 @@ class Settings(BaseSettings):
     grpc_port: int = Field(8081, ge=-1, le=65535, description="KServe v2 gRPC port (-1: no gRPC)")
     max_batch_size: int = Field(64, ge=1, le=4096, description="largest batch a stage runs")
     max_wait_ms: float = Field(2.0, ge=0, le=1000, description="longest a deep stage waits for samples upstream")
-    workers: int = Field(2, ge=1, le=256, description="concurrent backend calls")
+    workers: int = Field(2, ge=1, le=256, description="concurrent backend calls (ONNX Runtime on the CPU: at "
+                                                     "most one per core the gateway may run on)")
     intra_op_threads: int = Field(1, ge=1, le=256, description="ONNX Runtime threads per session")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="ONNX Runtime device")
     default_policy: Literal["confidence", "budget", "fixed", "full"] = Field(
