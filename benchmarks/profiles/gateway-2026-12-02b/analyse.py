@@ -1,34 +1,63 @@
-"""Before/after table of measure.sh output (JSON lines; a `window` field or one file per window)."""
-import json, statistics as st, sys
-macs=None
-m=json.load(open('/work/main/model_repository/manifest.json'))
-cum=[e['macs'] for e in m['exits']]; full_macs=m['exits'][-1]['standalone_macs']
-def frac(stages):
-    n=[stages.get(d,[0])[0] for d in ['15','25','35','45','56']]
-    return sum((n[k]-(n[k+1] if k<4 else 0))*cum[k] for k in range(5))/n[0]/full_macs
-rows=[]
-for i,f in enumerate(sys.argv[1:]):
-    for l in open(f):
-        if l.startswith('{'):
-            d=json.loads(l); d.setdefault('window', i+1); rows.append(d)
-print("| window.round | side | full: CPU/req | in backend | **outside** | req/s | early: CPU/req | in backend | outside | req/s | MACs | staging |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-agg={}
-for w in sorted(set(r['window'] for r in rows)):
-    for rnd in sorted(set(r['round'] for r in rows if r['window']==w)):
-        for side in ['before','after']:
-            fu=[r for r in rows if r['window']==w and r['round']==rnd and r['side']==side and r['policy']=='full'][0]
-            ea=[r for r in rows if r['window']==w and r['round']==rnd and r['side']==side and r['policy']=='early'][0]
-            mf=frac(ea['stage_samples_mean_batch_cpu_ms_per_sample'])
-            staging=ea['gateway_cpu_ms']-fu['outside_backend_cpu_ms']-mf*fu['backend_cpu_ms']
-            vals=dict(fcpu=fu['gateway_cpu_ms'],fb=fu['backend_cpu_ms'],fo=fu['outside_backend_cpu_ms'],ft=fu['throughput'],
-                      ecpu=ea['gateway_cpu_ms'],eb=ea['backend_cpu_ms'],eo=ea['outside_backend_cpu_ms'],et=ea['throughput'],mf=mf,stg=staging,
-                      fp99=fu['p99_ms'],ep99=ea['p99_ms'],fb_=fu['stage_samples_mean_batch_cpu_ms_per_sample']['56-direct'][1])
-            for k,v in vals.items(): agg.setdefault((side,k),[]).append(v)
-            print(f"| {w}.{rnd} | {side} | {vals['fcpu']:.3f} | {vals['fb']:.3f} | {vals['fo']:.3f} | {vals['ft']:.0f} | {vals['ecpu']:.3f} | {vals['eb']:.3f} | {vals['eo']:.3f} | {vals['et']:.0f} | {mf:.3f} | {staging:.3f} |")
-for side in ['before','after']:
-    g=lambda k: st.mean(agg[(side,k)])
-    print(f"| **mean** | {side} | **{g('fcpu'):.3f}** | {g('fb'):.3f} | **{g('fo'):.3f}** | {g('ft'):.0f} | **{g('ecpu'):.3f}** | {g('eb'):.3f} | {g('eo'):.3f} | {g('et'):.0f} | {g('mf'):.3f} | {g('stg'):.3f} |")
-for side in ['before','after']:
-    print(side, "full outside range", min(agg[(side,'fo')]), max(agg[(side,'fo')]), "stdev", round(st.stdev(agg[(side,'fo')]),3),
-          "early cpu range", min(agg[(side,'ecpu')]), max(agg[(side,'ecpu')]), "p99 full", round(st.mean(agg[(side,'fp99')]),1), "p99 early", round(st.mean(agg[(side,'ep99')]),1), "full batch", round(st.mean(agg[(side,'fb_')]),2))
+"""Before/after table of measure.sh output (JSON lines; a `window` field, or one file per window).
+
+    python3 analyse.py before-after.jsonl [MANIFEST]
+"""
+
+import json
+import statistics
+import sys
+
+DEPTHS = ["15", "25", "35", "45", "56"]
+
+
+def macs_fraction(stages: dict, cumulative: list[int], full_macs: int) -> float:
+    """Mean MACs per image over the full network's, from the samples each stage saw."""
+    seen = [stages.get(depth, [0])[0] for depth in DEPTHS]
+    left = [seen[k] - (seen[k + 1] if k + 1 < len(seen) else 0) for k in range(len(seen))]
+    return sum(n * macs for n, macs in zip(left, cumulative)) / seen[0] / full_macs
+
+
+def main() -> None:
+    paths = [arg for arg in sys.argv[1:] if arg.endswith(".jsonl")]
+    manifest_path = next((arg for arg in sys.argv[1:] if arg.endswith(".json")),
+                         "/work/main/model_repository/manifest.json")
+    manifest = json.load(open(manifest_path))
+    cumulative = [entry["macs"] for entry in manifest["exits"]]
+    full_macs = manifest["exits"][-1]["standalone_macs"]
+    rows = []
+    for index, path in enumerate(paths):
+        for line in open(path):
+            if line.startswith("{"):
+                row = json.loads(line)
+                row.setdefault("window", index + 1)
+                rows.append(row)
+    print("| window.round | side | full: CPU/req | in backend | **outside** | req/s | early: CPU/req | in backend "
+          "| outside | req/s | MACs | staging |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    values: dict[tuple[str, str], list[float]] = {}
+    for window in sorted({row["window"] for row in rows}):
+        for round_ in sorted({row["round"] for row in rows if row["window"] == window}):
+            for side in ("before", "after"):
+                def run(policy: str, side: str = side, round_: int = round_, window: int = window) -> dict:
+                    return next(row for row in rows if row["window"] == window and row["round"] == round_
+                                and row["side"] == side and row["policy"] == policy)
+                full, early = run("full"), run("early")
+                fraction = macs_fraction(early["stage_samples_mean_batch_cpu_ms_per_sample"], cumulative, full_macs)
+                staging = early["gateway_cpu_ms"] - full["outside_backend_cpu_ms"] - fraction * full["backend_cpu_ms"]
+                found = {"full_cpu": full["gateway_cpu_ms"], "full_backend": full["backend_cpu_ms"],
+                         "full_outside": full["outside_backend_cpu_ms"], "full_rps": full["throughput"],
+                         "early_cpu": early["gateway_cpu_ms"], "early_backend": early["backend_cpu_ms"],
+                         "early_outside": early["outside_backend_cpu_ms"], "early_rps": early["throughput"],
+                         "macs": fraction, "staging": staging}
+                for key, value in found.items():
+                    values.setdefault((side, key), []).append(value)
+                print(f"| {window}.{round_} | {side} | " + " | ".join(
+                    f"{value:.0f}" if key.endswith("rps") else f"{value:.3f}" for key, value in found.items()) + " |")
+    for side in ("before", "after"):
+        means = {key: statistics.mean(found) for (which, key), found in values.items() if which == side}
+        print(f"| **mean** | {side} | " + " | ".join(
+            f"{value:.0f}" if key.endswith("rps") else f"{value:.3f}" for key, value in means.items()) + " |")
+
+
+if __name__ == "__main__":
+    main()
