@@ -184,6 +184,12 @@ def test_cpu_accounting_adds_up(gateway, test_images, batch):
         cpu["cpu_s"]["gateway"] - cpu["cpu_s"]["gateway_backend"], abs=1e-3)
 
 
+def test_the_gateways_admit_every_image_a_closed_loop_has_in_flight():
+    from benchmarks.run import FULL, SHORT
+    for plan in (FULL, SHORT):  # the batched scenario at the highest level is never refused
+        assert plan.queue_images >= max(plan.concurrency) * plan.request_batch
+
+
 def test_only_loopback_targets():
     with pytest.raises(UserError, match="loopback"):
         Target("grpc", "10.1.2.3:8001", "m")
