@@ -102,13 +102,22 @@ class _Scheduler:
         return best
 
     def _must_wait(self, lane: Lane, now: float) -> bool:
-        """A deep segment whose batch is not full waits (bounded) for samples still upstream."""
+        """A deep segment whose batch is not full waits (bounded) for samples that can reach it soon:
+        in a batch running upstream, or queued upstream while another slot is free to run them. Samples
+        only queued upstream when this is the last free slot would need this very slot first: waiting
+        for them would only hold back the older samples already here (on one core, every deep stage
+        waited `max_wait_ms` behind the next first-stage batch)."""
         max_wait = self.settings.max_wait_ms / 1000
         if max_wait <= 0 or lane.direct or lane.position == 0:
             return False
         if self.queued[lane] >= self.settings.max_batch_size or now >= self._waiting_since[lane] + max_wait:
             return False
-        return any(self.in_lane[earlier] for earlier in self.segment_lanes[:lane.position])
+        another_slot = self._free - (self.settings.workers - self.slots) > 1
+        for earlier in self.segment_lanes[:lane.position]:
+            queued = self.queued[earlier]
+            if self.in_lane[earlier] > queued or (queued and another_slot):
+                return True
+        return False
 
     def _take_batch(self, lane: Lane, now: float, heap: list | None = None) -> list[_Group]:
         """Up to a maximum batch of live groups, earliest deadline first; requests whose deadline

@@ -120,6 +120,26 @@ def test_deep_stages_are_rebatched_under_concurrency(tiny_repository, manifest, 
     assert b'gateway_stage_batch_size_count{depth="8"}' in metrics.render()
 
 
+def test_a_deep_stage_does_not_wait_for_samples_that_need_its_own_slot_first(tiny_repository, manifest, images):
+    """One backend slot: request A's samples reach stage 1 while request B only queues for stage 0.
+    Waiting for B would take the one slot for B's stage 0 first, so A's stage 1 (due first) runs at once."""
+    async def run():
+        cascade, backend = make_cascade(tiny_repository, manifest, delay_s=0.05, workers=1, max_wait_ms=1000)
+        await cascade.start()
+        full = resolve_options(RequestOptions(policy="full"), exit_plan(manifest))
+        first = asyncio.ensure_future(cascade.infer(images[:1], full))
+        while not backend.calls:  # A's first stage has started (calls are recorded as they start)
+            await asyncio.sleep(0.001)
+        second = asyncio.ensure_future(cascade.infer(images[1:2], full))
+        await asyncio.gather(first, second)
+        await cascade.stop()
+        return backend.calls
+
+    calls = asyncio.run(run())
+    assert calls[:2] == [(0, 1), (1, 1)], calls
+    assert sorted(calls) == sorted([(0, 1), (1, 1), (2, 1)] * 2)
+
+
 def test_a_lone_request_does_not_wait_for_batching(tiny_repository, manifest, images):
     async def run():
         cascade, backend = make_cascade(tiny_repository, manifest, max_wait_ms=1000)
