@@ -9,7 +9,8 @@ gives each free backend slot (`workers` of them) to the lane whose first request
 has the earliest deadline, and that lane's batch takes everything queued (up to
 the maximum batch) in deadline order, so a lone request never waits; under load,
 work piles up while batches run and the next batch is larger. A deep segment whose
-batch is not full may wait up to `max_wait_ms` for samples still upstream.
+batch is not full may wait up to `max_wait_ms` for samples that can reach it (running
+upstream, or queued upstream while another slot is free).
 
 Requests are answered exactly once, whatever fails (issue 25):
 - every request has a deadline (its client's, or the server's default); a timer
