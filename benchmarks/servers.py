@@ -9,7 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchmarks.triton_launcher import LoopbackServer, free_port, http_ready, stop_process
+from benchmarks.triton_launcher import LoopbackServer, free_ports, http_ready, stop_process
 from common.paths import REPO_ROOT
 
 
@@ -17,7 +17,7 @@ class GatewayServer(LoopbackServer):
     """`python -m serving` on free loopback ports, ready when its health endpoint says so."""
 
     def __init__(self, repository: Path, *extra: str, log_path: Path | None = None, timeout: float = 120) -> None:
-        self.http_port, self.grpc_port = free_port(), free_port()
+        self.http_port, self.grpc_port = free_ports(2)
         command = [sys.executable, "-m", "serving", "--model-repository", str(repository), "--host", "127.0.0.1",
                    "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), *extra]
         self.log_path = log_path

@@ -27,10 +27,21 @@ class TritonUnavailable(RuntimeError):
     """The Triton virtualenv or its server binary is missing."""
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports: every socket stays bound until all are chosen (ports picked
+    one after another can repeat: Triton refused to start with its gRPC and metrics ports equal)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def http_ready(address: str) -> bool:
@@ -123,7 +134,7 @@ class TritonServer(LoopbackServer):
     log_path: Path | None = None
 
     def __post_init__(self) -> None:
-        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         self.process: subprocess.Popen | None = None
 
     def start(self) -> TritonServer:

@@ -190,6 +190,13 @@ def test_the_gateways_admit_every_image_a_closed_loop_has_in_flight():
         assert plan.queue_images >= max(plan.concurrency) * plan.request_batch
 
 
+def test_free_ports_are_distinct():
+    from benchmarks.triton_launcher import free_ports
+    for _ in range(50):  # one after another, ports can repeat; chosen together they never do
+        ports = free_ports(3)
+        assert len(set(ports)) == 3 and all(port > 0 for port in ports)
+
+
 def test_only_loopback_targets():
     with pytest.raises(UserError, match="loopback"):
         Target("grpc", "10.1.2.3:8001", "m")

@@ -8,7 +8,7 @@ import sys
 import httpx
 import pytest
 
-from benchmarks.triton_launcher import free_port
+from benchmarks.triton_launcher import free_ports
 
 from .conftest import REPO_ROOT
 
@@ -23,7 +23,7 @@ def _dockerfile():
 def test_the_image_entrypoint_serves_with_the_image_environment(tiny_repository):
     env, entrypoint = _dockerfile()
     assert entrypoint == ["python", "-m", "serving"] and env["EE_MODEL_REPOSITORY"] == "/models"
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port = free_ports(2)
     # The image's settings, with the repository and loopback ports of this test.
     env.update(EE_MODEL_REPOSITORY=str(tiny_repository), EE_HOST="127.0.0.1", EE_HTTP_PORT=str(http_port),
                EE_GRPC_PORT=str(grpc_port))

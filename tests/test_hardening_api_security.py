@@ -23,7 +23,7 @@ import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from benchmarks.triton_launcher import free_port
+from benchmarks.triton_launcher import free_ports
 from common.paths import REPO_ROOT
 
 from .conftest import GatewayProcess
@@ -299,7 +299,7 @@ def _self_signed_certificate(directory) -> tuple:
 
 def test_tls_for_http_and_grpc(tiny_repository, tmp_path):
     cert, key = _self_signed_certificate(tmp_path)
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port = free_ports(2)
     log = tmp_path / "gateway.log"
     with open(log, "wb") as output:
         process = subprocess.Popen([sys.executable, "-m", "serving", "--model-repository", str(tiny_repository),

@@ -401,7 +401,7 @@ def test_the_images_entrypoint_with_the_configmaps_environment_serves_through_tr
     import numpy as np
     import tritonclient.http as httpclient
 
-    from benchmarks.triton_launcher import free_port
+    from benchmarks.triton_launcher import free_ports
 
     from .test_deployment import _dockerfile
 
@@ -409,7 +409,7 @@ def test_the_images_entrypoint_with_the_configmaps_environment_serves_through_tr
     deployment = _find(RENDERED[overlay], "Deployment", "early-exit-gateway")
     gateway = _container(deployment, "gateway")
     data = dict(_find(RENDERED[overlay], "ConfigMap", "early-exit-gateway")["data"])
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port = free_ports(2)
     data.update(EE_TRITON_URL=triton.grpc_url if data["EE_TRITON_PROTOCOL"] == "grpc" else triton.http_url,
                 EE_MODEL_REPOSITORY=str(tiny_repository), EE_HOST="127.0.0.1",
                 EE_HTTP_PORT=str(http_port), EE_GRPC_PORT=str(grpc_port))

@@ -350,14 +350,14 @@ def test_triton_backend_swaps_a_new_version_under_load_through_model_control(tin
     while version 2 serves): again no failure, and version 3's answers after that swap."""
     import subprocess
 
-    from benchmarks.triton_launcher import free_port, http_ready, server_command, stop_process
+    from benchmarks.triton_launcher import free_ports, http_ready, server_command, stop_process
 
     repository = fresh_copy(tiny_repository, tmp_path)
     assert "num_versions: 2" in (repository / read_manifest(repository).exits[0].segment_model.name
                                  / "config.pbtxt").read_text()
     images = images_for(repository)
     old = final_logits(repository, MODEL, images)
-    ports = free_port(), free_port(), free_port()
+    ports = tuple(free_ports(3))
     command, env = server_command(triton_venv, repository, *ports)
     triton_log = open(tmp_path / "triton.log", "wb")
     triton = subprocess.Popen([*command, "--model-control-mode=explicit", "--load-model=*"], env=env,
