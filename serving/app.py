@@ -266,8 +266,7 @@ class Gateway:
                                            max_queue_images=queue_images,
                                            health_interval_s=settings.health_interval_ms / 1000,
                                            backend_nice=settings.backend_nice, budget_reserve=settings.budget_reserve,
-                                           optional_nice=optional_nice(settings),
-                                           chain_stages=settings.chain_stages)
+                                           optional_nice=optional_nice(settings))
         fallback = None
         if settings.backend == "triton" and settings.triton_fallback and backend.name == "triton":
             fallback = stage_backend(settings.model_copy(update={"backend": "onnxruntime"}), manifest)

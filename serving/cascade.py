@@ -46,16 +46,12 @@ event loop. The per-request and per-stage cost is kept small (issue 19): one
 hand-off to a backend thread per batch (a queue put) and one call back to the
 event loop per batch (`call_soon_threadsafe`), no task or future per batch; one
 float32 softmax per batch; a request answered by one batch keeps that batch's rows.
-With one slot (`slots`, `chain_stages`) a batch's samples that go on run the next
-segment at once in the same backend thread, the decisions made there, and only the
-answers go to the event loop (`cascade_chain`).
 
 This module owns the `Cascade` (its state, life cycle, admission of requests and their queues) and its
 settings; the rest lives beside it and is mixed in or imported (every name stays importable from here):
 `cascade_records` (requests, groups, results), `cascade_lanes` (lanes and their cost model),
 `cascade_admission` (queue bound, refusals, draining), `cascade_scheduler` (the scheduler core:
-batches, backend threads, dispatch), `cascade_chain` (a batch's next stages at once, with one slot)
-and `cascade_estimates` (time estimates for the budget policy).
+batches, backend threads, dispatch) and `cascade_estimates` (time estimates for the budget policy).
 """
 
 from __future__ import annotations
@@ -76,7 +72,6 @@ import numpy as np
 
 from serving.backends import StageBackend
 from serving.cascade_admission import _Admission, default_queue_images, until_quiet
-from serving.cascade_chain import _Chain
 from serving.cascade_estimates import _BudgetEstimates
 from serving.cascade_lanes import Lane, LaneCost, _Backlog
 from serving.cascade_records import NO_DEADLINE_ORDER_S, OPTIONAL_ORDER_S, CascadeResult, _BatchScores, _Group, _Request
@@ -127,12 +122,9 @@ class CascadeSettings:
     # saturated core they yield to the mandatory work when it is higher than `backend_nice` (None: no such
     # thread, they share the slots; the gateway's --optional-nice).
     optional_nice: int | None = None
-    # With one backend slot, the samples of a batch that go on run the next segment at once in the same
-    # backend thread (`cascade_chain`), without a round trip through the event loop per stage.
-    chain_stages: bool = True
 
 
-class Cascade(_Scheduler, _Chain, _BudgetEstimates, _Admission):
+class Cascade(_Scheduler, _BudgetEstimates, _Admission):
     """The gateway's cascade over one backend (and its fallback): `start`, `infer`, `stop`."""
 
     def __init__(self, backend: StageBackend, plan: ExitPlan, settings: CascadeSettings,
@@ -149,7 +141,6 @@ class Cascade(_Scheduler, _Chain, _BudgetEstimates, _Admission):
         self.direct_lanes = [Lane(position, direct=True) for position in range(stages)] if self.direct else []
         self.lanes = [*self.segment_lanes, *self.direct_lanes]
         self.queues: dict[Lane, list] = {lane: [] for lane in self.lanes}  # heaps of (key, sequence, group)
-        self._heaps = list(self.queues.values())  # (what a backend thread reads: `_due_before`)
         # With an optional slot, the budget requests' optional groups wait in heaps of their own, per segment.
         self.optional_queues: dict[Lane, list] = {lane: [] for lane in self.segment_lanes}
         self.queued: dict[Lane, int] = dict.fromkeys(self.lanes, 0)  # live samples waiting in each lane
@@ -174,7 +165,6 @@ class Cascade(_Scheduler, _Chain, _BudgetEstimates, _Admission):
         self.last_refusal = 0.0  # time.monotonic() of the last request refused while stopping
         self.dropped = {"expired": 0, "cancelled": 0, "failed": 0}  # samples dropped from queues
         self.failed_batches = 0
-        self.chained = 0  # stage batches whose samples that went on ran the next segment at once (one slot)
         self.gave_up = 0  # samples of budget requests answered from the exit they passed (no time left)
         self._has_health = callable(getattr(backend, "healthy", None))
         # Stages that take the request's images again (a composed cascade's later networks), not activations.

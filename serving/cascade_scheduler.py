@@ -189,63 +189,33 @@ class _Scheduler:
             self._batch_failed(lane, groups, error)
             return
         latest = max(group.request.deadline for group in groups)
-        (self._optional_jobs if optional else self._jobs).put((lane, groups, batch, latest, optional,
-                                                               self._chains(lane, optional)))
+        (self._optional_jobs if optional else self._jobs).put((lane, groups, batch, latest, optional))
 
     def _backend_thread(self, jobs: queue.SimpleQueue, nice: int) -> None:
-        """A backend thread: runs batches, hands each outcome back to the event loop in one call. A
-        chained batch's samples that go on run the next segment here at once (`cascade_chain`)."""
+        """A backend thread: runs batches, hands each outcome back to the event loop in one call."""
         if nice:  # below the event loop: it admits, refuses and answers first
             with contextlib.suppress(OSError, AttributeError):
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
         while (job := jobs.get()) is not None:
-            lane, groups, batch, deadline, optional, chain = job
-            while True:
-                outcome, started, finished, cpu = self._run_stage(lane, batch, deadline)
-                if chain and not isinstance(outcome, BaseException):
-                    try:
-                        step = self._chain_step(lane, groups, outcome)
-                    except Exception as error:  # fails this batch's requests, on the event loop
-                        step, outcome = None, error
-                    if step is not None:
-                        next_groups, next_batch, decided = step
-                        going = len(next_batch) if next_groups else 0
-                        if not self._post(self._apply_chained, lane, groups, len(batch), decided, going,
-                                          started, finished, cpu, not next_groups):
-                            break
-                        if not next_groups:
-                            break
-                        lane, groups, batch = self.segment_lanes[lane.position + 1], next_groups, next_batch
-                        deadline = max(group.request.deadline for group in groups)
-                        chain = lane.position < self.stages - 1
-                        continue
-                self._post(self._finish_batch, lane, groups, len(batch), outcome, started, finished, cpu, optional)
-                break
-
-    def _run_stage(self, lane: Lane, batch: np.ndarray, deadline: float) -> tuple:
-        """(Backend thread) one backend call: (logits and features, or the error), its start and end
-        (time.monotonic()) and the thread's CPU seconds in it."""
-        backend = self.backend if self.backend_ready or self.fallback is None else self.fallback
-        started, cpu = time.monotonic(), time.thread_time()
-        try:
-            kwargs = {}
-            if self._timeouts and backend is self.backend and deadline < math.inf:
-                kwargs["timeout_s"] = max(0.001, deadline - started)
-            if lane.direct:
-                outcome = backend.run_exit(lane.position, batch, **kwargs), None
-            else:
-                outcome = backend.run(lane.position, batch, **kwargs)
-        except Exception as error:  # a failing backend fails this batch's requests, not the worker
-            outcome = error
-        return outcome, started, time.monotonic(), time.thread_time() - cpu
-
-    def _post(self, callback, *args) -> bool:
-        """(Backend thread) `callback(*args)` on the event loop; False if the loop is closed (nobody waits)."""
-        try:
-            self._loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:
-            return False
-        return True
+            lane, groups, batch, deadline, optional = job
+            backend = self.backend if self.backend_ready or self.fallback is None else self.fallback
+            started, cpu = time.monotonic(), time.thread_time()
+            try:
+                kwargs = {}
+                if self._timeouts and backend is self.backend and deadline < math.inf:
+                    kwargs["timeout_s"] = max(0.001, deadline - started)
+                if lane.direct:
+                    outcome = backend.run_exit(lane.position, batch, **kwargs), None
+                else:
+                    outcome = backend.run(lane.position, batch, **kwargs)
+            except Exception as error:  # a failing backend fails this batch's requests, not the worker
+                outcome = error
+            cpu = time.thread_time() - cpu
+            try:
+                self._loop.call_soon_threadsafe(self._finish_batch, lane, groups, len(batch), outcome, started,
+                                                time.monotonic(), cpu, optional)
+            except RuntimeError:  # the event loop is closed: nobody waits for this batch
+                pass
 
     def _finish_batch(self, lane: Lane, groups: list[_Group], size: int, outcome, started: float,
                       finished: float, cpu_seconds: float, optional: bool = False) -> None:

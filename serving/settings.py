@@ -92,9 +92,6 @@ class Settings(BaseSettings):
                                       "higher: they yield more CPU, and more of them are answered from the exit "
                                       "they passed); default --backend-nice; -1: no such thread, they share the "
                                       "--workers slots")
-    chain_stages: bool = Field(True, description="with one backend slot (ONNX Runtime on one core), the "
-                               "samples of a batch that go on run the next segment at once in the same thread, "
-                               "without a round trip through the event loop per stage")
     budget_reserve: float = Field(0.2, ge=0, lt=1, description="share of a latency budget the budget policy "
                                   "keeps for what the cascade does not see (front end, transport, the client): "
                                   "a request goes on to the next stage only if it would finish before the rest")
