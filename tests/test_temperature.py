@@ -43,3 +43,15 @@ def test_cli_calibrates_the_early_exits_only(tiny_checkpoint, imagefolder, tmp_p
     again = run_module("training.temperature", "--checkpoint", str(output), "--data", str(imagefolder),
                        "--output", str(tmp_path / "twice.safetensors"))
     assert again.returncode != 0 and "already temperature-scaled" in again.stderr
+
+
+def test_cli_final_scales_every_exit_for_the_front_of_a_composed_cascade(tiny_checkpoint, imagefolder, tmp_path):
+    output = tmp_path / "front.safetensors"
+    result = run_module("training.temperature", "--checkpoint", str(tiny_checkpoint), "--data", str(imagefolder),
+                        "--output", str(output), "--final")
+    assert result.returncode == 0, result.stderr
+    original, _ = load_checkpoint(tiny_checkpoint)
+    model, meta = load_checkpoint(output)
+    fitted = meta.training["temperatures"]["exits"]
+    assert [entry["depth"] for entry in fitted] == original.exit_depths
+    torch.testing.assert_close(model.heads[-1].fc.weight, original.heads[-1].fc.weight / fitted[-1]["temperature"])

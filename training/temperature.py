@@ -7,8 +7,10 @@ For every early exit, the temperature T that minimises the negative log-likeliho
 its held-out logits (Guo et al., 2017) is found, and the head's last linear layer is
 divided by it, so the exported logits are already calibrated and every confidence score
 (max probability, margin, entropy) the policies use comes from calibrated probabilities.
-Predictions do not change (argmax is scale-free); the final exit is left as it is. The
-temperatures and their held-out NLL before and after are recorded in the checkpoint.
+Predictions do not change (argmax is scale-free); the final exit is left as it is, unless
+`--final` (a network that goes in front of another in a composed cascade, `export.compose`,
+where its last exit is an early one too). The temperatures and their held-out NLL before and
+after are recorded in the checkpoint.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="where to write the calibrated checkpoint")
     parser.add_argument("--data", type=Path, default=None, help="dataset (default: the checkpoint's)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    parser.add_argument("--final", action="store_true", help="scale the final exit too (for the first network "
+                        "of a composed cascade, whose final exit is an early one of the cascade)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     labels = torch.as_tensor(train.labels[heldout_idx])
     logits = exit_logits(model, train.images[heldout_idx], metadata.normalization.mean, metadata.normalization.std)
     fitted = []
-    for spec, head, exit_out in zip(model.exits[:-1], model.heads[:-1], logits[:-1]):
+    scaled = len(model.exits) if args.final else len(model.exits) - 1
+    for spec, head, exit_out in zip(model.exits[:scaled], model.heads[:scaled], logits[:scaled]):
         temperature = fit_temperature(exit_out, labels)
         before = F.cross_entropy(exit_out.double(), labels).item()
         after = F.cross_entropy(exit_out.double() / temperature, labels).item()
