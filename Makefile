@@ -4,6 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHECKPOINT ?= checkpoints/mwresnet56_5.safetensors
+# The served cascade: a small network's exits (ResNet-20, temperature-scaled) in front of the
+# reference's exits 45 and 56 (export.compose; README.md, "The reference checkpoint", says where each comes from).
+FRONT_CHECKPOINT ?= checkpoints/mwresnet20_3.safetensors
+REFERENCE_EXITS ?= 45,56
+MODEL_NAME ?= r20_r56
 
 .PHONY: setup triton serve test lint evaluate bench robustness clean seed-curves
 
@@ -33,15 +38,16 @@ REPOSITORY ?= model_repository
 HTTP_PORT ?= 8080
 GRPC_PORT ?= 8081
 
-# The main job: the gateway on embedded ONNX Runtime with the reference model.
-# The repository is generated from the committed checkpoint when missing: export
+# The main job: the gateway on embedded ONNX Runtime with the reference cascade.
+# The repository is generated from the committed checkpoints when missing: export
 # (validated against PyTorch), latency profile, thresholds calibrated on held-out data.
 serve: $(STAMP) $(REPOSITORY)/manifest.json
 	$(BIN)/python -m serving --model-repository $(REPOSITORY) --backend onnxruntime \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT)
 
-$(REPOSITORY)/manifest.json: $(CHECKPOINT)
-	$(BIN)/python export/to_onnx.py --checkpoint $(CHECKPOINT) --output $(REPOSITORY) --backend python --force
+$(REPOSITORY)/manifest.json: $(FRONT_CHECKPOINT) $(CHECKPOINT)
+	$(BIN)/python -m export.compose --stage $(FRONT_CHECKPOINT) --stage $(CHECKPOINT):$(REFERENCE_EXITS) \
+		--name $(MODEL_NAME) --model-repository $(REPOSITORY) --backend python --force
 	$(BIN)/python -m export.profile --model-repository $(REPOSITORY) --repeats 10
 	$(BIN)/python -m benchmarks.calibrate --model-repository $(REPOSITORY) --max-drop 0.5
 

@@ -9,7 +9,7 @@ the gRPC-to-HTTP mapping (google.rpc.Code) puts DEADLINE_EXCEEDED; no 4xx means 
 client too slow to send its request).
 
     python -m benchmarks.fuzz --requests 50000                       # a gateway started here
-    python -m benchmarks.fuzz --http 127.0.0.1:8080 --grpc 127.0.0.1:8081 --model mwresnet56_5
+    python -m benchmarks.fuzz --http 127.0.0.1:8080 --grpc 127.0.0.1:8081 --model r20_r56
 
 Every request starts from a valid one and is mutated: a field replaced by any JSON value
 (nested, huge integers, NaN and Infinity), a shape of booleans or overflowing sizes, a wrong

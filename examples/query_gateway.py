@@ -27,14 +27,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--http", default="127.0.0.1:8080")
     parser.add_argument("--grpc", default="127.0.0.1:8081")
-    parser.add_argument("--model", default="mwresnet56_5")
+    parser.add_argument("--model", default=None,
+                        help="model name (default: the first ready model in the gateway's repository index)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset with a test split")
     parser.add_argument("--count", type=int, default=16, help="images to send")
     args = parser.parse_args()
 
+    http = httpclient.InferenceServerClient(args.http)
+    if args.model is None:
+        ready = [m["name"] for m in http.get_model_repository_index() if m.get("state") == "READY"]
+        if not ready:
+            parser.error(f"the gateway at {args.http} has no ready model")
+        args.model = ready[0]
+    print(f"model {args.model}")
     # The model's own input (C, H, W), from the gateway's KServe v2 metadata: uploads of other data
     # are converted to it here, as the gateway would for /v1/classify.
-    metadata = httpclient.InferenceServerClient(args.http).get_model_metadata(args.model)
+    metadata = http.get_model_metadata(args.model)
     test = load_split_for_model(args.data, "test", metadata["inputs"][0]["shape"][1:])
     chosen = np.random.default_rng(0).permutation(len(test))[: args.count]
     images, labels = test.images[chosen], test.labels[chosen]  # uint8 NHWC, normalised by the gateway

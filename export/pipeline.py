@@ -46,10 +46,11 @@ def add_export_arguments(parser: argparse.ArgumentParser, backends=BACKENDS, def
 
 def add_writer_arguments(parser: argparse.ArgumentParser, backends=BACKENDS, default_backend="python") -> None:
     """Options of validation and of the repository writer (shared by to_onnx, to_trt and compose)."""
+    described = {"python": "python: model.py running ONNX Runtime (loads in the CPU tritonserver of nvidia-pytriton)",
+                 "onnxruntime": "onnxruntime: onnxruntime_onnx platform (full Triton image)",
+                 "tensorrt": "tensorrt: tensorrt_plan engines"}
     parser.add_argument("--backend", choices=backends, default=default_backend,
-                        help="python: model.py running ONNX Runtime (loads in the CPU tritonserver of "
-                             "nvidia-pytriton); onnxruntime: onnxruntime_onnx platform (full Triton image); "
-                             "tensorrt: tensorrt_plan engines")
+                        help="; ".join(described[name] for name in backends))
     parser.add_argument("--data", type=Path, default=None,
                         help="dataset for validation images (default: the checkpoint's own)")
     parser.add_argument("--validation-images", type=int, default=1000,

@@ -289,8 +289,9 @@ def test_the_example_client_runs_as_written(gateway, imagefolder):
     from .conftest import REPO_ROOT
 
     result = subprocess.run([sys.executable, "examples/query_gateway.py", "--http", gateway.http_url, "--grpc",
-                             gateway.grpc_url, "--model", MODEL, "--data", str(imagefolder), "--count", "6"],
+                             gateway.grpc_url, "--data", str(imagefolder), "--count", "6"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+    assert f"model {MODEL}\n" in result.stdout  # no --model: the gateway's first ready model
     assert "HTTP: exit depths" in result.stdout and "gRPC: accuracy" in result.stdout
     assert result.stdout.count("classify: image") == 4
