@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.calibration import (
+    DROP_MEASURES,
     calibrate_accuracy_drop,
     calibrate_compute_budget,
     calibrate_with_guarantee,
@@ -38,13 +39,16 @@ DEFAULT_MARGIN = 1.0
 
 def calibrate(outputs: ExitOutputs, macs, score: str = "max_prob", max_drop: float | None = 0.005,
               macs_budget: float | None = None, guarantee: bool = False, delta: float = 0.1,
-              full_macs: float | None = None, margin: float = DEFAULT_MARGIN) -> tuple[np.ndarray, dict]:
+              full_macs: float | None = None, margin: float = DEFAULT_MARGIN,
+              drop_measure: str = "net") -> tuple[np.ndarray, dict]:
     """Thresholds and a description of how they were chosen (drops and budgets as fractions).
 
     `macs`: what reaching each exit costs through the cascade; `full_macs`: the network
     without early exits, which budgets and fractions refer to (default: the last exit's `macs`).
     `margin`: standard errors by which the held-out drop must clear `max_drop` (see
-    `benchmarks.calibration.pick_accuracy_drop`).
+    `benchmarks.calibration.pick_accuracy_drop`). `drop_measure`: `net` (final exit's accuracy
+    minus the cascade's) or `lost` (the final exit's right answers the cascade gets wrong;
+    `benchmarks.calibration.drop_correctness`).
     """
     scores, correct = outputs.scores(score), outputs.correct()
     macs = np.asarray(macs, np.float64)
@@ -59,8 +63,9 @@ def calibrate(outputs: ExitOutputs, macs, score: str = "max_prob", max_drop: flo
                        guarantee=f"with probability >= {1 - delta:g}, the expected accuracy drop against the final "
                                  f"exit on new i.i.d. data is at most {max_drop * 100:g} points")
     else:
-        thresholds = calibrate_accuracy_drop(scores, correct, macs, max_drop, margin=margin)
-        details.update(method="accuracy_drop", max_drop=max_drop, margin_standard_errors=margin)
+        thresholds = calibrate_accuracy_drop(scores, correct, macs, max_drop, margin=margin, measure=drop_measure)
+        details.update(method="accuracy_drop", max_drop=max_drop, margin_standard_errors=margin,
+                       drop_measure=drop_measure)
     outcome = evaluate(scores, correct, macs, thresholds)
     details.update(heldout_size=int(scores.shape[1]), heldout_final_acc=float(correct[-1].mean()),
                    heldout_acc=outcome.accuracy, heldout_macs_fraction=outcome.mean_macs / full_macs,
@@ -94,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="standard errors by which the held-out drop must clear --max-drop: the cheapest of "
                              "many feasible thresholds tends to be one whose drop the held-out split underestimates "
                              f"(default {DEFAULT_MARGIN:g}; 0 = the drop as measured)")
+    parser.add_argument("--drop-measure", choices=DROP_MEASURES, default="net",
+                        help="what --max-drop bounds: net = the final exit's accuracy minus the cascade's "
+                             "(default); lost = the share of images the final exit gets right and the cascade "
+                             "wrong (no credit for an early exit beating the final one on held-out)")
     parser.add_argument("--score", choices=SCORES, default="max_prob")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="checkpoint whose held-out split to use (default: the one the manifest names)")
@@ -116,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     outputs = compute_exit_outputs(args.model_repository, manifest, images, labels, args.threads)
     thresholds, details = calibrate(outputs, [e.macs for e in manifest.exits], args.score,
                                     args.max_drop / 100, args.macs_budget, args.guarantee, args.delta,
-                                    full_macs=manifest.full_macs, margin=args.margin)
+                                    full_macs=manifest.full_macs, margin=args.margin,
+                                    drop_measure=args.drop_measure)
     write_manifest(args.model_repository, apply_thresholds(manifest, thresholds, details))
     print(f"{details['method']} on {details['heldout_size']} held-out images ({args.score}):")
     for entry, threshold, share in zip(manifest.exits, thresholds, details["heldout_exit_share"]):

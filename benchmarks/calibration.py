@@ -5,7 +5,11 @@ Arrays are indexed [exit, sample]: `scores` (confidence, higher = surer) and
 exit whose score reaches the exit's threshold; the last exit always answers.
 
 - `calibrate_accuracy_drop`: lowest mean MACs with held-out accuracy at most
-  `max_drop` below the final exit's.
+  `max_drop` below the final exit's (`measure="net"`), or with at most `max_drop` of the
+  samples the final exit gets right answered wrongly (`measure="lost"`: answers an early
+  exit gets right where the final exit does not earn nothing, so the choice does not lean on
+  an early exit that beats the final one on the held-out split by chance; the net drop is at
+  most the lost share on any data).
 - `calibrate_compute_budget`: best held-out accuracy with mean MACs within a budget.
   Both pick from one accuracy/MACs Pareto frontier over per-exit thresholds on a
   fine grid of score quantiles (`threshold_frontier`: a greedy trade-off path, then
@@ -30,6 +34,20 @@ from dataclasses import dataclass
 import numpy as np
 
 NEVER = 2.0  # a threshold no score reaches (scores lie in [0, 1])
+DROP_MEASURES = ("net", "lost")
+
+
+def drop_correctness(correct: np.ndarray, measure: str = "net") -> np.ndarray:
+    """The per-exit correctness a drop target is measured on (see the module docstring).
+
+    `net`: the exits' own. `lost`: a sample the final exit gets wrong counts as right at every
+    exit, so final accuracy - cascade accuracy becomes the share of samples the final exit gets
+    right and the cascade wrong.
+    """
+    if measure not in DROP_MEASURES:
+        raise ValueError(f"drop measure {measure!r}: one of {', '.join(DROP_MEASURES)}")
+    correct = np.asarray(correct, bool)
+    return correct if measure == "net" else correct | ~correct[-1]
 
 
 @dataclass(frozen=True)
@@ -262,8 +280,10 @@ def cached_frontier(scores, correct, macs, candidates: int = 200) -> list[tuple[
 
 
 def calibrate_accuracy_drop(scores, correct, macs, max_drop: float, candidates: int = 200,
-                            margin: float = 0.0) -> np.ndarray:
-    """Thresholds that save the most MACs with accuracy >= final exit's - max_drop (see `pick_accuracy_drop`)."""
+                            margin: float = 0.0, measure: str = "net") -> np.ndarray:
+    """Thresholds that save the most MACs with a drop of at most max_drop against the final exit,
+    measured as `measure` says (`drop_correctness`; see `pick_accuracy_drop` for the margin)."""
+    correct = drop_correctness(correct, measure)
     return pick_accuracy_drop(cached_frontier(scores, correct, macs, candidates), correct, max_drop, margin)
 
 

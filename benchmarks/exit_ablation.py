@@ -37,7 +37,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.calibration import evaluate, oracle, pick_accuracy_drop, threshold_frontier
+from benchmarks.calibration import (
+    DROP_MEASURES,
+    drop_correctness,
+    evaluate,
+    oracle,
+    pick_accuracy_drop,
+    threshold_frontier,
+)
 from common.errors import UserError, run_cli
 from common.provenance import git_commit, machine_description, utc_timestamp
 from training.checkpoint import load_checkpoint
@@ -149,15 +156,17 @@ def transform(fit_logits: np.ndarray, fit_labels: np.ndarray, mode: str):
 
 
 def cascade(fit: tuple[np.ndarray, np.ndarray], measure: tuple[np.ndarray, np.ndarray], macs: np.ndarray,
-            full_macs: float, mode: str, max_drop: float, margin: float = 0.0) -> dict:
-    """Calibrate on `fit`, measure on `measure`; the drop is against the plain final exit."""
+            full_macs: float, mode: str, max_drop: float, margin: float = 0.0, drop_measure: str = "net") -> dict:
+    """Calibrate on `fit`, measure on `measure`; the drop is against the plain final exit (the target
+    bounds it as `drop_measure` says; the figures returned are net drops)."""
     function = transform(*fit, mode)
     fit_logits, fit_labels = function(fit[0]), fit[1]
     measure_logits, measure_labels = function(measure[0]), measure[1]
     probabilities = np.exp(log_softmax(fit_logits))
-    frontier = threshold_frontier(probabilities.max(-1), probabilities.argmax(-1) == fit_labels, macs)
     # The drop is against the plain final exit: its correctness is the last row.
     fit_correct = np.concatenate([probabilities.argmax(-1) == fit_labels, (fit[0][-1:].argmax(-1) == fit_labels)])
+    fit_correct = drop_correctness(fit_correct, drop_measure)
+    frontier = threshold_frontier(probabilities.max(-1), fit_correct[:-1], macs)
     thresholds = pick_accuracy_drop(frontier, fit_correct, max_drop, margin)
     measured = np.exp(log_softmax(measure_logits))
     correct = measured.argmax(-1) == measure_labels
@@ -169,15 +178,21 @@ def cascade(fit: tuple[np.ndarray, np.ndarray], measure: tuple[np.ndarray, np.nd
             "exit_acc": correct.mean(axis=1).tolist(), "thresholds": thresholds.tolist()}
 
 
-def two_fold(logits: Logits, mode: str, max_drop: float, margin: float = 0.0, seed: int = 0) -> dict:
-    """Calibrate on one half of the held-out split, measure on the other, both ways; averaged."""
-    order = np.random.default_rng(seed).permutation(len(logits.heldout_labels))
-    halves = [order[: len(order) // 2], order[len(order) // 2:]]
-    results = [cascade((logits.heldout[:, a], logits.heldout_labels[a]), (logits.heldout[:, b],
-                       logits.heldout_labels[b]), logits.macs, logits.full_macs, mode, max_drop, margin)
-               for a, b in (halves, halves[::-1])]
-    return {key: float(np.mean([r[key] for r in results])) for key in ("acc", "drop_pt", "macs_fraction",
-                                                                       "oracle_macs_fraction")}
+def two_fold(logits: Logits, mode: str, max_drop: float, margin: float = 0.0, seed: int = 0,
+             measure: str = "net", repeats: int = 1) -> dict:
+    """Calibrate on one half of the held-out split, measure on the other, both ways; averaged over
+    `repeats` random halvings (seeds seed, seed + 1, ...); `drop_pt_sd`: the spread of the folds' drops."""
+    results = []
+    for repeat in range(repeats):
+        order = np.random.default_rng(seed + repeat).permutation(len(logits.heldout_labels))
+        halves = [order[: len(order) // 2], order[len(order) // 2:]]
+        results += [cascade((logits.heldout[:, a], logits.heldout_labels[a]), (logits.heldout[:, b],
+                            logits.heldout_labels[b]), logits.macs, logits.full_macs, mode, max_drop, margin,
+                            measure) for a, b in (halves, halves[::-1])]
+    summary = {key: float(np.mean([r[key] for r in results]))
+               for key in ("acc", "drop_pt", "macs_fraction", "oracle_macs_fraction")}
+    summary["drop_pt_sd"] = float(np.std([r["drop_pt"] for r in results], ddof=1))
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
                              "exit and the one before it) (default: plain,temperature,ensemble)")
     parser.add_argument("--margins", default="0",
                         help="comma-separated standard-error margins of the drop constraint to compare (default 0)")
+    parser.add_argument("--drop-measures", default="net",
+                        help="comma-separated: what the target bounds (benchmarks.calibration.drop_correctness): "
+                             "net = final accuracy - cascade accuracy; lost = share of the final exit's right "
+                             "answers the cascade gets wrong (default: net)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="random halvings of the held-out split for the 2-fold figures (default 1)")
     parser.add_argument("--test", action="store_true", help="also calibrate on all held-out and measure on test")
     parser.add_argument("--output", type=Path, required=True, help="writes <output>.json and <output>.md")
     parser.add_argument("--threads", type=int, default=0)
@@ -204,22 +225,27 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--margins: {args.margins!r} is not a list of numbers") from None
     if not set(modes) <= {"plain", "temperature", "ensemble", "pair"}:
         raise UserError(f"--modes: unknown mode in {args.modes!r}")
+    measures = args.drop_measures.split(",")
+    if not set(measures) <= set(DROP_MEASURES):
+        raise UserError(f"--drop-measures: one or more of {', '.join(DROP_MEASURES)}, not {args.drop_measures!r}")
+    if args.repeats < 1:
+        raise UserError("--repeats must be at least 1")
     rows = []
     for path in args.checkpoints:
         logits = candidate_logits(path, args.test)
         heldout_acc = (logits.heldout.argmax(-1) == logits.heldout_labels).mean(axis=1)
-        for mode in modes:
-            for margin in margins:
-                row = {"checkpoint": path, "mode": mode, "margin": margin,
-                       "heldout_exit_acc": heldout_acc.tolist(),
-                       "exit_macs_fraction": (logits.macs / logits.full_macs).tolist(),
-                       "heldout_2fold": two_fold(logits, mode, args.max_drop / 100, margin)}
-                if args.test:
-                    row["test"] = cascade((logits.heldout, logits.heldout_labels),
-                                          (logits.test, logits.test_labels), logits.macs, logits.full_macs, mode,
-                                          args.max_drop / 100, margin)
-                rows.append(row)
-                print(render_row(row), flush=True)
+        for mode, measure, margin in ((a, b, c) for a in modes for b in measures for c in margins):
+            row = {"checkpoint": path, "mode": mode, "drop_measure": measure, "margin": margin,
+                   "heldout_exit_acc": heldout_acc.tolist(),
+                   "exit_macs_fraction": (logits.macs / logits.full_macs).tolist(),
+                   "heldout_2fold": two_fold(logits, mode, args.max_drop / 100, margin, measure=measure,
+                                             repeats=args.repeats)}
+            if args.test:
+                row["test"] = cascade((logits.heldout, logits.heldout_labels),
+                                      (logits.test, logits.test_labels), logits.macs, logits.full_macs, mode,
+                                      args.max_drop / 100, margin, measure)
+            rows.append(row)
+            print(render_row(row), flush=True)
     result = {"rows": rows, "max_drop_pt": args.max_drop, "command": "python -m benchmarks.exit_ablation "
               + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
               "commit": git_commit(), "machine": machine_description(), "date": utc_timestamp()}
@@ -252,7 +278,8 @@ def label(candidate: str) -> str:
 
 def render_row(row: dict) -> str:
     parts = [("2-fold", row["heldout_2fold"])] + ([("test", row["test"])] if "test" in row else [])
-    text = (f"{label(row['checkpoint']):>16} {row['mode']:>11} m{row['margin']:g}: held-out exits "
+    text = (f"{label(row['checkpoint']):>16} {row['mode']:>11} {row.get('drop_measure', 'net')} "
+            f"m{row['margin']:g}: held-out exits "
             + _accuracies(row["heldout_exit_acc"], "/"))
     for name, part in parts:
         macs, drop, best = _figures(part)
@@ -266,12 +293,12 @@ def render_markdown(result: dict) -> str:
              "Held-out: thresholds calibrated on one half of the held-out split, measured on the other, "
              "both ways (mean)." + (" Test: calibrated on the whole held-out split, measured once on test."
                                     if with_test else ""), "",
-             "| checkpoint | scores | margin | held-out acc per exit (%) | 2-fold mean MACs | 2-fold drop (pt) "
-             "| 2-fold oracle |"
+             "| checkpoint | scores | drop measure | margin | held-out acc per exit (%) | 2-fold mean MACs "
+             "| 2-fold drop (pt) | 2-fold oracle |"
              + (" test acc per exit (%) | test mean MACs | test drop (pt) | test oracle |" if with_test else ""),
-             "|---|---|---:|---|---:|---:|---:|" + ("---|---:|---:|---:|" if with_test else "")]
+             "|---|---|---|---:|---|---:|---:|---:|" + ("---|---:|---:|---:|" if with_test else "")]
     for row in result["rows"]:
-        cells = [label(row["checkpoint"]), row["mode"], f"{row['margin']:g}",
+        cells = [label(row["checkpoint"]), row["mode"], row.get("drop_measure", "net"), f"{row['margin']:g}",
                  _accuracies(row["heldout_exit_acc"], " / "), *_figures(row["heldout_2fold"])]
         if "test" in row:
             cells += [_accuracies(row["test"]["exit_acc"], " / "), *_figures(row["test"])]

@@ -9,6 +9,7 @@ from benchmarks.calibration import (
     calibrate_accuracy_drop,
     calibrate_compute_budget,
     calibrate_with_guarantee,
+    drop_correctness,
     evaluate,
     exits_taken,
     oracle,
@@ -55,6 +56,32 @@ def test_larger_drop_allows_fewer_macs():
     strict = evaluate(scores, correct, MACS, calibrate_accuracy_drop(scores, correct, MACS, 0.0))
     loose = evaluate(scores, correct, MACS, calibrate_accuracy_drop(scores, correct, MACS, 0.05))
     assert loose.accuracy >= 1.0 - 0.05 and loose.mean_macs < strict.mean_macs
+
+
+def test_the_lost_measure_gives_no_credit_for_an_early_exit_beating_the_final_one():
+    # Exit 0 is right exactly when its score reaches 0.5; the final exit is wrong on a tenth of the
+    # samples, half of which exit 0 gets right: on net, exit 0 may take more than its own errors allow.
+    rng = np.random.default_rng(1)
+    n = 4000
+    scores = np.stack([rng.uniform(0, 1, n), np.zeros(n)])
+    early = scores[0] >= 0.5
+    final = np.ones(n, bool)
+    final[rng.choice(n, n // 10, replace=False)] = False
+    correct = np.stack([early, final])
+    macs = np.array([1.0, 4.0])
+    lost = drop_correctness(correct, "lost")
+    assert lost[:, ~final].all() and (lost[:, final] == correct[:, final]).all()
+    assert drop_correctness(correct, "net") is not None and (drop_correctness(correct, "net") == correct).all()
+    with pytest.raises(ValueError, match="net, lost"):
+        drop_correctness(correct, "gross")
+    for target in (0.0, 0.02, 0.05):
+        net = evaluate(scores, correct, macs, calibrate_accuracy_drop(scores, correct, macs, target))
+        strict = evaluate(scores, correct, macs, calibrate_accuracy_drop(scores, correct, macs, target, measure="lost"))
+        samples = np.arange(n)
+        lost_share = (final & ~correct[strict.exits, samples]).mean()
+        assert lost_share <= target + 1e-12  # the bound it promises, and the net drop is below it
+        assert final.mean() - strict.accuracy <= lost_share + 1e-12
+        assert net.mean_macs <= strict.mean_macs  # no credit taken, so never cheaper
 
 
 def test_compute_budget_is_met_with_the_best_accuracy_available():
@@ -214,7 +241,19 @@ def test_exit_ablation_writes_its_table(tiny_checkpoint, imagefolder, tmp_path):
         ("ensemble", 1.0)]
     for row in rows:
         assert 0 < row["test"]["macs_fraction"] <= 1.01 and len(row["test"]["exit_acc"]) == 3
-    assert "| tiny | ensemble | 1 |" in out.with_suffix(".md").read_text()
+    assert "| tiny | ensemble | net | 1 |" in out.with_suffix(".md").read_text()
+
+    # Both drop measures, the 2-fold figures over three random halvings.
+    result = run_module("benchmarks.exit_ablation", str(tiny_checkpoint), "--modes", "plain",
+                        "--drop-measures", "net,lost", "--repeats", "3", "--max-drop", "5", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    net, lost = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert (net["drop_measure"], lost["drop_measure"]) == ("net", "lost")
+    assert net["heldout_2fold"]["drop_pt_sd"] >= 0  # six folds' spread
+    for row in (net, lost):
+        assert 0 < row["heldout_2fold"]["macs_fraction"] <= 1.01
+    assert run_module("benchmarks.exit_ablation", str(tiny_checkpoint), "--drop-measures", "gross",
+                      "--output", str(out)).returncode != 0
 
 
 def test_exit_ablation_measures_a_composed_cascade(tiny_checkpoint, imagefolder, tmp_path):
@@ -238,4 +277,4 @@ def test_exit_ablation_measures_a_composed_cascade(tiny_checkpoint, imagefolder,
     expected = [exits[0].macs / full, exits[1].macs / full, (exits[1].macs + full) / full]
     assert chained["exit_macs_fraction"] == pytest.approx(expected)
     assert 0 < chained["heldout_2fold"]["macs_fraction"] <= expected[-1] + 1e-9
-    assert "| tiny:3,5 -> tiny:8 | plain | 0 |" in out.with_suffix(".md").read_text()
+    assert "| tiny:3,5 -> tiny:8 | plain | net | 0 |" in out.with_suffix(".md").read_text()

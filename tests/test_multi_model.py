@@ -221,6 +221,10 @@ def test_profile_and_calibrate_write_the_manifest_of_the_model_named(two_models,
     assert (repository / MANIFEST_FILE).read_text() == first_before
     second = read_manifest(repository, SECOND)
     assert second.calibration["method"] and second.profile  # both written into the second model's manifest
+    assert second.calibration["drop_measure"] == "net"
+    assert calibrate_main(["--model-repository", str(repository), "--model", SECOND, "--max-drop", "5",
+                           "--drop-measure", "lost", "--threads", "1"]) == 0
+    assert read_manifest(repository, SECOND).calibration["drop_measure"] == "lost"
     # Without --model: the first model's manifest.json, as before.
     assert profile_main(["--model-repository", str(repository), "--batch-sizes", "1", "--repeats", "1",
                          "--no-progress"]) == 0
