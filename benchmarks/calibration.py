@@ -4,6 +4,12 @@ Arrays are indexed [exit, sample]: `scores` (confidence, higher = surer) and
 `correct` (whether that exit's prediction is right). A sample leaves at the first
 exit whose score reaches the exit's threshold; the last exit always answers.
 
+- `select_margin`: the margin (in standard errors of the drop) a drop target needs on this
+  model, chosen on the held-out split alone: the smallest on a grid whose thresholds,
+  calibrated on one half and measured on the other (both ways, over several random
+  halvings), keep the mean out-of-fold drop within the target. The cheapest of many
+  feasible threshold sets tends to be one whose drop its calibration sample underestimates;
+  how much depends on the model, so one fixed margin does not fit every cascade.
 - `calibrate_accuracy_drop`: lowest mean MACs with held-out accuracy at most
   `max_drop` below the final exit's (`measure="net"`), or with at most `max_drop` of the
   samples the final exit gets right answered wrongly (`measure="lost"`: answers an early
@@ -285,6 +291,81 @@ def calibrate_accuracy_drop(scores, correct, macs, max_drop: float, candidates: 
     measured as `measure` says (`drop_correctness`; see `pick_accuracy_drop` for the margin)."""
     correct = drop_correctness(correct, measure)
     return pick_accuracy_drop(cached_frontier(scores, correct, macs, candidates), correct, max_drop, margin)
+
+
+MARGIN_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
+
+
+@dataclass(frozen=True)
+class FoldCurve:
+    """One calibration half's frontier, cheapest first, and what each point does on the other half."""
+
+    fit_drop: np.ndarray  # the drop on the calibration half
+    fit_se: np.ndarray  # its standard error there
+    drop: np.ndarray  # the (net) drop on the other half
+    macs: np.ndarray  # mean MACs on the other half
+
+
+_FOLDS: dict[tuple, list[FoldCurve]] = {}
+
+
+def fold_curves(scores, correct, macs, repeats: int = 10, seed: int = 0, measure: str = "net",
+                candidates: int = 200) -> list[FoldCurve]:
+    """2 x `repeats` folds of the samples (random halvings, seeds seed, seed + 1, ...), remembered by content."""
+    scores, correct, macs = np.asarray(scores, np.float64), np.asarray(correct, bool), np.asarray(macs, np.float64)
+    digest = hashlib.sha1()
+    for array in (scores, correct, macs):
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    key = (digest.hexdigest(), repeats, seed, measure, candidates)
+    if key in _FOLDS:
+        return _FOLDS[key]
+    target = drop_correctness(correct, measure)
+    n, curves = scores.shape[1], []
+    for repeat in range(repeats):
+        order = np.random.default_rng(seed + repeat).permutation(n)
+        halves = (order[: n // 2], order[n // 2:])
+        for fit, other in (halves, halves[::-1]):
+            frontier = threshold_frontier(scores[:, fit], target[:, fit], macs, candidates)
+            fit_final, other_final = target[-1, fit].astype(np.float64), correct[-1, other].mean()
+            fit_drop, fit_se, drop, spent = [], [], [], []
+            for thresholds, outcome in frontier:
+                difference = fit_final - target[outcome.exits, fit]
+                fit_drop.append(difference.mean())
+                fit_se.append(difference.std(ddof=1) / np.sqrt(len(difference)) if len(difference) > 1 else 0.0)
+                measured = exits_taken(scores[:, other], thresholds)
+                drop.append(other_final - correct[measured, other].mean())
+                spent.append(macs[measured].mean())
+            curves.append(FoldCurve(*(np.array(values) for values in (fit_drop, fit_se, drop, spent))))
+    if len(_FOLDS) >= 4:
+        _FOLDS.pop(next(iter(_FOLDS)))
+    _FOLDS[key] = curves
+    return curves
+
+
+def out_of_fold(curves: list[FoldCurve], max_drop: float, margin: float) -> tuple[float, float]:
+    """Mean drop and mean MACs on the other halves when each half picks as `pick_accuracy_drop` does."""
+    drops, spent = [], []
+    for curve in curves:
+        feasible = np.flatnonzero(curve.fit_drop + margin * curve.fit_se <= max_drop + 1e-12)
+        index = int(feasible[0]) if len(feasible) else len(curve.drop) - 1
+        drops.append(curve.drop[index])
+        spent.append(curve.macs[index])
+    return float(np.mean(drops)), float(np.mean(spent))
+
+
+def select_margin(scores, correct, macs, max_drop: float, margins=MARGIN_GRID, repeats: int = 10,
+                  measure: str = "net") -> tuple[float, list[dict]]:
+    """The smallest margin whose mean out-of-fold drop is at most `max_drop` (the largest if none),
+    and every margin tried with its out-of-fold drop and MACs (see the module docstring)."""
+    curves = fold_curves(scores, correct, macs, repeats, measure=measure)
+    tried = []
+    for margin in margins:
+        drop, spent = out_of_fold(curves, max_drop, margin)
+        tried.append({"margin": float(margin), "out_of_fold_drop": drop, "out_of_fold_macs": spent})
+        if drop <= max_drop + 1e-12:
+            return float(margin), tried
+    return float(margins[-1]), tried
 
 
 def calibrate_compute_budget(scores, correct, macs, max_mean_macs: float, candidates: int = 200) -> np.ndarray:

@@ -12,9 +12,12 @@ from benchmarks.calibration import (
     drop_correctness,
     evaluate,
     exits_taken,
+    fold_curves,
     oracle,
+    out_of_fold,
     pick_accuracy_drop,
     pick_compute_budget,
+    select_margin,
     threshold_frontier,
     trade_off_path,
 )
@@ -82,6 +85,33 @@ def test_the_lost_measure_gives_no_credit_for_an_early_exit_beating_the_final_on
         assert lost_share <= target + 1e-12  # the bound it promises, and the net drop is below it
         assert final.mean() - strict.accuracy <= lost_share + 1e-12
         assert net.mean_macs <= strict.mean_macs  # no credit taken, so never cheaper
+
+
+def loosely_scored(n=3000, seed=0):
+    """Exit 0's correctness depends on its score only loosely, so its held-out drop is noisy."""
+    rng = np.random.default_rng(seed)
+    scores = np.stack([rng.uniform(0, 1, n), rng.uniform(0, 1, n), np.zeros(n)])
+    correct = np.stack([rng.uniform(0, 1, n) < 0.6 + 0.4 * scores[0], rng.uniform(0, 1, n) < 0.8 + 0.2 * scores[1],
+                        rng.uniform(0, 1, n) < 0.95])
+    return scores, correct
+
+
+def test_the_margin_is_the_smallest_that_holds_the_target_out_of_fold():
+    scores, correct = loosely_scored()
+    margin, tried = select_margin(scores, correct, MACS, 0.01, repeats=4)
+    curves = fold_curves(scores, correct, MACS, repeats=4)
+    assert len(curves) == 8 and all(len(c.drop) == len(c.fit_drop) == len(c.macs) for c in curves)
+    assert [t["margin"] for t in tried][-1] == margin
+    assert tried[-1]["out_of_fold_drop"] <= 0.01 + 1e-12 or margin == 4.0
+    for earlier in tried[:-1]:  # every smaller margin let more through out of fold
+        assert earlier["out_of_fold_drop"] > 0.01
+    assert out_of_fold(curves, 0.01, margin) == (tried[-1]["out_of_fold_drop"], tried[-1]["out_of_fold_macs"])
+    # A larger margin never costs fewer MACs out of fold.
+    spent = [out_of_fold(curves, 0.01, m)[1] for m in (0.0, 1.0, 2.0, 4.0)]
+    assert spent == sorted(spent)
+    # Exits whose scores say exactly when they are right need no margin.
+    exact_scores, exact_correct = synthetic()
+    assert select_margin(exact_scores, exact_correct, MACS, 0.0, repeats=2)[0] == 0.0
 
 
 def test_compute_budget_is_met_with_the_best_accuracy_available():

@@ -222,6 +222,8 @@ def test_profile_and_calibrate_write_the_manifest_of_the_model_named(two_models,
     second = read_manifest(repository, SECOND)
     assert second.calibration["method"] and second.profile  # both written into the second model's manifest
     assert second.calibration["drop_measure"] == "net"
+    selection = second.calibration["margin_selection"]  # --margin auto, the default: chosen out of fold
+    assert selection["tried"][-1]["margin"] == second.calibration["margin_standard_errors"]
     assert calibrate_main(["--model-repository", str(repository), "--model", SECOND, "--max-drop", "5",
                            "--drop-measure", "lost", "--threads", "1"]) == 0
     assert read_manifest(repository, SECOND).calibration["drop_measure"] == "lost"
