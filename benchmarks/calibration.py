@@ -253,13 +253,25 @@ def pick_accuracy_drop(frontier, correct: np.ndarray, max_drop: float, margin: f
     final = correct[-1].astype(np.float64)
     samples = np.arange(correct.shape[1])
     for thresholds, outcome in frontier:
-        difference = final - correct[outcome.exits, samples]
-        bound = difference.mean()
-        if margin > 0 and len(difference) > 1:
-            bound += margin * difference.std(ddof=1) / np.sqrt(len(difference))
-        if bound <= max_drop + 1e-12:
+        drop, standard_error = _drop_and_error(final - correct[outcome.exits, samples])
+        if drop + margin * standard_error <= max_drop + 1e-12:
             return thresholds
     return frontier[-1][0]
+
+
+def _drop_and_error(difference: np.ndarray) -> tuple[float, float]:
+    """The mean per-sample difference (final exit right minus cascade right) and its standard error."""
+    error = difference.std(ddof=1) / np.sqrt(len(difference)) if len(difference) > 1 else 0.0
+    return float(difference.mean()), float(error)
+
+
+def _content_key(*arrays) -> str:
+    """A digest of the arrays' shapes and bytes (caches below key on content, not identity)."""
+    digest = hashlib.sha1()
+    for array in arrays:
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def pick_compute_budget(frontier, max_mean_macs: float) -> np.ndarray:
@@ -273,11 +285,8 @@ _FRONTIERS: dict[tuple, list] = {}  # a few recent frontiers: a sweep asks one h
 
 def cached_frontier(scores, correct, macs, candidates: int = 200) -> list[tuple[np.ndarray, Outcome]]:
     """`threshold_frontier`, remembered for the same arrays (by content)."""
-    digest = hashlib.sha1()
-    for array in (np.asarray(scores, np.float64), np.asarray(correct, bool), np.asarray(macs, np.float64)):
-        digest.update(str(array.shape).encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    key = (digest.hexdigest(), candidates)
+    key = (_content_key(np.asarray(scores, np.float64), np.asarray(correct, bool), np.asarray(macs, np.float64)),
+           candidates)
     if key not in _FRONTIERS:
         if len(_FRONTIERS) >= 8:
             _FRONTIERS.pop(next(iter(_FRONTIERS)))
@@ -313,11 +322,7 @@ def fold_curves(scores, correct, macs, repeats: int = 10, seed: int = 0, measure
                 candidates: int = 200) -> list[FoldCurve]:
     """2 x `repeats` folds of the samples (random halvings, seeds seed, seed + 1, ...), remembered by content."""
     scores, correct, macs = np.asarray(scores, np.float64), np.asarray(correct, bool), np.asarray(macs, np.float64)
-    digest = hashlib.sha1()
-    for array in (scores, correct, macs):
-        digest.update(str(array.shape).encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    key = (digest.hexdigest(), repeats, seed, measure, candidates)
+    key = (_content_key(scores, correct, macs), repeats, seed, measure, candidates)
     if key in _FOLDS:
         return _FOLDS[key]
     target = drop_correctness(correct, measure)
@@ -330,9 +335,9 @@ def fold_curves(scores, correct, macs, repeats: int = 10, seed: int = 0, measure
             fit_final, other_final = target[-1, fit].astype(np.float64), correct[-1, other].mean()
             fit_drop, fit_se, drop, spent = [], [], [], []
             for thresholds, outcome in frontier:
-                difference = fit_final - target[outcome.exits, fit]
-                fit_drop.append(difference.mean())
-                fit_se.append(difference.std(ddof=1) / np.sqrt(len(difference)) if len(difference) > 1 else 0.0)
+                mean, error = _drop_and_error(fit_final - target[outcome.exits, fit])
+                fit_drop.append(mean)
+                fit_se.append(error)
                 measured = exits_taken(scores[:, other], thresholds)
                 drop.append(other_final - correct[measured, other].mean())
                 spent.append(macs[measured].mean())
