@@ -4,10 +4,17 @@
     python -m benchmarks.calibrate --macs-budget 0.4                                   # mean MACs <= 40%
     python -m benchmarks.calibrate --max-drop 0.5 --guarantee --delta 0.1              # Learn-then-Test
     python -m benchmarks.calibrate --max-drop 0.5 --margin 1                           # a fixed margin
+    python -m benchmarks.calibrate --ensemble off                                      # exits answer alone
 
 Scores come from the exported ONNX segments on the checkpoint's held-out split
 (carved from train/ with the seed the checkpoint records); the test split is
 never used here. The gateway reads the thresholds from the manifest.
+
+Exit ensembles (`--ensemble`, benchmarks/ensembles.py): each exit may answer with a weighted
+sum of its and the earlier exits' log-probabilities, weights fitted on the held-out split and
+written into the manifest beside the thresholds. `auto` (the default, with an accuracy-drop
+target and `--margin auto`) keeps them only if they take fewer MACs at the target out of fold
+(the same repeated 2-fold measure that chooses the margin); `on` always, `off` never.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from benchmarks.calibration import (
     evaluate,
     select_margin,
 )
+from benchmarks.ensembles import fit_ensembles
 from benchmarks.exit_outputs import ExitOutputs, compute_exit_outputs, load_images
 from common.errors import UserError, run_cli
 from common.manifest import Manifest, ManifestError, manifest_path, read_manifest, write_manifest
@@ -39,6 +47,8 @@ from serving.policy import SCORES
 # ResNet-56 and 0.67 on the ResNet-20 composed in front of it (checkpoints/experiments/little-long/
 # drop-measure.md), which needs 1.5-2.
 DEFAULT_MARGIN = "auto"
+ENSEMBLE_MODES = ("auto", "on", "off")
+_KEEP = object()
 
 
 def calibrate(outputs: ExitOutputs, macs, score: str = "max_prob", max_drop: float | None = 0.005,
@@ -55,7 +65,7 @@ def calibrate(outputs: ExitOutputs, macs, score: str = "max_prob", max_drop: flo
     `drop_measure`: `net` (final exit's accuracy minus the cascade's) or `lost` (the final exit's
     right answers the cascade gets wrong; `benchmarks.calibration.drop_correctness`).
     """
-    scores, correct = outputs.scores(score), outputs.correct()
+    scores, correct = outputs.scores(score), outputs.drop_correct()  # + the final exit alone, last
     macs = np.asarray(macs, np.float64)
     full_macs = float(macs[-1] if full_macs is None else full_macs)
     details: dict = {"score": score}
@@ -84,9 +94,47 @@ def calibrate(outputs: ExitOutputs, macs, score: str = "max_prob", max_drop: flo
     return thresholds, details
 
 
-def apply_thresholds(manifest: Manifest, thresholds, details: dict, command: str | None = None) -> Manifest:
-    """`manifest` with these thresholds and how they were chosen (writing it is the caller's choice)."""
+def calibrate_ensembles(outputs: ExitOutputs, macs, mode: str = "auto", **options) -> tuple[ExitOutputs, np.ndarray,
+                                                                                            dict]:
+    """`calibrate` with exit ensembles fitted on `outputs` (`mode` on), without (off), or the one of the
+    two that takes fewer out-of-fold MACs within the target (auto; off unless the target is an accuracy
+    drop with an automatic margin). Returns the outputs as chosen (their `ensembles`), thresholds, details."""
+    plain = outputs.with_ensembles(None)
+    auto = mode == "auto" and options.get("max_drop") is not None and options.get("macs_budget") is None \
+        and not options.get("guarantee") and options.get("margin", DEFAULT_MARGIN) == "auto"
+    if mode == "off" or (mode == "auto" and not auto):
+        thresholds, details = calibrate(plain, macs, **options)
+        return plain, thresholds, {**details, "ensemble": {"mode": mode, "used": False}}
+    fitted = plain.with_ensembles(fit_ensembles(plain.logits, plain.labels))
+    thresholds, details = calibrate(fitted, macs, **options)
+    if mode == "on":
+        return fitted, thresholds, {**details, "ensemble": {"mode": mode, "used": True}}
+    alone_thresholds, alone = calibrate(plain, macs, **options)
+    chosen = min(((fitted, thresholds, details), (plain, alone_thresholds, alone)), key=_out_of_fold_cost)
+    compared = {"with": _out_of_fold_cost((fitted, thresholds, details)),
+                "without": _out_of_fold_cost((plain, alone_thresholds, alone))}
+    return chosen[0], chosen[1], {**chosen[2], "ensemble": {
+        "mode": mode, "used": chosen[0] is fitted,
+        "rule": "kept if, at the margin each chooses, the out-of-fold mean MACs within the target are lower "
+                "(a choice missing the target out of fold counts as more costly than any meeting it)",
+        "out_of_fold_with_without": compared}}
+
+
+def _out_of_fold_cost(choice) -> tuple[bool, float]:
+    """(misses the target out of fold, out-of-fold mean MACs) of the margin `select_margin` chose."""
+    details = choice[2]
+    chosen = details["margin_selection"]["tried"][-1]
+    return chosen["out_of_fold_drop"] > details["max_drop"] + 1e-12, chosen["out_of_fold_macs"]
+
+
+def apply_thresholds(manifest: Manifest, thresholds, details: dict, command: str | None = None,
+                     ensembles=_KEEP) -> Manifest:
+    """`manifest` with these thresholds (and exit ensembles, when given: a list per exit, or None for
+    none) and how they were chosen (writing it is the caller's choice)."""
     exits = [replace(entry, threshold=float(t)) for entry, t in zip(manifest.exits, thresholds)]
+    if ensembles is not _KEEP:
+        exits = [replace(entry, ensemble=None if ensembles is None else list(weights))
+                 for entry, weights in zip(exits, ensembles or [None] * len(exits))]
     details = {**details, "date": utc_timestamp(),
                "command": command or "python -m benchmarks.calibrate " + " ".join(sys.argv[1:])}
     return manifest.with_exits(exits, calibration=details)
@@ -125,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="what --max-drop bounds: net = the final exit's accuracy minus the cascade's "
                              "(default); lost = the share of images the final exit gets right and the cascade "
                              "wrong (no credit for an early exit beating the final one on held-out)")
+    parser.add_argument("--ensemble", choices=ENSEMBLE_MODES, default="auto",
+                        help="exit ensembles (each exit answers with a weighted sum of its and the earlier exits' "
+                             "log-probabilities, weights fitted on held-out): auto (default) keeps them if they "
+                             "take fewer MACs at the target out of fold (accuracy-drop targets with --margin auto; "
+                             "otherwise off); on; off")
     parser.add_argument("--score", choices=SCORES, default="max_prob")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="checkpoint whose held-out split to use (default: the one the manifest names)")
@@ -145,11 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(str(error)) from None
     images, labels = load_images(manifest, "heldout", args.checkpoint, args.data)
     outputs = compute_exit_outputs(args.model_repository, manifest, images, labels, args.threads)
-    thresholds, details = calibrate(outputs, [e.macs for e in manifest.exits], args.score,
-                                    args.max_drop / 100, args.macs_budget, args.guarantee, args.delta,
-                                    full_macs=manifest.full_macs, margin=args.margin,
-                                    drop_measure=args.drop_measure)
-    write_manifest(args.model_repository, apply_thresholds(manifest, thresholds, details))
+    chosen, thresholds, details = calibrate_ensembles(
+        outputs, [e.macs for e in manifest.exits], args.ensemble, score=args.score,
+        max_drop=None if args.macs_budget is not None else args.max_drop / 100, macs_budget=args.macs_budget,
+        guarantee=args.guarantee, delta=args.delta, full_macs=manifest.full_macs, margin=args.margin,
+        drop_measure=args.drop_measure)
+    write_manifest(args.model_repository, apply_thresholds(manifest, thresholds, details, ensembles=chosen.ensembles))
     print(f"{details['method']} on {details['heldout_size']} held-out images ({args.score}):")
     for entry, threshold, share in zip(manifest.exits, thresholds, details["heldout_exit_share"]):
         print(f"  exit {entry.depth:>3}: threshold {threshold:.4f}  leaves here {share * 100:5.1f}%")
@@ -159,6 +213,16 @@ def main(argv: list[str] | None = None) -> int:
                           f"{t['out_of_fold_macs'] / manifest.full_macs * 100:.1f}% MACs"
                           for t in details["margin_selection"]["tried"])
               + f" -> {details['margin_standard_errors']:g}")
+    ensemble = details["ensemble"]
+    if "out_of_fold_with_without" in ensemble:
+        (miss_with, with_macs), (miss_without, without_macs) = (ensemble["out_of_fold_with_without"][key]
+                                                                for key in ("with", "without"))
+        print(f"exit ensembles: out of fold {with_macs / manifest.full_macs * 100:.1f}% MACs with"
+              f"{' (misses the target)' if miss_with else ''}, {without_macs / manifest.full_macs * 100:.1f}% "
+              f"without{' (misses the target)' if miss_without else ''} -> "
+              f"{'kept' if ensemble['used'] else 'not used'}")
+    else:
+        print(f"exit ensembles: {'fitted and used' if ensemble['used'] else 'not used'} (--ensemble {args.ensemble})")
     print(f"held-out accuracy {details['heldout_acc'] * 100:.2f}% "
           f"(final exit {details['heldout_final_acc'] * 100:.2f}%), "
           f"mean MACs {details['heldout_macs_fraction'] * 100:.1f}% of the full network")

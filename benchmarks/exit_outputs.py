@@ -6,7 +6,7 @@ same ONNX segment chain, the same normalisation. No torch needed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,23 +17,49 @@ from common.errors import UserError
 from common.manifest import Manifest
 from common.paths import REPO_ROOT
 from serving.backends import OnnxRuntimeBackend
-from serving.policy import confidence_scores, softmax
+from serving.policy import confidence_scores, ensemble_step, softmax
 from serving.preprocess import normalise_uint8
 from training.datasets import heldout_split, load_split_for_model
 
 
 @dataclass(frozen=True)
 class ExitOutputs:
-    logits: np.ndarray  # (exits, N, classes)
+    logits: np.ndarray  # (exits, N, classes): each exit's own, as its segment outputs them
     labels: np.ndarray  # (N,)
+    # Per exit, weights over the log-probabilities of exits 0..k (the manifest's `ensemble`), or None.
+    ensembles: tuple | None = None
+
+    def with_ensembles(self, ensembles) -> ExitOutputs:
+        return replace(self, ensembles=None if ensembles is None else tuple(ensembles))
+
+    def served(self) -> np.ndarray:
+        """(exits, N, classes): what the cascade answers at each exit (an exit's ensemble where the
+        manifest gives one, computed as the gateway does: `serving.policy.ensemble_step`)."""
+        if self.ensembles is None:
+            return self.logits
+        answers, history = [], None
+        for weights, logits in zip(self.ensembles, self.logits):
+            combined, history = ensemble_step(np.asarray(weights, np.float32), logits, history)
+            answers.append(combined)
+        return np.stack(answers)
 
     def scores(self, score: str = "max_prob") -> np.ndarray:
         """Per-exit confidence as the gateway and the cascade model compute it (float32 softmax), so that
         a sample at a calibrated threshold takes the same exit offline as in serving."""
-        return np.stack([confidence_scores(softmax(row.astype(np.float32)), score) for row in self.logits])
+        return np.stack([confidence_scores(softmax(row.astype(np.float32)), score) for row in self.served()])
 
     def correct(self) -> np.ndarray:
+        """(exits, N): the cascade's answer at each exit is right."""
+        return self.served().argmax(axis=2) == self.labels[None, :]
+
+    def own_correct(self) -> np.ndarray:
+        """(exits, N): each exit alone is right (a per-exit model called directly: `fixed`, `full`)."""
         return self.logits.argmax(axis=2) == self.labels[None, :]
+
+    def drop_correct(self) -> np.ndarray:
+        """(exits + 1, N): `correct()` and, last, the final exit alone, which accuracy drops are measured
+        against (the full network's own answer; with ensembles the cascade's final answer differs)."""
+        return np.concatenate([self.correct(), self.own_correct()[-1:]])
 
 
 def checkpoint_metadata(manifest: Manifest, checkpoint: Path | None = None) -> CheckpointMeta:
@@ -75,4 +101,5 @@ def compute_exit_outputs(repository: Path, manifest: Manifest, images: np.ndarra
             stage_logits, features = backend.run(stage, normalised if stage in backend.image_stages else features)
             logits[stage, start:start + len(stage_logits)] = stage_logits
     backend.close()
-    return ExitOutputs(logits, np.asarray(labels))
+    ensembles = None if manifest.exits[0].ensemble is None else tuple(entry.ensemble for entry in manifest.exits)
+    return ExitOutputs(logits, np.asarray(labels), ensembles)

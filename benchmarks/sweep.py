@@ -64,14 +64,14 @@ def offline_sweep(manifest: Manifest, heldout: ExitOutputs, test: ExitOutputs, s
                                   full_macs=manifest.full_macs)
         rows.append(_row("compute_budget", budget, evaluate(test_scores, test_correct, macs, thresholds), manifest,
                          thresholds))
-    # A fixed exit is served by its per-exit model: no earlier heads to pay.
+    # A fixed exit is served by its per-exit model: no earlier heads to pay, and its own answer (no ensemble).
     standalone = np.asarray([entry.macs if entry.standalone_macs is None else entry.standalone_macs
                              for entry in manifest.exits], np.float64)
     stages = len(manifest.exits)
     for index, entry in enumerate(manifest.exits):
         fixed = [2.0] * stages
         fixed[index] = 0.0
-        rows.append(_row("fixed_exit", entry.depth, evaluate(test_scores, test_correct, standalone, fixed),
+        rows.append(_row("fixed_exit", entry.depth, evaluate(test_scores, test.own_correct(), standalone, fixed),
                          manifest))
     rows.append(_row("oracle", None, oracle(test_correct, macs), manifest))
     return rows

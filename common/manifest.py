@@ -23,6 +23,12 @@ cheap student answers the easy images, and the full network starts again from th
 image for the rest (`export.compose`). The stage before an "image" stage outputs
 logits only, and `macs` of every exit after it counts the stages before it too (a
 sample that reaches the full network has paid for the student).
+
+Exit ensembles: `ensemble` of exit k (absent: the exit answers alone) is k + 1 non-negative
+weights over the log-probabilities (log-softmax of the logits) of exits 0..k; the cascade answers
+exit k with their weighted sum, so it carries each continuing sample's earlier log-probabilities
+between stages (10 floats an exit for CIFAR-10). Either every exit has one or none does.
+`benchmarks.calibrate` fits them on the held-out split.
 """
 
 from __future__ import annotations
@@ -106,6 +112,8 @@ class ExitEntry:
     # What this exit's segment takes: "previous" (the previous stage's activations; the image for
     # the first stage) or "image" (the request's normalised image again); see the module's docs.
     stage_input: str = PREVIOUS_STAGE
+    # Weights over the log-probabilities of exits 0..index that this exit answers with (None: alone).
+    ensemble: list[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +161,8 @@ class Manifest:
         for entry in data["exits"]:  # the default is left out: such manifests read as they always did
             if entry["stage_input"] == PREVIOUS_STAGE:
                 del entry["stage_input"]
+            if entry["ensemble"] is None:
+                del entry["ensemble"]
         return data
 
     @classmethod
@@ -176,7 +186,24 @@ class Manifest:
         except (KeyError, TypeError) as error:
             raise ManifestError(f"manifest does not match schema {SCHEMA_VERSION}: {error}") from None
         _check_stage_inputs(manifest)
+        _check_ensembles(manifest)
         return manifest
+
+
+def _check_ensembles(manifest: Manifest) -> None:
+    """Every exit has ensemble weights or none does; exit k's are k + 1 finite non-negative numbers."""
+    given = [entry.ensemble is not None for entry in manifest.exits]
+    if not any(given):
+        return
+    if not all(given):
+        raise ManifestError("exit ensembles: either every exit has `ensemble` weights or none does")
+    for position, entry in enumerate(manifest.exits):
+        weights = entry.ensemble
+        if (not isinstance(weights, list) or len(weights) != position + 1
+                or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float("inf")
+                           for w in weights)):
+            raise ManifestError(f"exit {entry.depth}: `ensemble` must be {position + 1} finite non-negative "
+                                f"weights (exits 0..{position}), got {weights!r}")
 
 
 def _check_stage_inputs(manifest: Manifest) -> None:

@@ -19,6 +19,9 @@ Runtime here; `bls` sends every stage to the per-segment model with a BLS reques
 (`bls_memory` gpu, or auto where torch or cupy sees a GPU, keeps the activations on the
 GPU via DLPack).
 
+Where the manifest gives exit ensembles, every exit answers as its ensemble with the exits
+before it (policy.ensemble_step), as in the gateway's cascade.
+
 A stage whose manifest entry takes the image (`stage_input` "image": a composed cascade's
 next network, export.compose) gets the continuing samples' normalised images again
 instead of the previous stage's activations, as in the gateway.
@@ -256,9 +259,12 @@ class TritonPythonModel:
         inputs = np.concatenate([request.images for request in batch]) if len(batch) > 1 else batch[0].images
         images, origin = inputs, np.arange(len(inputs))  # origin: each running row's row in `images`
         last = len(self.plan.depths) - 1
+        history = None  # exit ensembles: the running rows' log-probabilities at the exits they passed
         for stage in range(last + 1):
             stage_started = time.monotonic()
             logits, features = self.stages.run(stage, inputs)
+            if self.plan.ensembles is not None:  # the exit answers as an ensemble (as the gateway's cascade)
+                logits, history = policy.ensemble_step(self.plan.ensembles[stage], logits, history)
             now = time.monotonic()
             self._record_stage_time(stage, (now - stage_started) * 1000)
             probabilities = policy.softmax(logits.astype(np.float32, copy=False))  # as the gateway's cascade
@@ -280,6 +286,8 @@ class TritonPythonModel:
             if not len(continuing):
                 return
             origin = origin[continuing]
+            if history is not None:
+                history = history[:, continuing]
             if stage + 1 in self.image_stages:  # the next network starts again from the images
                 inputs = images[origin]
             else:

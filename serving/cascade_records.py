@@ -86,6 +86,8 @@ class _Group:
     give_up_at: float = math.inf
     give_up: asyncio.TimerHandle | None = None  # while it waits: `_give_up`; while its batch runs: `_abandon`
     abandoned: bool = False  # answered from its fallback while its batch ran: the batch's rows are ignored
+    # Exit ensembles: (exits passed, samples, classes) log-probabilities of the exits its samples passed.
+    history: np.ndarray | None = None
 
 
 class _BatchScores:

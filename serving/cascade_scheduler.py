@@ -23,7 +23,7 @@ import numpy as np
 from serving.cascade_lanes import Lane, _Backlog
 from serving.cascade_records import OPTIONAL_ORDER_S, _BatchScores, _Group
 from serving.errors import GatewayError, Unavailable
-from serving.policy import should_stop
+from serving.policy import ensemble_step, should_stop
 
 log = logging.getLogger("gateway.cascade")
 
@@ -179,6 +179,10 @@ class _Scheduler:
             self._free -= 1
         try:
             batch = groups[0].inputs if len(groups) == 1 else np.concatenate([g.inputs for g in groups])
+            history = None  # exit ensembles: the earlier exits' log-probabilities of the batch's samples
+            if self.plan.ensembles is not None and not lane.direct and lane.position:
+                history = groups[0].history if len(groups) == 1 else np.concatenate([g.history for g in groups],
+                                                                                   axis=1)
         except Exception as error:  # nothing reaches a backend: the batch fails here
             if optional:
                 self._optional_free += 1
@@ -189,7 +193,7 @@ class _Scheduler:
             self._batch_failed(lane, groups, error)
             return
         latest = max(group.request.deadline for group in groups)
-        (self._optional_jobs if optional else self._jobs).put((lane, groups, batch, latest, optional))
+        (self._optional_jobs if optional else self._jobs).put((lane, groups, batch, latest, optional, history))
 
     def _backend_thread(self, jobs: queue.SimpleQueue, nice: int) -> None:
         """A backend thread: runs batches, hands each outcome back to the event loop in one call."""
@@ -197,7 +201,7 @@ class _Scheduler:
             with contextlib.suppress(OSError, AttributeError):
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
         while (job := jobs.get()) is not None:
-            lane, groups, batch, deadline, optional = job
+            lane, groups, batch, deadline, optional, history = job
             backend = self.backend if self.backend_ready or self.fallback is None else self.fallback
             started, cpu = time.monotonic(), time.thread_time()
             try:
@@ -207,7 +211,10 @@ class _Scheduler:
                 if lane.direct:
                     outcome = backend.run_exit(lane.position, batch, **kwargs), None
                 else:
-                    outcome = backend.run(lane.position, batch, **kwargs)
+                    logits, features = backend.run(lane.position, batch, **kwargs)
+                    if self.plan.ensembles is not None:  # the exit answers as an ensemble (off the event loop)
+                        logits, history = ensemble_step(self.plan.ensembles[lane.position], logits, history)
+                    outcome = logits, features, history
             except Exception as error:  # a failing backend fails this batch's requests, not the worker
                 outcome = error
             cpu = time.thread_time() - cpu
@@ -234,11 +241,10 @@ class _Scheduler:
                 raise outcome
             self._record_run_ms(lane, (finished - started) * 1000)
             self.costs[lane].observe(size, (finished - started) * 1000)
-            logits, features = outcome
             if lane.direct:
-                self._dispatch_direct(lane, groups, logits)
+                self._dispatch_direct(lane, groups, outcome[0])
             else:
-                self._dispatch(lane, groups, logits, features)
+                self._dispatch(lane, groups, *outcome)
         except Exception as error:
             self._batch_failed(lane, groups, error)
         finally:
@@ -270,8 +276,10 @@ class _Scheduler:
         for request in requests.values():
             self._fail(request, failure, "failed")
 
-    def _dispatch(self, lane: Lane, groups: list[_Group], logits: np.ndarray, features: np.ndarray | None) -> None:
-        """Each sample of a segment lane leaves at its exit or continues in the next segment."""
+    def _dispatch(self, lane: Lane, groups: list[_Group], logits: np.ndarray, features: np.ndarray | None,
+                  history: np.ndarray | None = None) -> None:
+        """Each sample of a segment lane leaves at its exit or continues in the next segment (with its
+        exits' log-probabilities, `history`, when the exits answer as ensembles)."""
         stage = lane.position
         now = time.monotonic()
         batch_scores = _BatchScores(logits)
@@ -313,10 +321,12 @@ class _Scheduler:
                 request.answer(group.samples[stop], logits[rows][stop], stage, scores[stop])
                 go_on = ~stop
                 samples = group.samples[go_on]
-                continuing = _Group(request, samples, request.images[samples] if takes_image else features[rows][go_on])
+                continuing = _Group(request, samples, request.images[samples] if takes_image else features[rows][go_on],
+                                    history=None if history is None else history[:, rows][:, go_on])
             else:  # all continue: the rows themselves, no copy
                 continuing = _Group(request, group.samples,
-                                    request.images[group.samples] if takes_image else features[rows])
+                                    request.images[group.samples] if takes_image else features[rows],
+                                    history=None if history is None else history[:, rows])
             if request.options.policy == "budget":
                 go = ~stop
                 self._enqueue_optional(self.segment_lanes[stage + 1], continuing, stage, logits[rows][go], scores[go])

@@ -8,6 +8,12 @@ predicted cost of the next stage, so every decision can be tested in isolation.
   request's latency budget (never continue past that point);
 - fixed: stop at one exit depth; full: run to the final exit.
 
+Exit ensembles (issue 20): a manifest may give exit k weights over the log-probabilities of exits
+0..k (`ExitEntry.ensemble`, fitted on held-out by `benchmarks.calibrate`); the cascade then answers
+and scores exit k with their weighted sum (`ensemble_step`), carrying each continuing sample's
+earlier log-probabilities between stages. A per-exit model called directly (policies `fixed` and
+`full` where the backend has them) answers with that exit's own logits.
+
 This file is the one implementation of the policies, used in two places: the
 gateway imports it, and the repository writer copies it verbatim beside the
 `<model>_cascade` Triton Python-backend model (export/triton_cascade_model.py),
@@ -48,12 +54,35 @@ class ExitPlan:
 
     depths: tuple[int, ...]
     thresholds: tuple[float, ...]  # calibrated (or default) threshold per exit
+    # Per exit, weights over the log-probabilities of exits 0..k (None: every exit answers alone).
+    ensembles: tuple[np.ndarray, ...] | None = None
 
 
 def exit_plan(manifest, default_threshold: float = 0.9) -> ExitPlan:
     """The plan of a `common.manifest.Manifest`: calibrated thresholds, else the default."""
     thresholds = tuple(default_threshold if e.threshold is None else e.threshold for e in manifest.exits)
-    return ExitPlan(tuple(manifest.exit_depths), thresholds)
+    ensembles = None
+    if any(getattr(e, "ensemble", None) is not None for e in manifest.exits):
+        ensembles = tuple(np.asarray(e.ensemble, np.float32) for e in manifest.exits)
+    return ExitPlan(tuple(manifest.exit_depths), thresholds, ensembles)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def ensemble_step(weights: np.ndarray, logits: np.ndarray,
+                  history: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Exit k's answer as an ensemble: (weights . [history, log_softmax(logits)], the history with this
+    exit's log-probabilities added). `weights` has k + 1 entries; `history` (k, N, classes) holds the
+    samples' log-probabilities at exits 0..k-1 (None or empty at the first exit). float32 throughout."""
+    log_probs = log_softmax(logits.astype(np.float32, copy=False))[None]
+    history = log_probs if history is None or not len(history) else np.concatenate([history, log_probs])
+    if len(weights) != len(history):
+        raise ValueError(f"{len(weights)} ensemble weights for {len(history)} exits' log-probabilities")
+    combined = np.tensordot(weights.astype(np.float32, copy=False), history, axes=1)
+    return combined.astype(np.float32, copy=False), history
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

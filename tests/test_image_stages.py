@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.exit_outputs import compute_exit_outputs, load_images
+from benchmarks.calibrate import apply_thresholds
+from benchmarks.exit_outputs import ExitOutputs, compute_exit_outputs, load_images
 from common.checkpoint_meta import read_checkpoint_meta
 from common.manifest import MANIFEST_FILE, Manifest, ManifestError, read_manifest, write_manifest
 from common.onnxruntime_session import create_session
@@ -24,7 +25,7 @@ from serving.backends import OnnxRuntimeBackend
 from serving.cascade import Cascade, CascadeSettings
 from serving.metrics import GatewayMetrics
 from serving.normalisation import normalise_uint8
-from serving.policy import ExitPlan, RequestOptions, confidence_scores, resolve_options, softmax
+from serving.policy import ExitPlan, RequestOptions, confidence_scores, exit_plan, resolve_options, softmax
 
 from .conftest import GatewayProcess, run_module, save_tiny_checkpoint
 
@@ -345,3 +346,82 @@ def test_the_benchmark_runner_on_the_composed_repository(composed, triton_venv, 
     for path in scenarios:
         for row in json.loads(path.read_text()):
             assert row["completed"] + row["errors"] == row["sent"] and row["errors"] == 0, path.name
+
+
+# -- exit ensembles on the composed cascade (issue 20) ---------------------------------------------
+ENSEMBLES = [[1.0], [0.3, 1.0], [0.1, 0.2, 0.9], [0.0, 0.1, 0.4, 0.8], [0.0, 0.0, 0.3, 0.3, 0.6]]
+
+
+@pytest.fixture(scope="module")
+def served(per_exit):
+    """(exits, images, classes): what the cascade answers at each exit with ENSEMBLES."""
+    return ExitOutputs(per_exit, np.zeros(len(IMAGES), int), tuple(ENSEMBLES)).served()
+
+
+@pytest.fixture(scope="module")
+def ensembled(composed, served, tmp_path_factory):
+    """A linked copy of the composed repository with ENSEMBLES and thresholds on their scores."""
+    repository = tmp_path_factory.mktemp("ensembled_composed") / "repo"
+    shutil.copytree(composed, repository, copy_function=os.link)
+    thresholds = [float(np.sort(row)[len(row) // 3 - 1: len(row) // 3 + 1].mean()) for row in _scores(served)]
+    write_manifest(repository, apply_thresholds(read_manifest(repository), thresholds, {}, ensembles=ENSEMBLES))
+    return repository, thresholds
+
+
+def _assert_ensembled(exits, logits, parameters, served, per_exit, thresholds, direct=False):
+    """Confidence-like policies leave at the first confident ensemble; a per-exit model called directly
+    answers alone; stage by stage, every answer is the ensemble's."""
+    policy = parameters.get("policy", "confidence")
+    if policy in ("fixed", "full"):
+        expected = np.full(len(IMAGES), len(DEPTHS) - 1 if policy == "full" else DEPTHS.index(parameters["exit_depth"]))
+    else:
+        expected = _confident_exit(served, thresholds)
+    assert exits.tolist() == expected.tolist(), parameters
+    source = per_exit if direct and policy in ("fixed", "full") else served
+    np.testing.assert_allclose(logits, source[expected, np.arange(len(IMAGES))], atol=2e-4)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["per-exit-models", "segments-only"])
+def test_the_cascade_answers_with_exit_ensembles(ensembled, served, per_exit, direct):
+    repository, thresholds = ensembled
+    manifest = read_manifest(repository)
+    plan = exit_plan(manifest)
+    assert plan.ensembles is not None
+    images = normalise_uint8(IMAGES, manifest.mean, manifest.std)
+    backend = OnnxRuntimeBackend(repository, manifest)
+    if not direct:
+        backend.has_exit_models = False
+    cases = [case[0] for case in POLICY_CASES]
+
+    async def run():
+        cascade = Cascade(backend, plan, CascadeSettings(max_batch_size=8), GatewayMetrics())
+        await cascade.start(warmup_input=images[:1])
+        jobs = [cascade.infer(images[start:stop], resolve_options(RequestOptions(**parameters), plan))
+                for parameters in cases for start, stop in ((0, 1), (1, 13), (13, 24))]
+        results = await asyncio.gather(*jobs)
+        await cascade.stop()
+        return results
+
+    results = asyncio.run(run())
+    for number, parameters in enumerate(cases):
+        parts = results[3 * number: 3 * number + 3]
+        _assert_ensembled(np.concatenate([part.exit_index for part in parts]),
+                          np.concatenate([part.logits for part in parts]), parameters, served, per_exit,
+                          thresholds, direct)
+    confident = _confident_exit(served, thresholds)
+    assert set(confident.tolist()) & {0, 1} and set(confident.tolist()) & {2, 3, 4}
+
+
+def test_the_triton_cascade_model_answers_with_exit_ensembles(ensembled, served, per_exit, triton_venv, tmp_path):
+    import tritonclient.grpc as grpcclient
+
+    from benchmarks.triton_launcher import TritonServer
+
+    repository, thresholds = ensembled
+    copy = tmp_path / "repo"
+    shutil.copytree(repository, copy, copy_function=os.link)
+    with TritonServer(copy, triton_venv, log_path=tmp_path / "tritonserver.log") as server:
+        for parameters in ({}, {"policy": "full"}, {"policy": "fixed", "exit_depth": 8}):
+            logits, depths = _ask(grpcclient, server.grpc_url, CASCADE, parameters)
+            _assert_ensembled(np.array([DEPTHS.index(d) for d in depths]), logits, parameters, served, per_exit,
+                              thresholds)
