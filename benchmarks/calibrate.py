@@ -14,7 +14,8 @@ Exit ensembles (`--ensemble`, benchmarks/ensembles.py): each exit may answer wit
 sum of its and the earlier exits' log-probabilities, weights fitted on the held-out split and
 written into the manifest beside the thresholds. `auto` (the default, with an accuracy-drop
 target and `--margin auto`) keeps them only if they take fewer MACs at the target out of fold
-(the same repeated 2-fold measure that chooses the margin); `on` always, `off` never.
+(the same repeated 2-fold measure that chooses the margin, with the weights refitted on each
+calibration half); `on` always, `off` never.
 """
 
 from __future__ import annotations
@@ -79,10 +80,13 @@ def calibrate(outputs: ExitOutputs, macs, score: str = "max_prob", max_drop: flo
                                  f"exit on new i.i.d. data is at most {max_drop * 100:g} points")
     else:
         if margin == "auto":
-            margin, tried = select_margin(scores, correct, macs, max_drop, measure=drop_measure)
+            margin, tried = select_margin(scores, correct, macs, max_drop, measure=drop_measure,
+                                          refit=None if outputs.ensembles is None else _refit_ensembles(outputs, score))
             details.update(margin_selection={"rule": "the smallest margin whose thresholds, calibrated on one "
                                                      "half of the held-out split and measured on the other (both "
-                                                     "ways, 10 random halvings), keep the mean drop within max_drop",
+                                                     "ways, 10 random halvings), keep the mean drop within max_drop"
+                                                     + ("; exit ensembles refitted on each calibration half"
+                                                        if outputs.ensembles is not None else ""),
                                              "tried": tried})
         thresholds = calibrate_accuracy_drop(scores, correct, macs, max_drop, margin=margin, measure=drop_measure)
         details.update(method="accuracy_drop", max_drop=max_drop, margin_standard_errors=margin,
@@ -92,6 +96,17 @@ def calibrate(outputs: ExitOutputs, macs, score: str = "max_prob", max_drop: flo
                    heldout_acc=outcome.accuracy, heldout_macs_fraction=outcome.mean_macs / full_macs,
                    heldout_exit_share=list(outcome.exit_share))
     return thresholds, details
+
+
+def _refit_ensembles(outputs: ExitOutputs, score: str):
+    """For out-of-fold measures: scores and drop correctness of every sample with exit ensembles fitted
+    on some samples only (the calibration half), not on all of them."""
+    plain = outputs.with_ensembles(None)
+
+    def refit(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        fitted = plain.with_ensembles(fit_ensembles(plain.logits[:, indices], plain.labels[indices]))
+        return fitted.scores(score), fitted.drop_correct()
+    return refit
 
 
 def calibrate_ensembles(outputs: ExitOutputs, macs, mode: str = "auto", **options) -> tuple[ExitOutputs, np.ndarray,

@@ -319,18 +319,23 @@ _FOLDS: dict[tuple, list[FoldCurve]] = {}
 
 
 def fold_curves(scores, correct, macs, repeats: int = 10, seed: int = 0, measure: str = "net",
-                candidates: int = 200) -> list[FoldCurve]:
-    """2 x `repeats` folds of the samples (random halvings, seeds seed, seed + 1, ...), remembered by content."""
+                candidates: int = 200, refit=None) -> list[FoldCurve]:
+    """2 x `repeats` folds of the samples (random halvings, seeds seed, seed + 1, ...), remembered by content.
+    `refit(fit_indices) -> (scores, correct)`, when given, recomputes every sample's scores and correctness
+    with whatever was fitted on the data (exit ensembles' weights) fitted on the calibration half only, so
+    that the other half measures it out of fold too."""
     scores, correct, macs = np.asarray(scores, np.float64), np.asarray(correct, bool), np.asarray(macs, np.float64)
-    key = (_content_key(scores, correct, macs), repeats, seed, measure, candidates)
+    key = (_content_key(scores, correct, macs), repeats, seed, measure, candidates, refit is not None)
     if key in _FOLDS:
         return _FOLDS[key]
-    target = drop_correctness(correct, measure)
     n, curves = scores.shape[1], []
+    everything = scores, correct
     for repeat in range(repeats):
         order = np.random.default_rng(seed + repeat).permutation(n)
         halves = (order[: n // 2], order[n // 2:])
         for fit, other in (halves, halves[::-1]):
+            scores, correct = everything if refit is None else (np.asarray(array) for array in refit(fit))
+            target = drop_correctness(correct, measure)
             frontier = threshold_frontier(scores[:, fit], target[:, fit], macs, candidates)
             fit_final, other_final = target[-1, fit].astype(np.float64), correct[-1, other].mean()
             fit_drop, fit_se, drop, spent = [], [], [], []
@@ -360,10 +365,11 @@ def out_of_fold(curves: list[FoldCurve], max_drop: float, margin: float) -> tupl
 
 
 def select_margin(scores, correct, macs, max_drop: float, margins=MARGIN_GRID, repeats: int = 10,
-                  measure: str = "net") -> tuple[float, list[dict]]:
+                  measure: str = "net", refit=None) -> tuple[float, list[dict]]:
     """The smallest margin whose mean out-of-fold drop is at most `max_drop` (the largest if none),
-    and every margin tried with its out-of-fold drop and MACs (see the module docstring)."""
-    curves = fold_curves(scores, correct, macs, repeats, measure=measure)
+    and every margin tried with its out-of-fold drop and MACs (see the module docstring; `refit`:
+    `fold_curves`)."""
+    curves = fold_curves(scores, correct, macs, repeats, measure=measure, refit=refit)
     tried = []
     for margin in margins:
         drop, spent = out_of_fold(curves, max_drop, margin)

@@ -144,3 +144,27 @@ def test_calibrate_cli_writes_the_chosen_ensembles(tiny_repository, tmp_path):
                         "--max-drop", "5", "--threads", "1")
     assert result.returncode == 0, result.stderr
     assert all(entry.ensemble is None for entry in read_manifest(repository).exits)
+
+
+def test_out_of_fold_measures_refit_ensembles_on_each_calibration_half():
+    from benchmarks.calibration import fold_curves
+
+    logits, labels = _views(n=600)
+    outputs = ExitOutputs(logits, labels)
+    scores, correct = outputs.scores(), outputs.drop_correct()
+    halves = []
+
+    def refit(indices):
+        halves.append(np.sort(indices))
+        return scores, correct  # the same arrays: the curves must be those of no refit
+
+    curves = fold_curves(scores, correct, [1.0, 2.0, 4.0], repeats=2, seed=5, refit=refit)
+    plain = fold_curves(scores, correct, [1.0, 2.0, 4.0], repeats=2, seed=5)
+    assert len(halves) == 4 and all(len(half) == 300 for half in halves)
+    assert not set(halves[0]) & set(halves[1]) and set(halves[0]) | set(halves[1]) == set(range(600))
+    for a, b in zip(curves, plain, strict=True):
+        np.testing.assert_array_equal(a.macs, b.macs)
+        np.testing.assert_array_equal(a.drop, b.drop)
+    # calibration with ensembles refits them per half and says so
+    _, _, details = calibrate_ensembles(outputs, [1.0, 2.0, 4.0], "on", max_drop=0.01, full_macs=4.0)
+    assert "refitted on each calibration half" in details["margin_selection"]["rule"]
