@@ -68,3 +68,24 @@ def test_exit_distillation_moves_the_exits_and_never_the_teacher():
     exit_distillation_loss([early], teacher, torch.tensor([0, 1]), kd=0.5, temperature=3.0).backward()
     assert early.grad.abs().sum() > 0
     assert teacher.grad is None
+
+
+def test_an_external_teacher_distils_every_exit_and_gets_no_gradient():
+    torch.manual_seed(0)
+    exits = [torch.randn(6, 10, requires_grad=True) for _ in range(3)]
+    teacher = torch.randn(6, 10, requires_grad=True)
+    targets = torch.randint(0, 10, (6,))
+    plain = MultiExitLoss((1.0, 1.0, 1.0), temperature=2.0)
+    taught = MultiExitLoss((1.0, 1.0, 1.0), temperature=2.0, teacher_weight=0.5)
+    expected = plain(exits, targets) + sum(
+        0.5 * 4.0 * F.kl_div(F.log_softmax(out / 2.0, dim=1), F.softmax(teacher / 2.0, dim=1), reduction="batchmean")
+        for out in exits)
+    loss = taught(exits, targets, teacher)
+    assert torch.allclose(loss, expected)
+    assert torch.allclose(taught(exits, targets), plain(exits, targets))  # no teacher logits: no term
+    assert torch.allclose(plain(exits, targets, teacher), plain(exits, targets))  # weight 0: no term
+    loss.backward()
+    assert teacher.grad is None and all(out.grad is not None for out in exits)  # the final exit learns too
+    # exits that already answer as the teacher does add nothing
+    same = [teacher.detach().clone() for _ in range(3)]
+    assert torch.allclose(taught(same, targets, teacher), plain(same, targets), atol=1e-6)

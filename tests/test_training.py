@@ -269,3 +269,22 @@ def test_image_size_takes_height_and_width(imagefolder, tmp_path):
     result = run_module("training.train", *TINY, "--data", str(imagefolder), "--output", str(checkpoint),
                         "--image-size", "16,24,3")
     assert result.returncode != 0 and "is not PIXELS or H,W" in result.stderr
+
+
+def test_a_teacher_checkpoint_distils_every_exit_and_is_recorded(imagefolder, tmp_path):
+    teacher = tmp_path / "teacher.safetensors"
+    train(imagefolder, teacher, "--epochs", "1", "--model", "mwresnet20_3")
+    student = tmp_path / "student.safetensors"
+    train(imagefolder, student, "--epochs", "1", "--teacher", str(teacher), "--teacher-weight", "0.7")
+    meta = load_metadata(student)
+    assert meta.training["teacher"]["path"] == str(teacher) and meta.training["teacher"]["model"] == "mwresnet20_3"
+    assert meta.training["teacher_weight"] == 0.7 and meta.model == "mwresnet8_3"
+    alone = tmp_path / "alone.safetensors"
+    train(imagefolder, alone, "--epochs", "1")  # the same run without the teacher ends elsewhere
+    a, b = load_file(str(student)), load_file(str(alone))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    for extra, message in [(["--heldout-seed", "1"], "another held-out split"),
+                           (["--teacher-weight", "-1"], "--teacher-weight must be")]:
+        result = run_module("training.train", *TINY, "--data", str(imagefolder), "--output",
+                            str(tmp_path / "x.safetensors"), "--teacher", str(teacher), *extra)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

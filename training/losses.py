@@ -1,5 +1,6 @@
 """Multi-way back-propagation loss: weighted cross-entropy over every exit,
-optionally plus self-distillation of the early exits from the final one."""
+optionally plus self-distillation of the early exits from the final one, and
+distillation of every exit from an external teacher's logits (`training.train --teacher`)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,20 @@ class MultiExitLoss:
     exit_weights: tuple[float, ...]
     distill_weight: float = 0.0  # 0 disables self-distillation
     temperature: float = 3.0
+    teacher_weight: float = 0.0  # distillation of every exit from an external teacher's logits (when given)
 
-    def __call__(self, logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: list[torch.Tensor], targets: torch.Tensor,
+                 teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
         if len(logits) != len(self.exit_weights):
             raise ValueError(f"{len(logits)} exits but {len(self.exit_weights)} weights")
         loss = sum(w * F.cross_entropy(out, targets) for w, out in zip(self.exit_weights, logits))
+        if teacher_logits is not None and self.teacher_weight > 0:
+            # Every exit, the final one included, from another (trained, frozen) network's answer.
+            t = self.temperature
+            teacher = F.softmax(teacher_logits.detach().float() / t, dim=1)
+            for out in logits:
+                loss = loss + self.teacher_weight * t * t * F.kl_div(
+                    F.log_softmax(out.float() / t, dim=1), teacher, reduction="batchmean")
         if self.distill_weight > 0 and len(logits) > 1:
             # KL(teacher || student) with temperature, scaled by T^2 (Hinton et al.);
             # the final exit is the teacher and gets no gradient from it.

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 2 -m training.train ...   # data parallel (gloo/NCCL)
 
 Every exit's cross-entropy is summed with per-exit weights (Multi-way BP); early
-exits can also be distilled from the final exit. A checkpoint (safetensors +
+exits can also be distilled from the final exit, and every exit from another trained
+network's final exit (`--teacher`). A checkpoint (safetensors +
 JSON) is written atomically after every epoch, with a resume state beside it.
 """
 
@@ -97,12 +98,32 @@ class Trainer:
             self.model.requires_grad_(False)
             self.model.heads.requires_grad_(True)
         self.loss = MultiExitLoss(parse_exit_weights(config.exit_weights, len(self.model.exits)),
-                                  config.distill_weight, config.temperature)
+                                  config.distill_weight, config.temperature, config.teacher_weight)
+        self.teacher = self._load_teacher(config.teacher) if config.teacher else None
         # Co-trained members (divide and co-train) learn from their own logits, not the ensemble exits.
         self.cotrain = CoTrainingLoss(config.agreement_weight, config.agreement_warmup) \
             if isinstance(self.model, AnytimeEnsemble) else None
         if self.cotrain is not None and self.world > 1:
             raise UserError("co-training a _split model runs in one process (no DDP yet)")
+
+    def _load_teacher(self, path: Path):
+        """The frozen network whose final exit every exit learns from (--teacher)."""
+        teacher, meta = load_checkpoint(path)
+        if tuple(meta.input_size) != tuple(self.input_size) or meta.num_classes != len(self.classes):
+            raise UserError(f"--teacher {path} takes {meta.input_size} inputs and answers {meta.num_classes} "
+                            f"classes; the data here: {list(self.input_size)}, {len(self.classes)}")
+        if (meta.heldout.seed, meta.heldout.size) != (self.config.heldout_seed, self.config.heldout_size):
+            raise UserError(f"--teacher {path} was trained with another held-out split; its answers would carry "
+                            "what it learnt from this run's held-out images")
+        if isinstance(self.model, AnytimeEnsemble):
+            raise UserError("--teacher is not supported for co-trained <entry>_split<S> models")
+        teacher.requires_grad_(False)
+        teacher.eval().to(self.device)
+        if self.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        self.teacher_meta = {"path": str(path), "model": meta.model, "date": meta.date,
+                             "heldout_acc": meta.heldout_acc}
+        return teacher
 
     def _build_optimisation(self) -> None:
         config = self.config
@@ -220,7 +241,7 @@ class Trainer:
         config = self.config.record()
         config.update(exit_weights=list(self.loss.exit_weights), world_size=self.world,
                       model_kwargs=self.config.model_kwargs, device=str(self.device),
-                      init_from=self.init_meta)
+                      init_from=self.init_meta, teacher=getattr(self, "teacher_meta", None))
         return config
 
     def train_epoch(self, epoch: int) -> dict:
@@ -256,7 +277,11 @@ class Trainer:
                     loss = self.cotrain(logits, target, epoch + step / self.steps_per_epoch)
                 else:
                     logits = self.network(batch)
-                    loss = self.loss(logits, target)
+                    teacher_logits = None
+                    if self.teacher is not None:
+                        with torch.no_grad():
+                            teacher_logits = self.teacher(batch)[-1]
+                    loss = self.loss(logits, target, teacher_logits)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)

@@ -49,6 +49,8 @@ class TrainConfig:
     freeze_trunk: bool = False
     freeze_backbone: bool = False
     temperature: float = 3.0
+    teacher: Path | None = None  # a trained multi-exit checkpoint whose final exit every exit is distilled from
+    teacher_weight: float = 0.5
     online_distill: int = 0  # K students + an online teacher (training/online_distill.py); 0 = off
     od_temperature: float = 3.0  # defaults: training/online_distill.py's DEFAULT_*
     od_student_weight: float = 1.0
@@ -81,6 +83,10 @@ class TrainConfig:
         if self.freeze_trunk and self.freeze_backbone:
             raise UserError("--freeze-trunk and --freeze-backbone are alternatives: the first also keeps the "
                             "final exit as loaded, the second trains every exit head")
+        if self.teacher_weight < 0:
+            raise UserError("--teacher-weight must be 0 or more")
+        if self.teacher and (self.online_distill or self.freeze_trunk):
+            raise UserError("--teacher distils a network trained whole: not with --online-distill or --freeze-trunk")
         if self.pretrained and self.init_from:
             raise UserError("--pretrained loads a backbone's weights, --init-from a multi-exit checkpoint: give one")
         if self.image_size is not None and min(image_sides(self.image_size)) < 1:
@@ -200,6 +206,12 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                       help="train only the exit heads, every exit's: the stem and segments (weights and batch-norm "
                            "statistics) stay as built or loaded, e.g. a --pretrained backbone")
     loss.add_argument("--temperature", type=float, help="distillation temperature")
+    loss.add_argument("--teacher", type=Path, metavar="CHECKPOINT",
+                      help="distil every exit from the final exit of this trained multi-exit checkpoint (same "
+                           "classes, input size and held-out split; frozen, in eval mode, on the same augmented "
+                           "batches): e.g. a cheap network's exits from the reference ResNet-56")
+    loss.add_argument("--teacher-weight", type=float,
+                      help="weight of each exit's T^2 x KL(teacher || exit) at --temperature (default %(default)s)")
     loss.add_argument("--agreement-weight", type=float,
                       help="co-training of a <entry>_split<S> model: weight of the members' Jensen-Shannon "
                            "agreement term (default %(default)s)")
