@@ -217,6 +217,23 @@ def test_incompatible_checkpoints_are_refused(checkpoints, imagefolder, tmp_path
 
 
 # -- the gateway's cascade -----------------------------------------------------------------------
+def _run_cases(backend, plan, images, cases) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(exit index, logits) of every image under each case's request parameters, through a Cascade;
+    requests of several sizes at once, so continuing samples of several requests share batches."""
+    async def run():
+        cascade = Cascade(backend, plan, CascadeSettings(max_batch_size=8), GatewayMetrics())
+        await cascade.start(warmup_input=images[:1])
+        jobs = [cascade.infer(images[start:stop], resolve_options(RequestOptions(**parameters), plan))
+                for parameters in cases for start, stop in ((0, 1), (1, 13), (13, 24))]
+        results = await asyncio.gather(*jobs)
+        await cascade.stop()
+        return results
+
+    results = asyncio.run(run())
+    return [(np.concatenate([part.exit_index for part in results[3 * k: 3 * k + 3]]),
+             np.concatenate([part.logits for part in results[3 * k: 3 * k + 3]])) for k in range(len(cases))]
+
+
 @pytest.mark.parametrize("direct", [True, False], ids=["per-exit-models", "segments-only"])
 def test_the_cascade_gives_the_image_stage_the_requests_images_for_every_policy(composed, per_exit, thresholds,
                                                                                   direct):
@@ -228,23 +245,7 @@ def test_the_cascade_gives_the_image_stage_the_requests_images_for_every_policy(
     if not direct:  # fixed and full through the segment chain (its image stage) instead of one call
         backend.has_exit_models = False
 
-    async def run():
-        cascade = Cascade(backend, plan, CascadeSettings(max_batch_size=8), GatewayMetrics())
-        await cascade.start(warmup_input=images[:1])
-        jobs = []
-        for parameters, _ in cases:
-            options = resolve_options(RequestOptions(**parameters), plan)
-            # requests of several sizes at once, so continuing samples of several requests share batches
-            jobs += [cascade.infer(images[start:stop], options) for start, stop in ((0, 1), (1, 13), (13, 24))]
-        results = await asyncio.gather(*jobs)
-        await cascade.stop()
-        return results
-
-    results = asyncio.run(run())
-    for number, case in enumerate(cases):
-        parts = results[3 * number: 3 * number + 3]
-        exits = np.concatenate([part.exit_index for part in parts])
-        logits = np.concatenate([part.logits for part in parts])
+    for case, (exits, logits) in zip(cases, _run_cases(backend, plan, images, [case[0] for case in cases])):
         expected = _expected_exits(case, per_exit, thresholds)
         assert exits.tolist() == expected.tolist(), case
         np.testing.assert_allclose(logits, per_exit[exits, np.arange(len(IMAGES))], atol=1e-4)
@@ -392,22 +393,8 @@ def test_the_cascade_answers_with_exit_ensembles(ensembled, served, per_exit, di
     if not direct:
         backend.has_exit_models = False
     cases = [case[0] for case in POLICY_CASES]
-
-    async def run():
-        cascade = Cascade(backend, plan, CascadeSettings(max_batch_size=8), GatewayMetrics())
-        await cascade.start(warmup_input=images[:1])
-        jobs = [cascade.infer(images[start:stop], resolve_options(RequestOptions(**parameters), plan))
-                for parameters in cases for start, stop in ((0, 1), (1, 13), (13, 24))]
-        results = await asyncio.gather(*jobs)
-        await cascade.stop()
-        return results
-
-    results = asyncio.run(run())
-    for number, parameters in enumerate(cases):
-        parts = results[3 * number: 3 * number + 3]
-        _assert_ensembled(np.concatenate([part.exit_index for part in parts]),
-                          np.concatenate([part.logits for part in parts]), parameters, served, per_exit,
-                          thresholds, direct)
+    for parameters, (exits, logits) in zip(cases, _run_cases(backend, plan, images, cases)):
+        _assert_ensembled(exits, logits, parameters, served, per_exit, thresholds, direct)
     confident = _confident_exit(served, thresholds)
     assert set(confident.tolist()) & {0, 1} and set(confident.tolist()) & {2, 3, 4}
 
