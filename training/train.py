@@ -277,11 +277,12 @@ class Trainer:
                     loss = self.cotrain(logits, target, epoch + step / self.steps_per_epoch)
                 else:
                     logits = self.network(batch)
-                    teacher_logits = None
-                    if self.teacher is not None:
+                    if self.teacher is None:
+                        loss = self.loss(logits, target)
+                    else:
                         with torch.no_grad():
                             teacher_logits = self.teacher(batch)[-1]
-                    loss = self.loss(logits, target, teacher_logits)
+                        loss = self.loss(logits, target, teacher_logits)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
