@@ -23,7 +23,8 @@ Requests are answered exactly once, whatever fails (issue 25):
   stages go before direct ones that arrived later, and a request whose budget
   cannot be met even at the first exit runs first and answers from that exit;
 - the budget policy continues a request only if the next segment would finish
-  within its budget less a reserve (`next_stage_ms`: each lane's batch time as a
+  within its budget less a reserve (a share of the budget plus the front end's
+  queue, `budget_reserve_ms`; `next_stage_ms`: each lane's batch time as a
   line fitted to its recent batches, the work of every lane queued before it in
   deadline order and the batches running, then the batch it joins); past its first
   exit a budget request has an answer, so its deeper stages are optional work,
@@ -109,8 +110,9 @@ class CascadeSettings:
     max_wait_ms: float = 2.0
     workers: int = 2
     budget_margin: float = 1.1  # predicted stage time is multiplied by this for the budget policy
-    # Share of a budget kept for what the cascade does not see (front end, transport, the load that a
-    # deeper stage adds to everyone's queue): a request continues only if it would finish before the rest.
+    # Share of a budget kept for what the cascade does not see (transport, the client, the load that a
+    # deeper stage adds to everyone's queue), on top of the front end's queue (`budget_reserve_ms`): a
+    # request continues only if it would finish before the rest.
     budget_reserve: float = 0.2
     max_queue_images: int = 0  # images admitted at once (0: no bound)
     health_interval_s: float = 0.25  # how often a backend with a health check is polled
@@ -160,6 +162,13 @@ class Cascade(_Scheduler, _BudgetEstimates, _Admission):
         self.continue_share = [0.0] * stages
         self.images_in = 0  # images of the requests inside the cascade (admission control bounds it)
         self.requests: set[_Request] = set()
+        self.completed = 0  # requests answered or failed, ever
+        self.backend_cpu_s = 0.0  # CPU time of the backend threads inside backend calls, ever
+        self.front_end_ms = 0.0  # moving CPU per request outside backend calls (0: not measured yet)
+        self._front_end_mark: tuple[float, float, int] | None = None
+        self._front_end_timer: asyncio.TimerHandle | None = None
+        self.in_flight_peak = 0  # the most requests in flight during the last front-end window
+        self._in_flight_window = 0  # ... during this one so far
         self.backend_ready = True
         self.cut = 0  # requests answered Unavailable because stop's grace period ended
         self.last_refusal = 0.0  # time.monotonic() of the last request refused while stopping
@@ -287,7 +296,7 @@ class Cascade(_Scheduler, _BudgetEstimates, _Admission):
         await until_quiet(self)
         if self._health_task is not None:
             self._health_task.cancel()
-        for timer in (self._wait_timer, self._trim_timer):
+        for timer in (self._wait_timer, self._trim_timer, self._front_end_timer):
             if timer is not None:
                 timer.cancel()
         for thread in self._threads:
@@ -329,6 +338,10 @@ class Cascade(_Scheduler, _BudgetEstimates, _Admission):
         if deadline < math.inf:
             request.timer = self._loop.call_later(deadline - now, self._expire, request)
         self.requests.add(request)
+        self._in_flight_window = max(self._in_flight_window, len(self.requests))
+        self._watch_front_end()
+        if options.budget_ms is not None:
+            request.reserve_ms = self.budget_reserve_ms(options.budget_ms)
         self.images_in += size
         self._idle.clear()
         lane = self.segment_lanes[0]
@@ -351,6 +364,7 @@ class Cascade(_Scheduler, _BudgetEstimates, _Admission):
             if request.timer is not None:
                 request.timer.cancel()
             self.requests.discard(request)
+            self.completed += 1
             self.images_in -= size
             self._images_since_trim += size
             if not self.requests:

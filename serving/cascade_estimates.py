@@ -1,16 +1,60 @@
 """The cascade's time estimates for the budget policy and the deadline checks, mixed into `Cascade`:
 each lane's moving batch time (`_record_run_ms`), the predicted time of a request's deeper stages
 (`path_ms`, bounded by `path_bound_ms`; `_ahead`) and of the next segment for a budget request
-(`next_stage_ms`, from a `_Backlog`). Reads the state that `Cascade.__init__` makes."""
+(`next_stage_ms`, from a `_Backlog`), and the share of a budget kept for what the cascade does not see
+(`budget_reserve_ms`, from the moving front-end CPU per request, `_front_end_tick`). Reads the state that
+`Cascade.__init__` makes."""
 
 from __future__ import annotations
+
+import time
 
 from serving.cascade_lanes import Lane, _Backlog
 from serving.cascade_records import _Request
 
+FRONT_END_PERIOD_S = 0.5  # how often the front end's CPU per request is measured while requests come
+FRONT_END_MIN_REQUESTS = 50  # requests a measurement needs (fewer: the window goes on)
+FRONT_END_ALPHA = 0.3  # weight of a new measurement in the moving figure
+process_cpu_s = time.process_time  # the whole process's CPU time (every thread)
+
 
 class _BudgetEstimates:
     """Mixed into `Cascade` (see the module's docstring)."""
+
+    def budget_reserve_ms(self, budget_ms: float) -> float:
+        """What a budget request admitted now keeps of its budget for what the cascade does not see: a
+        share of the budget (`budget_reserve`), plus the front end's queue: on a busy gateway the request's
+        transport, parsing and answer wait behind those of every request in flight, each costing the moving
+        CPU per request outside backend calls (`front_end_ms`). Requests in flight: at least the most seen
+        in the last measurement window (under a steady load, those between the transport and the cascade
+        are requests too). At most the whole budget."""
+        queue_ms = max(len(self.requests), self.in_flight_peak) * self.front_end_ms
+        return min(budget_ms, self.settings.budget_reserve * budget_ms + queue_ms)
+
+    def _front_end_tick(self) -> None:
+        """Every FRONT_END_PERIOD_S while requests come: the process's CPU outside backend calls per
+        request answered since the last measurement, into the moving `front_end_ms`."""
+        self._front_end_timer = None
+        self.in_flight_peak, self._in_flight_window = self._in_flight_window, len(self.requests)
+        mark = (process_cpu_s(), self.backend_cpu_s, self.completed)
+        if self._front_end_mark is None:
+            self._front_end_mark = mark
+        else:
+            cpu, backend, done = (now - then for now, then in zip(mark, self._front_end_mark))
+            if done >= FRONT_END_MIN_REQUESTS:
+                sample = max(0.0, cpu - backend) / done * 1000
+                first = self.front_end_ms == 0.0
+                self.front_end_ms = sample if first else self.front_end_ms + FRONT_END_ALPHA * (
+                    sample - self.front_end_ms)
+                self._front_end_mark = mark
+        if self.requests:
+            self._watch_front_end()
+        else:  # idle: the next burst starts a new window (idle CPU counts for no request)
+            self._front_end_mark = None
+
+    def _watch_front_end(self) -> None:
+        if self._front_end_timer is None and self._loop is not None:
+            self._front_end_timer = self._loop.call_later(FRONT_END_PERIOD_S, self._front_end_tick)
 
     def _record_run_ms(self, lane: Lane, milliseconds: float, alpha: float = 0.1) -> None:
         previous = self.run_ms[lane]

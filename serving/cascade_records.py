@@ -44,6 +44,7 @@ class _Request:
     waiting: list = field(default_factory=list)  # its groups queued (not running) in some lane
     timer: asyncio.TimerHandle | None = None
     images: np.ndarray | None = None  # its normalised inputs: what a stage that takes the image gets again
+    reserve_ms: float = 0.0  # (budget policy) what it keeps of its budget for what the cascade does not see
 
     def __post_init__(self) -> None:
         self.remaining = self.size
@@ -82,7 +83,7 @@ class _Group:
     # Budget policy: (exit position, logits, scores) of the exit its samples passed, what they answer
     # with if the next stage cannot start in time (at `give_up_at`, a time.monotonic(); its timer).
     fallback: tuple | None = None
-    budget_end: float = math.inf  # its request's start + budget less the reserve (time.monotonic())
+    budget_end: float = math.inf  # its request's start + budget less its reserve (time.monotonic())
     give_up_at: float = math.inf
     give_up: asyncio.TimerHandle | None = None  # while it waits: `_give_up`; while its batch runs: `_abandon`
     abandoned: bool = False  # answered from its fallback while its batch ran: the batch's rows are ignored

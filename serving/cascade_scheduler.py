@@ -233,6 +233,7 @@ class _Scheduler:
         else:
             self._free += 1
         self.in_lane[lane] -= size
+        self.backend_cpu_s += cpu_seconds
         self._settle_timers(groups)
         try:
             if self.metrics:
@@ -306,7 +307,7 @@ class _Scheduler:
                     backlog = _Backlog(self)
                 next_ms = self.next_stage_ms(backlog, stage + 1, request.key + OPTIONAL_ORDER_S, count, continued)
                 if next_ms is not None:
-                    next_ms += self.settings.budget_reserve * request.options.budget_ms
+                    next_ms += request.reserve_ms
             stop = should_stop(stage, scores, request.options, self.plan,
                                elapsed_ms=(now - request.started) * 1000, next_stage_ms=next_ms)
             stopping = int(np.count_nonzero(stop))
@@ -350,7 +351,7 @@ class _Scheduler:
         self._enqueue(lane, group, request.key + OPTIONAL_ORDER_S)
         cost = self.costs[lane]
         stage_s = cost.batch_ms(len(group.samples)) / 1000 if cost.known else 0.0
-        group.budget_end = request.started + request.options.budget_ms / 1000 * (1 - self.settings.budget_reserve)
+        group.budget_end = request.started + (request.options.budget_ms - request.reserve_ms) / 1000
         group.give_up_at = group.budget_end - stage_s
         group.give_up = self._loop.call_later(max(0.0, group.give_up_at - time.monotonic()), self._give_up, group)
 

@@ -168,3 +168,70 @@ def test_without_an_optional_thread_optional_groups_share_the_worker_queues(tiny
         assert (len(cascade.optional_queues[seg1]), len(cascade.queues[seg1])) == ((1, 0) if separate else (0, 1))
         backlog = _Backlog(cascade)
         assert backlog.before(seg1, 8.0) == 3 and backlog.before(seg1, 6.0) == 0
+
+
+# -- the front end's queue in the reserve ---------------------------------------
+
+def test_the_reserve_counts_the_front_ends_queue(tiny_repository):
+    """A budget request keeps its share of the budget plus, per request in flight (at least as many as
+    the last window's most), the front end's moving CPU per request (on a busy gateway its transport and answer wait behind theirs); never more than the
+    budget. With that queue as long as the budget, a request that would go to the deepest exit with time
+    to spare answers from its first exit; with none, from the deepest."""
+    manifest = read_manifest(tiny_repository)
+
+    async def run():
+        cascade, backend = make(tiny_repository, manifest, workers=1, budget_reserve=0.2)
+        await cascade.start(marked(manifest, 1.0))
+        backend.gate.set()
+        reserves = {}
+        cascade.front_end_ms = 2.0
+        for in_flight in (0, 10, 100):
+            cascade.requests = {object() for _ in range(in_flight)}
+            reserves[in_flight] = cascade.budget_reserve_ms(100.0)
+        cascade.requests = set()
+        cascade.in_flight_peak = 10  # as many in the last window: they count while the cascade holds fewer
+        reserves["peak"] = cascade.budget_reserve_ms(100.0)
+        cascade.in_flight_peak = 0
+        never_stop = options(manifest, policy="budget", budget_ms=30_000.0, thresholds=(2.0,))
+        cascade.front_end_ms = 0.0
+        deepest = await asyncio.wait_for(cascade.infer(marked(manifest, 2.0, 2), never_stop), 20)
+        cascade.front_end_ms = 30_000.0  # one request in flight (itself): the whole budget is kept
+        first = await asyncio.wait_for(cascade.infer(marked(manifest, 3.0, 2), never_stop), 20)
+        await until(lambda: settled(cascade))
+        await cascade.stop()
+        return reserves, deepest, first
+
+    reserves, deepest, first = asyncio.run(run())
+    assert reserves == {0: 20.0, 10: 40.0, 100: 100.0, "peak": 40.0}
+    assert (deepest.exit_index == len(manifest.exits) - 1).all() and (first.exit_index == 0).all()
+
+
+def test_the_front_end_cost_is_process_cpu_outside_backend_calls_per_request(tiny_repository, monkeypatch):
+    """Each measurement: (process CPU - backend CPU) / requests answered since the last one, in ms,
+    into a moving figure (the first taken as it is); a window with too few requests goes on; an idle
+    cascade starts a new window (idle CPU is no request's)."""
+    from serving import cascade_estimates
+
+    manifest = read_manifest(tiny_repository)
+    clock = [10.0]
+    monkeypatch.setattr(cascade_estimates, "process_cpu_s", lambda: clock[0])
+    cascade, _ = make(tiny_repository, manifest)
+    cascade.requests = {object()}  # requests keep coming (no loop: the tick does not reschedule)
+    cascade._watch_front_end = lambda: None
+    steps = [(0.0, 0.0, 0), (0.5, 0.1, 100), (0.2, 0.0, 10), (0.3, 0.1, 50)]  # (CPU, backend CPU, answered)
+    seen = []
+    for cpu, backend, answered in steps:
+        clock[0] += cpu
+        cascade.backend_cpu_s += backend
+        cascade.completed += answered
+        cascade._front_end_tick()
+        seen.append(round(cascade.front_end_ms, 6))
+    # 1st: the window opens; 2nd: (0.5 - 0.1) / 100 = 4 ms; 3rd: 10 requests, the window goes on;
+    # 4th: (0.2 + 0.3 - 0.1) / 60 = 6.667 ms, moved 0.3 of the way from 4
+    assert seen == [0.0, 4.0, 4.0, round(4.0 + cascade_estimates.FRONT_END_ALPHA * (0.4 / 60 * 1000 - 4.0), 6)]
+    cascade._in_flight_window = 7  # the most requests in flight seen since the last tick
+    cascade._front_end_tick()
+    assert (cascade.in_flight_peak, cascade._in_flight_window) == (7, 1)  # the next window starts with those now
+    cascade.requests = set()
+    cascade._front_end_tick()
+    assert cascade._front_end_mark is None
