@@ -93,8 +93,9 @@ class Settings(BaseSettings):
                                       "they passed); default --backend-nice; -1: no such thread, they share the "
                                       "--workers slots")
     budget_reserve: float = Field(0.2, ge=0, lt=1, description="share of a latency budget the budget policy "
-                                  "keeps for what the cascade does not see (transport, the client), on top of the front end's "
-                                  "queue (requests in flight x the measured CPU per request outside backend calls): "
+                                  "keeps for what the cascade does not see (transport, the client), on top of the "
+                                  "front end's queue (requests in flight x the measured CPU per request outside "
+                                  "backend calls): "
                                   "a request goes on to the next stage only if it would finish before the rest")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may run "
                                     "before they are answered UNAVAILABLE (exit status 3 if any)")

@@ -174,9 +174,10 @@ def test_without_an_optional_thread_optional_groups_share_the_worker_queues(tiny
 
 def test_the_reserve_counts_the_front_ends_queue(tiny_repository):
     """A budget request keeps its share of the budget plus, per request in flight (at least as many as
-    the last window's most), the front end's moving CPU per request (on a busy gateway its transport and answer wait behind theirs); never more than the
-    budget. With that queue as long as the budget, a request that would go to the deepest exit with time
-    to spare answers from its first exit; with none, from the deepest."""
+    the last window's most), the front end's moving CPU per request (on a busy gateway its transport and
+    answer wait behind theirs); never more than the budget. With that queue as long as the budget, a
+    request that would go to the deepest exit with time to spare answers from its first exit; with none,
+    from the deepest."""
     manifest = read_manifest(tiny_repository)
 
     async def run():

@@ -38,17 +38,17 @@ def main() -> None:
                                                        {"policy": "fixed", "exit_depth": first}),
                                                 images, labels, concurrency, 10**9, 15))
                 budget_ms = fixed.latency_ms["p99"]
-                budget = asyncio.run(closed_loop(Target("grpc", gateway.grpc_url, manifest.model,
-                                                        {"policy": "budget", "budget_ms": budget_ms}, budget_ms=budget_ms),
+                parameters = {"policy": "budget", "budget_ms": budget_ms}
+                budget = asyncio.run(closed_loop(Target("grpc", gateway.grpc_url, manifest.model, parameters,
+                                                        budget_ms=budget_ms),
                                                  images, labels, concurrency, 10**9, 15))
-                print(json.dumps({"concurrency": concurrency, "pair": pair,
-                                  "first_exit": {"rps": round(fixed.throughput, 1), "p50_ms": round(fixed.latency_ms["p50"], 1),
-                                                 "p99_ms": round(budget_ms, 1)},
-                                  "budget_first_exit_only": {"rps": round(budget.throughput, 1),
-                                                             "p50_ms": round(budget.latency_ms["p50"], 1),
-                                                             "p99_ms": round(budget.latency_ms["p99"], 1),
-                                                             "exits": budget.exits,
-                                                             "within_budget": round(budget.within_budget, 4)}}), flush=True)
+                first_exit = {"rps": round(fixed.throughput, 1), "p50_ms": round(fixed.latency_ms["p50"], 1),
+                              "p99_ms": round(budget_ms, 1)}
+                only_first = {"rps": round(budget.throughput, 1), "p50_ms": round(budget.latency_ms["p50"], 1),
+                              "p99_ms": round(budget.latency_ms["p99"], 1), "exits": budget.exits,
+                              "within_budget": round(budget.within_budget, 4)}
+                print(json.dumps({"concurrency": concurrency, "pair": pair, "first_exit": first_exit,
+                                  "budget_first_exit_only": only_first}), flush=True)
     finally:
         gateway.stop()
 
