@@ -241,6 +241,15 @@ def preact_resnet_with_exits(
     """
     if (depth - 2) % 6:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+    return three_stage_net(name, depth, exit_blocks, num_classes, width, 1, input_size, early_head, PreActBlock)
+
+
+def three_stage_net(name: str, depth: int, exit_blocks: list[int], num_classes: int, width: int, widen: int,
+                    input_size: tuple[int, int, int], early_head: str, make_block) -> MultiExitNet:
+    """The CIFAR ResNet layout both pre-activation families share: a 3x3 stem of `width` channels, three
+    stages of (depth - 2) / 6 blocks with width x widen x 2^s channels (stride 2 entering stages 2 and 3),
+    `make_block(in, out, stride)` for each block, and an exit after each of `exit_blocks` (the last one the
+    final exit, with the paper's linear head; the others `early_head`)."""
     blocks_per_stage = (depth - 2) // 6
     total_blocks = 3 * blocks_per_stage
     if sorted(set(exit_blocks)) != exit_blocks or exit_blocks[-1] != total_blocks:
@@ -248,7 +257,7 @@ def preact_resnet_with_exits(
     blocks: list[tuple[int, int, int, int]] = []  # (in, out, stride, output map size)
     channels, spatial = width, input_size[1]
     for stage in range(3):
-        out_channels = width * 2**stage
+        out_channels = width * widen * 2**stage
         for position in range(blocks_per_stage):
             stride = 2 if stage > 0 and position == 0 else 1
             spatial //= stride
@@ -258,10 +267,10 @@ def preact_resnet_with_exits(
     segments, heads, exits = [], [], []
     start = 0
     for index, end in enumerate(exit_blocks):
-        segments.append(nn.Sequential(*(PreActBlock(*spec[:3]) for spec in blocks[start:end])))
+        segments.append(nn.Sequential(*(make_block(*spec[:3]) for spec in blocks[start:end])))
         _, out_channels, _, out_size = blocks[end - 1]
         kind = "linear" if end == total_blocks else early_head
-        heads.append(make_head(kind, out_channels, num_classes, out_size, max_channels=4 * width))
+        heads.append(make_head(kind, out_channels, num_classes, out_size, max_channels=4 * width * widen))
         exit_depth = depth if end == total_blocks else 1 + 2 * end
         exits.append(ExitSpec(index=index, depth=exit_depth, block=end))
         start = end

@@ -24,14 +24,12 @@ import torch
 from torch import nn
 
 from training.models import (
-    ExitSpec,
     ModelBuilder,
     MultiExitNet,
     PreActBlock,
-    _init_weights,
     _resnet_entry,
-    make_head,
     register_model,
+    three_stage_net,
 )
 
 # name -> (depth, exit blocks); ResNet-56 has 27 blocks, ResNet-44 21.
@@ -81,33 +79,8 @@ def wide_resnet_with_exits(
         raise ValueError(f"wide ResNet depth must be 6n+2, got {depth}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    blocks_per_stage = (depth - 2) // 6
-    total_blocks = 3 * blocks_per_stage
-    if sorted(set(exit_blocks)) != exit_blocks or exit_blocks[-1] != total_blocks:
-        raise ValueError(f"exit blocks must increase and end at {total_blocks}")
-    blocks: list[tuple[int, int, int, int]] = []  # (in, out, stride, output map size)
-    channels, spatial = width, input_size[1]
-    for stage in range(3):
-        out_channels = width * widen * 2**stage
-        for position in range(blocks_per_stage):
-            stride = 2 if stage > 0 and position == 0 else 1
-            spatial //= stride
-            blocks.append((channels, out_channels, stride, spatial))
-            channels = out_channels
-    stem = nn.Conv2d(input_size[0], width, 3, 1, 1, bias=False)
-    segments, heads, exits = [], [], []
-    start = 0
-    for index, end in enumerate(exit_blocks):
-        segments.append(nn.Sequential(*(WidePreActBlock(*spec[:3], dropout=dropout) for spec in blocks[start:end])))
-        _, out_channels, _, out_size = blocks[end - 1]
-        kind = "linear" if end == total_blocks else early_head
-        heads.append(make_head(kind, out_channels, num_classes, out_size, max_channels=4 * width * widen))
-        exit_depth = depth if end == total_blocks else 1 + 2 * end
-        exits.append(ExitSpec(index=index, depth=exit_depth, block=end))
-        start = end
-    model = MultiExitNet(name, stem, segments, heads, exits, num_classes, input_size)
-    _init_weights(model)
-    return model
+    return three_stage_net(name, depth, exit_blocks, num_classes, width, widen, input_size, early_head,
+                           lambda inputs, outputs, stride: WidePreActBlock(inputs, outputs, stride, dropout=dropout))
 
 
 def _wide_entry(name: str, depth: int, widen: int, exit_blocks: list[int]) -> ModelBuilder:
