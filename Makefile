@@ -10,7 +10,7 @@ FRONT_CHECKPOINT ?= checkpoints/mwresnet20_3.safetensors
 REFERENCE_EXITS ?= 45,56
 MODEL_NAME ?= r20_r56
 
-.PHONY: setup triton serve test lint evaluate bench robustness clean seed-curves
+.PHONY: setup triton front-proxy serve test lint evaluate bench robustness clean seed-curves
 
 TRITON_VENV := .venv-triton
 TRITON_STAMP := $(TRITON_VENV)/.installed
@@ -25,6 +25,14 @@ $(TRITON_STAMP):
 	$(PYTHON) -m venv $(TRITON_VENV)
 	$(TRITON_VENV)/bin/pip install --quiet nvidia-pytriton==0.7.0 'numpy<2' onnxruntime==1.32.0
 	touch $(TRITON_STAMP)
+
+# nginx, for the front proxy that refuses overload before the gateway's Python (deploy/nginx; its tests and
+# `benchmarks.robustness --front-proxy-limit`): Debian's package where apt-get can install it, else its tests skip.
+front-proxy:
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light >/dev/null 2>&1) || \
+		echo "nginx is not installed and apt-get could not install it: the front proxy's tests skip"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -72,7 +80,7 @@ seed-curves: $(STAMP)
 	$(BIN)/python -m benchmarks.seed_curves --output $(SEED_CURVES_OUT) $(SEED_CHECKPOINTS)
 
 # pytest exits 5 when it collects nothing: that is not a failure.
-test: $(STAMP) $(TRITON_STAMP)
+test: $(STAMP) $(TRITON_STAMP) front-proxy
 	EE_REQUIRE_TRITON=1 $(BIN)/python -m pytest -q; status=$$?; [ $$status -eq 0 ] || [ $$status -eq 5 ]
 
 lint: $(STAMP)

@@ -95,6 +95,7 @@ class Servers:
     gateway_pid: int | None = None
     gateway_metrics_url: str | None = None  # http://host:port/metrics
     triton_pid: int | None = None
+    proxy_pid: int | None = None  # a front proxy (nginx: its master process and workers)
 
 
 class CpuMeter:
@@ -112,6 +113,8 @@ class CpuMeter:
         if servers.triton_pid is not None:
             sample["tritonserver"] = process_cpu_s(servers.triton_pid)
             sample["triton_stubs"] = sum(process_cpu_s(child) for child in descendants(servers.triton_pid))
+        if servers.proxy_pid is not None:
+            sample["front_proxy"] = tree_cpu_s(servers.proxy_pid)
         return sample
 
     def start(self) -> None:

@@ -307,7 +307,10 @@ class Gateway:
             "poll_repository_s": self.settings.poll_repository_s or None,
             "event_loop": type(asyncio.get_running_loop()).__module__,
             "http": f"{self.settings.host}:{self.settings.http_port}",
-            "grpc": f"{self.settings.host}:{self.settings.grpc_port}" if self.grpc_server else None}})
+            "grpc": f"{self.settings.host}:{self.settings.grpc_port}" if self.grpc_server else None,
+            # images admitted into the cascades at once (None: unbounded): a front proxy's limit on requests
+            # in flight (deploy/nginx) goes at or below it, so that the proxy refuses first
+            "admission_images": admission_images(self.store)}})
         try:
             yield
         finally:

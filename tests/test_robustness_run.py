@@ -42,6 +42,35 @@ def test_the_robustness_run_writes_every_phase(tiny_repository, tmp_path):
     assert document["commit"] and document["command"].startswith("python -m benchmarks.robustness")
 
 
+def test_the_robustness_run_measures_overload_through_the_front_proxy(tiny_repository, tmp_path):
+    """--front-proxy-limit: capacity and overload go through a real nginx (deploy/nginx) in front of the
+    gateway; its CPU is measured beside the gateway's and counted in the refusal cost; every call is
+    answered or refused. Skipped where nginx is not installed."""
+    import pytest
+
+    from benchmarks.front_proxy import nginx_binary
+    from benchmarks.robustness import main
+    from common.errors import UserError
+
+    try:
+        nginx_binary()
+    except UserError as error:
+        pytest.skip(str(error))
+    output = tmp_path / "run"
+    assert main(["--model-repository", str(tiny_repository), "--output", str(output), "--quick", "--images", "60",
+                 "--phases", "capacity,overload", "--capacity-s", "1", "--overload-s", "1", "--settle-s", "0.5",
+                 "--front-proxy-limit", "4"]) == 0
+    document = json.loads((output / "robustness.json").read_text())
+    assert document["front_proxy"]["max_in_flight"] == 4 and document["front_proxy"]["server"] == "nginx"
+    capacity, overload = document["phases"]["capacity"], document["phases"]["overload"]
+    assert "error" not in capacity and "error" not in overload, document["phases"]
+    assert capacity["cpu"]["cpu_s"]["front_proxy"] > 0 and overload["cpu"]["cpu_s"]["front_proxy"] > 0
+    assert sum(overload["outcomes"].values()) == overload["sent"] > 0
+    assert set(overload["outcomes"]) <= {"ok", "RESOURCE_EXHAUSTED"} and overload["outcomes"].get("ok", 0) > 0
+    if overload["refusal_cost_estimate"] is not None:
+        assert overload["refusal_cost_estimate"]["servers"] == ["gateway", "front_proxy"]
+
+
 def test_the_robustness_run_passes_gateway_arguments_on(tiny_repository, tmp_path):
     """--gateway-arg reaches every gateway the run starts (a real process that takes it)."""
     from benchmarks.robustness import Run

@@ -31,12 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway-arg", action="append", default=[], metavar="ARG",
                         help="added to every gateway's command line (repeat; e.g. --gateway-arg=--budget-reserve "
                              "--gateway-arg=0.3): experiments, not the defaults the targets are about")
+    parser.add_argument("--front-proxy-limit", type=int, default=None, metavar="N",
+                        help="capacity and overload through nginx (deploy/nginx; on the gateway's cores) refusing "
+                             "calls beyond N in flight: the deployment that refuses before Python (default: none)")
     for name, default in ISSUE_DURATIONS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None,
                             help=f"default {default} ({QUICK_DURATIONS[name]} with --quick)")
     args = parser.parse_args(argv)
     phases = [phase.strip() for phase in args.phases.split(",") if phase.strip()]
     unknown = sorted(set(phases) - set(PHASES))
+    if args.front_proxy_limit is not None and args.front_proxy_limit < 1:
+        raise UserError(f"--front-proxy-limit must be at least 1, not {args.front_proxy_limit}")
     if unknown:
         raise UserError(f"unknown phases {', '.join(unknown)}; choose from {', '.join(PHASES)}")
     durations = dict(QUICK_DURATIONS if args.quick else ISSUE_DURATIONS)
@@ -48,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or REPO_ROOT / "benchmarks" / "results" / f"{stamp}-{platform.node()}-robustness"
     command = "python -m benchmarks.robustness " + " ".join(sys.argv[1:] if argv is None else argv)
     document = run(args.model_repository, output, phases, durations, args.data, args.images, command,
-                   pin=not args.no_pin, gateway_args=tuple(args.gateway_arg))
+                   pin=not args.no_pin, gateway_args=tuple(args.gateway_arg), front_proxy_limit=args.front_proxy_limit)
     print(json.dumps(document["targets"], indent=2))
     print(f"results in {output / 'robustness.json'}")
     return 0

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from benchmarks.cpu import CpuMeter, Servers, pinned_self
+from benchmarks.cpu import CpuMeter, pinned_self
 from benchmarks.loadgen import closed_loop, infer_messages, raw_open_loop
 from benchmarks.robustness.measure import counts, metric, percentiles, refusal_cost, rss_mb, target
 from benchmarks.robustness.session import Session
@@ -24,9 +24,10 @@ class LoadPhases(Session):
 
     # capacity ------------------------------------------------------------------
     def capacity(self) -> dict:
-        with pinned_self(self.pinning.loadgen if self.pinning else None), self.pinned_gateway("capacity") as gateway:
-            meter = CpuMeter(Servers(gateway.process.pid, gateway.metrics_url))
-            result = asyncio.run(closed_loop(self.loadgen_target(gateway.grpc_url), self.images,
+        with (pinned_self(self.pinning.loadgen if self.pinning else None),
+              self.pinned_front_end("capacity") as (_, url, servers)):
+            meter = CpuMeter(servers)
+            result = asyncio.run(closed_loop(self.loadgen_target(url), self.images,
                                              self.labels_or_dummy(), 32, 10**9, self.durations["capacity_s"],
                                              meter=meter))
         self.capacity_rps = result.throughput
@@ -49,15 +50,16 @@ class LoadPhases(Session):
         seconds, settle = self.durations["overload_s"], self.durations["settle_s"]
         warm_s = min(5.0, seconds / 6)
         messages = infer_messages(self.model, self.images, min(len(self.images), 512))
-        with pinned_self(self.pinning.loadgen if self.pinning else None), self.pinned_gateway("overload") as gateway:
+        with (pinned_self(self.pinning.loadgen if self.pinning else None),
+              self.pinned_front_end("overload") as (gateway, url, servers)):
             pid = gateway.process.pid
             started = rss_mb(pid)  # idle after start-up (the old baseline's kind: no overload seen yet)
-            asyncio.run(raw_open_loop(gateway.grpc_url, messages, rate, warm_s, seed=1))
+            asyncio.run(raw_open_loop(url, messages, rate, warm_s, seed=1))
             time.sleep(settle)
             baseline = rss_mb(pid)
-            meter = CpuMeter(Servers(pid, gateway.metrics_url))
+            meter = CpuMeter(servers)
             before = gateway.metrics()
-            load, peak = asyncio.run(self._open_loop(gateway, messages, rate, seconds, meter))
+            load, peak = asyncio.run(self._open_loop(gateway, url, messages, rate, seconds, meter))
             after = gateway.metrics()
             end = rss_mb(pid)
             settling = [(0.0, end)]
@@ -110,8 +112,8 @@ class LoadPhases(Session):
         ]
         return result
 
-    async def _open_loop(self, gateway: GatewayServer, messages: list[bytes], rate: float, seconds: float,
-                         meter: CpuMeter):
+    async def _open_loop(self, gateway: GatewayServer, url: str, messages: list[bytes], rate: float,
+                         seconds: float, meter: CpuMeter):
         peak = [0.0]
 
         async def memory() -> None:
@@ -122,7 +124,7 @@ class LoadPhases(Session):
         sampler = asyncio.create_task(memory())
         meter.start()
         try:
-            load = await raw_open_loop(gateway.grpc_url, messages, rate, seconds)
+            load = await raw_open_loop(url, messages, rate, seconds)
         finally:
             sampler.cancel()
         load.cpu = meter.stop(load.sent)

@@ -85,16 +85,21 @@ class Caller:
 
 
 def refusal_cost(capacity_cpu: dict | None, overload_cpu: dict | None, served: int, refused: int) -> dict | None:
-    """The gateway's CPU per refused call under overload, estimated: its CPU in the overload window less
+    """The servers' CPU per refused call under overload, estimated: their CPU in the overload window less
     what the served requests cost at capacity (CPU per request of the closed loop), over the refusals;
-    and the share of the gateway's CPU that went to refusing."""
+    and the share of their CPU that went to refusing. The servers: the gateway, and the front proxy when
+    the run has one (both on the same cores)."""
+    roles = ("gateway", "front_proxy")
     try:
-        per_served = capacity_cpu["ms_per_request"]["gateway"]
-        total_ms = overload_cpu["cpu_s"]["gateway"] * 1000
+        if capacity_cpu["ms_per_request"].get("gateway") is None or "gateway" not in overload_cpu["cpu_s"]:
+            return None
+        per_served = sum(capacity_cpu["ms_per_request"].get(role) or 0.0 for role in roles)
+        total_ms = sum(overload_cpu["cpu_s"].get(role) or 0.0 for role in roles) * 1000
     except (KeyError, TypeError):
         return None
     refusing_ms = max(0.0, total_ms - served * per_served)
-    return {"gateway_ms_per_served_at_capacity": per_served,
+    return {"servers": [role for role in roles if role in overload_cpu["cpu_s"]],
+            "gateway_ms_per_served_at_capacity": round(per_served, 4),
             "gateway_ms_per_refusal": round(refusing_ms / refused, 4) if refused else None,
             "refusing_share_of_gateway_cpu": round(refusing_ms / total_ms, 3) if total_ms else None}
 

@@ -51,7 +51,7 @@ def load_workload(repository: Path, data: Path | None, count: int) -> tuple[np.n
 
 def run(repository: Path, output: Path, phases: list[str], durations: dict, data: Path | None = None,
         images: int = 2000, command: str = "", log=print, pin: bool = True,
-        gateway_args: tuple[str, ...] = ()) -> dict:
+        gateway_args: tuple[str, ...] = (), front_proxy_limit: int | None = None) -> dict:
     try:
         manifest = read_manifest(repository)
     except ManifestError as error:
@@ -62,7 +62,10 @@ def run(repository: Path, output: Path, phases: list[str], durations: dict, data
     if pinning:
         log(f"capacity and overload: the gateway on cores {list(pinning.servers)}, "
             f"the load generator on {list(pinning.loadgen)}")
-    session = Run(repository, output, durations, pixels, labels, manifest.model, log, pinning, gateway_args)
+    if front_proxy_limit is not None:
+        log(f"capacity and overload through nginx, at most {front_proxy_limit} calls in flight")
+    session = Run(repository, output, durations, pixels, labels, manifest.model, log, pinning, gateway_args,
+                  front_proxy_limit)
     for phase in phases:
         log(f"phase {phase}")
         started = time.monotonic()
@@ -76,6 +79,9 @@ def run(repository: Path, output: Path, phases: list[str], durations: dict, data
                 "date": utc_timestamp(), "cpus": os.cpu_count(),
                 "cpu_pinning": {"phases": ["capacity", "overload"], **pinning.as_dict()} if pinning else None,
                 "model": manifest.model, "images": source, "gateway_args": list(gateway_args),
+                "front_proxy": None if front_proxy_limit is None else {
+                    "server": "nginx", "template": "deploy/nginx/templates/default.conf.template",
+                    "max_in_flight": front_proxy_limit, "phases": ["capacity", "overload"]},
                 "durations": durations, "phases": session.results,
                 "targets": {entry.pop("name"): entry for entry in session.targets}}
     (output / "robustness.json").write_text(json.dumps(document, indent=2, default=str) + "\n")

@@ -4,11 +4,13 @@ and the results and targets the phases add to."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.cpu import CoreSplit, pin_process_tree, pinned_self
+from benchmarks.cpu import CoreSplit, Servers, pin_process_tree, pinned_self
+from benchmarks.front_proxy import FrontProxy
 from benchmarks.loadgen import Target
 from benchmarks.servers import GatewayServer
 
@@ -17,10 +19,14 @@ class Session:
     """What the phases share; each phase is a method of a subclass (load, faults, hostile)."""
 
     def __init__(self, repository: Path, output: Path, durations: dict, images: np.ndarray, labels: np.ndarray | None,
-                 model: str, log=print, pinning: CoreSplit | None = None, gateway_args: tuple[str, ...] = ()) -> None:
+                 model: str, log=print, pinning: CoreSplit | None = None, gateway_args: tuple[str, ...] = (),
+                 front_proxy_limit: int | None = None) -> None:
         self.repository, self.output, self.durations, self.log = repository, output, durations, log
         self.gateway_args = tuple(gateway_args)  # added to every gateway's command line (experiments)
         self.pinning = pinning  # capacity and overload: the gateway on pinning.servers, the load on .loadgen
+        # capacity and overload through nginx (benchmarks.front_proxy) refusing calls beyond this many in flight,
+        # on the gateway's cores (None: the load goes to the gateway itself)
+        self.front_proxy_limit = front_proxy_limit
         self.images, self.labels, self.model = images, labels, model
         self.results: dict = {}
         self.targets: list[dict] = []
@@ -45,3 +51,15 @@ class Session:
         if self.pinning is not None:
             pin_process_tree(gateway.process.pid, self.pinning.servers)
         return gateway
+
+    @contextlib.contextmanager
+    def pinned_front_end(self, name: str, *args: str):
+        """`pinned_gateway`, behind the front proxy when the run has one (on the same cores): yields the
+        gateway, the gRPC address the load goes to and the server processes whose CPU is measured."""
+        with self.pinned_gateway(name, *args) as gateway:
+            if self.front_proxy_limit is None:
+                yield gateway, gateway.grpc_url, Servers(gateway.process.pid, gateway.metrics_url)
+                return
+            with FrontProxy(gateway.grpc_url, gateway.http_url, self.front_proxy_limit,
+                            cores=self.pinning.servers if self.pinning else None) as proxy:
+                yield gateway, proxy.grpc_url, Servers(gateway.process.pid, gateway.metrics_url, proxy_pid=proxy.pid)
