@@ -179,3 +179,17 @@ def test_calls_beyond_the_limit_are_refused_by_nginx_with_the_gateways_statuses(
             channel.close()
     finally:
         held.close()
+
+
+def test_the_compose_service_sets_every_placeholder_of_the_template():
+    """docker-compose.yml's front-proxy gives the official image's template rendering a value for each
+    placeholder, and mounts the template where that image reads templates."""
+    import yaml
+
+    from common.paths import REPO_ROOT
+
+    service = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]["front-proxy"]
+    assert set(PLACEHOLDER.findall(TEMPLATE.read_text())) == set(service["environment"])
+    assert "./deploy/nginx/templates:/etc/nginx/templates:ro" in service["volumes"]
+    rendered = render(TEMPLATE.read_text(), service["environment"])
+    assert "server gateway:8081;" in rendered and "listen 9081 http2;" in rendered
