@@ -28,11 +28,13 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 DEPLOY = REPO_ROOT / "deploy" / "kubernetes"
 KUBERNETES_VERSION = "1.32.0"  # the release the manifests target (base/kustomization.yaml says so)
-OVERLAYS = {"cpu": DEPLOY / "overlays" / "cpu", "gpu": DEPLOY / "overlays" / "gpu", "kserve": DEPLOY / "kserve"}
+OVERLAYS = {"cpu": DEPLOY / "overlays" / "cpu", "gpu": DEPLOY / "overlays" / "gpu", "kserve": DEPLOY / "kserve",
+            "front-proxy": DEPLOY / "overlays" / "front-proxy"}
 CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("serving.kserve.io/v1beta1", "InferenceService")}
-# Strategic-merge keys of the lists the patches touch (Kubernetes' patchMergeKey for each field).
+# Strategic-merge keys of the lists the patches touch (Kubernetes' patchMergeKey for each field; `ports` is a
+# container's, keyed by containerPort, or a Service's, keyed by port).
 MERGE_KEYS = {"containers": "name", "initContainers": "name", "volumes": "name", "env": "name",
-              "volumeMounts": "mountPath", "ports": "containerPort", "envFrom": None, "tolerations": None}
+              "volumeMounts": "mountPath", "ports": ("containerPort", "port"), "envFrom": None, "tolerations": None}
 
 
 # --- rendering --------------------------------------------------------------------------------------
@@ -55,9 +57,11 @@ def _merge(base, patch):
     return merged
 
 
-def _merge_list(base: list, patch: list, key: str) -> list:
+def _merge_list(base: list, patch: list, keys) -> list:
     merged = copy.deepcopy(base)
     for item in patch:
+        key = next((k for k in (keys if isinstance(keys, tuple) else (keys,)) if k in item), None)
+        assert key is not None, f"a patch item without its merge key {keys}: {item}"
         index = next((i for i, old in enumerate(merged) if old.get(key) == item.get(key)), None)
         if item.get("$patch") == "delete":
             if index is not None:
@@ -445,3 +449,32 @@ def test_the_images_entrypoint_with_the_configmaps_environment_serves_through_tr
         process.terminate()
         assert process.wait(timeout=30) == 0
         log.close()
+
+
+# --- the front-proxy overlay ----------------------------------------------------------------------------
+
+def test_the_front_proxy_overlay_puts_nginx_with_the_repositorys_template_in_front_of_the_gateway():
+    """The ConfigMap carries deploy/nginx's template unchanged, the sidecar sets each of its placeholders
+    and points nginx at the gateway on the pod's loopback, and the Service's ports go to nginx."""
+    from benchmarks.front_proxy import PLACEHOLDER, TEMPLATE, render
+
+    objects = RENDERED["front-proxy"]
+    template = _find(objects, "ConfigMap", "early-exit-nginx-template")["data"]["default.conf.template"]
+    assert template == TEMPLATE.read_text()
+    deployment = _find(objects, "Deployment", "early-exit-gateway")
+    proxy, gateway = _container(deployment, "front-proxy"), _container(deployment, "gateway")
+    env = {item["name"]: item["value"] for item in proxy["env"]}
+    assert set(PLACEHOLDER.findall(template)) == set(env)
+    gateway_ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
+    assert env["EE_GATEWAY_HTTP"] == f"127.0.0.1:{gateway_ports['http']}"
+    assert env["EE_GATEWAY_GRPC"] == f"127.0.0.1:{gateway_ports['grpc']}"
+    proxy_ports = {p["name"]: p["containerPort"] for p in proxy["ports"]}
+    assert proxy_ports == {"proxy-http": int(env["EE_PROXY_HTTP_PORT"]), "proxy-grpc": int(env["EE_PROXY_GRPC_PORT"])}
+    rendered = render(template, env)
+    assert f"limit_conn ee_in_flight {env['EE_PROXY_MAX_IN_FLIGHT']};" in rendered
+    service = _find(objects, "Service", "early-exit-gateway")
+    assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {"http": "proxy-http",
+                                                                              "grpc": "proxy-grpc"}
+    mounts = {m["mountPath"] for m in proxy["volumeMounts"]}
+    assert {"/etc/nginx/templates", "/etc/nginx/conf.d", "/tmp"} <= mounts  # read-only root: what nginx writes
+    assert proxy["securityContext"]["readOnlyRootFilesystem"] is True
