@@ -193,3 +193,24 @@ def test_the_compose_service_sets_every_placeholder_of_the_template():
     assert "./deploy/nginx/templates:/etc/nginx/templates:ro" in service["volumes"]
     rendered = render(TEMPLATE.read_text(), service["environment"])
     assert "server gateway:8081;" in rendered and "listen 9081 http2;" in rendered
+
+
+@needs_nginx
+def test_an_unreachable_gateway_is_unavailable_in_each_protocols_own_form():
+    """nginx's own errors keep the gateway's forms: gRPC UNAVAILABLE with a message, HTTP 503 JSON."""
+    import grpc
+
+    from benchmarks.triton_launcher import free_ports
+
+    grpc_port, http_port = free_ports(2)  # nothing listens there
+    with FrontProxy(f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http_port}", max_in_flight=4) as proxy:
+        with grpc.insecure_channel(proxy.grpc_url) as channel:
+            with pytest.raises(grpc.RpcError) as failed:
+                channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(b"", timeout=10)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert failed.value.details() == "the gateway is not reachable"
+        for path, data in (("/v2/models/m/infer", b"{}"), ("/v2/health/ready", None)):
+            with pytest.raises(urllib.error.HTTPError) as http_failed:
+                urllib.request.urlopen(urllib.request.Request(f"http://{proxy.http_url}{path}", data=data), timeout=10)
+            assert http_failed.value.code == 503
+            assert json.loads(http_failed.value.read()) == {"error": "the gateway is not reachable"}
