@@ -34,12 +34,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--front-proxy-limit", type=int, default=None, metavar="N",
                         help="capacity and overload through nginx (deploy/nginx; on the gateway's cores) refusing "
                              "calls beyond N in flight: the deployment that refuses before Python (default: none)")
+    parser.add_argument("--front-proxy-template", type=Path, default=None, metavar="PATH",
+                        help="with --front-proxy-limit: nginx's configuration template (default: "
+                             "deploy/nginx/templates/default.conf.template; the same ${EE_...} placeholders)")
     for name, default in ISSUE_DURATIONS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None,
                             help=f"default {default} ({QUICK_DURATIONS[name]} with --quick)")
     args = parser.parse_args(argv)
     phases = [phase.strip() for phase in args.phases.split(",") if phase.strip()]
     unknown = sorted(set(phases) - set(PHASES))
+    if args.front_proxy_template is not None and args.front_proxy_limit is None:
+        raise UserError("--front-proxy-template needs --front-proxy-limit")
+    if args.front_proxy_template is not None and not args.front_proxy_template.is_file():
+        raise UserError(f"--front-proxy-template: no file {args.front_proxy_template}")
     if args.front_proxy_limit is not None and args.front_proxy_limit < 1:
         raise UserError(f"--front-proxy-limit must be at least 1, not {args.front_proxy_limit}")
     if unknown:
@@ -53,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or REPO_ROOT / "benchmarks" / "results" / f"{stamp}-{platform.node()}-robustness"
     command = "python -m benchmarks.robustness " + " ".join(sys.argv[1:] if argv is None else argv)
     document = run(args.model_repository, output, phases, durations, args.data, args.images, command,
-                   pin=not args.no_pin, gateway_args=tuple(args.gateway_arg), front_proxy_limit=args.front_proxy_limit)
+                   pin=not args.no_pin, gateway_args=tuple(args.gateway_arg), front_proxy_limit=args.front_proxy_limit,
+                   front_proxy_template=args.front_proxy_template)
     print(json.dumps(document["targets"], indent=2))
     print(f"results in {output / 'robustness.json'}")
     return 0

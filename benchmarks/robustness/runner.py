@@ -51,7 +51,8 @@ def load_workload(repository: Path, data: Path | None, count: int) -> tuple[np.n
 
 def run(repository: Path, output: Path, phases: list[str], durations: dict, data: Path | None = None,
         images: int = 2000, command: str = "", log=print, pin: bool = True,
-        gateway_args: tuple[str, ...] = (), front_proxy_limit: int | None = None) -> dict:
+        gateway_args: tuple[str, ...] = (), front_proxy_limit: int | None = None,
+        front_proxy_template: Path | None = None) -> dict:
     try:
         manifest = read_manifest(repository)
     except ManifestError as error:
@@ -65,7 +66,7 @@ def run(repository: Path, output: Path, phases: list[str], durations: dict, data
     if front_proxy_limit is not None:
         log(f"capacity and overload through nginx, at most {front_proxy_limit} calls in flight")
     session = Run(repository, output, durations, pixels, labels, manifest.model, log, pinning, gateway_args,
-                  front_proxy_limit)
+                  front_proxy_limit, front_proxy_template)
     for phase in phases:
         log(f"phase {phase}")
         started = time.monotonic()
@@ -80,7 +81,8 @@ def run(repository: Path, output: Path, phases: list[str], durations: dict, data
                 "cpu_pinning": {"phases": ["capacity", "overload"], **pinning.as_dict()} if pinning else None,
                 "model": manifest.model, "images": source, "gateway_args": list(gateway_args),
                 "front_proxy": None if front_proxy_limit is None else {
-                    "server": "nginx", "template": "deploy/nginx/templates/default.conf.template",
+                    "server": "nginx",
+                    "template": str(front_proxy_template or "deploy/nginx/templates/default.conf.template"),
                     "max_in_flight": front_proxy_limit, "phases": ["capacity", "overload"]},
                 "durations": durations, "phases": session.results,
                 "targets": {entry.pop("name"): entry for entry in session.targets}}
