@@ -98,11 +98,18 @@ class _Held:
         import grpc
 
         self.arrived, self.release = threading.Semaphore(0), threading.Event()
+        self.time_remaining: list[float | None] = []  # each gRPC call's deadline as the upstream saw it
         held = self
 
+        self.cancelled = threading.Semaphore(0)  # calls whose client went away while held
+
         def model_infer(request: bytes, context) -> bytes:
+            held.time_remaining.append(context.time_remaining())
             held.arrived.release()
-            held.release.wait(30)
+            while not held.release.wait(0.02):
+                if not context.is_active():
+                    held.cancelled.release()
+                    break
             return b""  # an empty ModelInferResponse
 
         self.grpc = grpc.server(futures.ThreadPoolExecutor(8))
@@ -154,6 +161,7 @@ def test_calls_beyond_the_limit_are_refused_by_nginx_with_the_gateways_statuses(
             infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
             first = infer.future(b"", timeout=30)
             assert held.arrived.acquire(timeout=10)  # the first call holds the one slot
+            assert 0 < held.time_remaining[0] <= 30  # the client's deadline reaches the gateway (grpc-timeout)
             with pytest.raises(grpc.RpcError) as refused:
                 infer(b"", timeout=10)
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -214,3 +222,21 @@ def test_an_unreachable_gateway_is_unavailable_in_each_protocols_own_form():
                 urllib.request.urlopen(urllib.request.Request(f"http://{proxy.http_url}{path}", data=data), timeout=10)
             assert http_failed.value.code == 503
             assert json.loads(http_failed.value.read()) == {"error": "the gateway is not reachable"}
+
+
+@needs_nginx
+def test_a_call_its_client_cancels_is_cancelled_at_the_gateway_too():
+    """A client that leaves (cancels its call) through nginx: the gateway's side of the call ends too, so
+    the gateway drops its samples (issue 25: no work for clients that left)."""
+    import grpc
+
+    held = _Held()
+    try:
+        with FrontProxy(held.grpc_url, held.http_url, max_in_flight=4) as proxy:
+            with grpc.insecure_channel(proxy.grpc_url) as channel:
+                call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer").future(b"", timeout=60)
+                assert held.arrived.acquire(timeout=10)
+                call.cancel()
+                assert held.cancelled.acquire(timeout=10), "the upstream call outlived its cancelled client"
+    finally:
+        held.close()
