@@ -13,13 +13,14 @@ import urllib.error
 import urllib.request
 from concurrent import futures
 
+import httpx
 import numpy as np
 import pytest
 
 from benchmarks.front_proxy import PLACEHOLDER, TEMPLATE, FrontProxy, nginx_binary, render
 from common.errors import UserError
 
-from .conftest import GatewayProcess
+from .conftest import GatewayProcess, png_bytes
 
 
 def _has_nginx() -> bool:
@@ -85,6 +86,15 @@ def test_the_gateway_behind_nginx_answers_as_it_does_directly(tiny_repository, t
             np.testing.assert_array_equal(direct[1], proxied[1])
         with urllib.request.urlopen(f"http://{proxy.http_url}/metrics", timeout=10) as reply:
             assert b"gateway_requests_total" in reply.read()
+        # an upload (multipart, streamed through nginx) and the gateway's own 4xx, unchanged
+        image = np.random.default_rng(4).integers(0, 255, size=(40, 30, 3), dtype=np.uint8)
+        files = [("files", ("a.png", png_bytes(image), "image/png"))]
+        classified = {url: httpx.post(f"http://{url}/v1/classify", files=files, timeout=30)
+                      for url in (gateway.http_url, proxy.http_url)}
+        assert classified[proxy.http_url].status_code == 200, classified[proxy.http_url].text
+        assert classified[proxy.http_url].json()["results"] == classified[gateway.http_url].json()["results"]
+        wrong = httpx.post(f"http://{proxy.http_url}/v1/classify", files=[("files", ("a.txt", b"hi", "text/plain"))])
+        assert wrong.status_code == 422 and "a.txt" in wrong.json()["error"]
     log = [json.loads(line) for line in (tmp_path / "gateway.log").read_text().splitlines() if line.startswith("{")]
     ready = next(entry for entry in log if entry.get("message") == "gateway ready")
     assert ready["admission_images"] > 0  # what the proxy's limit is set from
