@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,18 @@ class GatewayServer(LoopbackServer):
                 log = log_path.read_text()[-2000:] if log_path else ""
                 raise RuntimeError(f"gateway did not start (exit {self.process.returncode}): {log}")
             time.sleep(0.1)  # polling the health endpoint, not waiting blindly
+
+    def ready_fields(self) -> dict:
+        """The fields of the gateway's `gateway ready` log line (empty without a log file, or before it)."""
+        if self.log_path is None or not self.log_path.exists():
+            return {}
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{") and '"gateway ready"' in line:
+                try:
+                    return json.loads(line)
+                except ValueError:
+                    return {}
+        return {}
 
     @property
     def metrics_url(self) -> str:

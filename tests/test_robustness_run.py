@@ -59,9 +59,13 @@ def test_the_robustness_run_measures_overload_through_the_front_proxy(tiny_repos
     output = tmp_path / "run"
     assert main(["--model-repository", str(tiny_repository), "--output", str(output), "--quick", "--images", "60",
                  "--phases", "capacity,overload", "--capacity-s", "1", "--overload-s", "1", "--settle-s", "0.5",
-                 "--front-proxy-limit", "4"]) == 0
+                 "--front-proxy-limit", "auto"]) == 0
     document = json.loads((output / "robustness.json").read_text())
-    assert document["front_proxy"]["max_in_flight"] == 4 and document["front_proxy"]["server"] == "nginx"
+    assert document["front_proxy"]["max_in_flight"] == "auto" and document["front_proxy"]["server"] == "nginx"
+    # auto: the gateway's own admission bound, as its start-up log line gives it, in both phases
+    ready = next(json.loads(line) for line in (output / "logs" / "gateway_overload.log").read_text().splitlines()
+                 if '"gateway ready"' in line)
+    assert document["front_proxy"]["limits_used"] == [ready["admission_images"]] * 2
     capacity, overload = document["phases"]["capacity"], document["phases"]["overload"]
     assert "error" not in capacity and "error" not in overload, document["phases"]
     assert capacity["cpu"]["cpu_s"]["front_proxy"] > 0 and overload["cpu"]["cpu_s"]["front_proxy"] > 0

@@ -16,6 +16,19 @@ from common.errors import UserError
 from common.paths import REPO_ROOT
 
 
+def _limit(text: str) -> int | str:
+    """--front-proxy-limit: a number of calls (at least 1) or `auto`."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of calls or auto, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1, not {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.robustness", description=package.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway-arg", action="append", default=[], metavar="ARG",
                         help="added to every gateway's command line (repeat; e.g. --gateway-arg=--budget-reserve "
                              "--gateway-arg=0.3): experiments, not the defaults the targets are about")
-    parser.add_argument("--front-proxy-limit", type=int, default=None, metavar="N",
+    parser.add_argument("--front-proxy-limit", type=_limit, default=None, metavar="N|auto",
                         help="capacity and overload through nginx (deploy/nginx; on the gateway's cores) refusing "
-                             "calls beyond N in flight: the deployment that refuses before Python (default: none)")
+                             "calls beyond N in flight (auto: the gateway's own admission bound, from its start-up "
+                             "log): the deployment that refuses before Python (default: none)")
     parser.add_argument("--front-proxy-template", type=Path, default=None, metavar="PATH",
                         help="with --front-proxy-limit: nginx's configuration template (default: "
                              "deploy/nginx/templates/default.conf.template; the same ${EE_...} placeholders)")
@@ -47,8 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--front-proxy-template needs --front-proxy-limit")
     if args.front_proxy_template is not None and not args.front_proxy_template.is_file():
         raise UserError(f"--front-proxy-template: no file {args.front_proxy_template}")
-    if args.front_proxy_limit is not None and args.front_proxy_limit < 1:
-        raise UserError(f"--front-proxy-limit must be at least 1, not {args.front_proxy_limit}")
     if unknown:
         raise UserError(f"unknown phases {', '.join(unknown)}; choose from {', '.join(PHASES)}")
     durations = dict(QUICK_DURATIONS if args.quick else ISSUE_DURATIONS)

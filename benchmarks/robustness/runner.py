@@ -51,7 +51,7 @@ def load_workload(repository: Path, data: Path | None, count: int) -> tuple[np.n
 
 def run(repository: Path, output: Path, phases: list[str], durations: dict, data: Path | None = None,
         images: int = 2000, command: str = "", log=print, pin: bool = True,
-        gateway_args: tuple[str, ...] = (), front_proxy_limit: int | None = None,
+        gateway_args: tuple[str, ...] = (), front_proxy_limit: int | str | None = None,
         front_proxy_template: Path | None = None) -> dict:
     try:
         manifest = read_manifest(repository)
@@ -83,7 +83,8 @@ def run(repository: Path, output: Path, phases: list[str], durations: dict, data
                 "front_proxy": None if front_proxy_limit is None else {
                     "server": "nginx",
                     "template": str(front_proxy_template or "deploy/nginx/templates/default.conf.template"),
-                    "max_in_flight": front_proxy_limit, "phases": ["capacity", "overload"]},
+                    "max_in_flight": front_proxy_limit, "limits_used": session.front_proxy_limits,
+                    "phases": ["capacity", "overload"]},
                 "durations": durations, "phases": session.results,
                 "targets": {entry.pop("name"): entry for entry in session.targets}}
     (output / "robustness.json").write_text(json.dumps(document, indent=2, default=str) + "\n")

@@ -13,6 +13,7 @@ from benchmarks.cpu import CoreSplit, Servers, pin_process_tree, pinned_self
 from benchmarks.front_proxy import TEMPLATE, FrontProxy
 from benchmarks.loadgen import Target
 from benchmarks.servers import GatewayServer
+from common.errors import UserError
 
 
 class Session:
@@ -20,13 +21,14 @@ class Session:
 
     def __init__(self, repository: Path, output: Path, durations: dict, images: np.ndarray, labels: np.ndarray | None,
                  model: str, log=print, pinning: CoreSplit | None = None, gateway_args: tuple[str, ...] = (),
-                 front_proxy_limit: int | None = None, front_proxy_template: Path | None = None) -> None:
+                 front_proxy_limit: int | str | None = None, front_proxy_template: Path | None = None) -> None:
         self.repository, self.output, self.durations, self.log = repository, output, durations, log
         self.gateway_args = tuple(gateway_args)  # added to every gateway's command line (experiments)
         self.pinning = pinning  # capacity and overload: the gateway on pinning.servers, the load on .loadgen
         # capacity and overload through nginx (benchmarks.front_proxy) refusing calls beyond this many in flight,
         # on the gateway's cores (None: the load goes to the gateway itself)
-        self.front_proxy_limit = front_proxy_limit
+        self.front_proxy_limit = front_proxy_limit  # calls, or "auto": the gateway's logged admission bound
+        self.front_proxy_limits: list[int] = []  # the limits the proxied phases ran with
         self.front_proxy_template = front_proxy_template or TEMPLATE  # its configuration (deploy/nginx's by default)
         self.images, self.labels, self.model = images, labels, model
         self.results: dict = {}
@@ -61,7 +63,14 @@ class Session:
             if self.front_proxy_limit is None:
                 yield gateway, gateway.grpc_url, Servers(gateway.process.pid, gateway.metrics_url)
                 return
-            with FrontProxy(gateway.grpc_url, gateway.http_url, self.front_proxy_limit,
+            limit = self.front_proxy_limit
+            if limit == "auto":
+                limit = gateway.ready_fields().get("admission_images")
+                if not isinstance(limit, int) or limit < 1:
+                    raise UserError("--front-proxy-limit auto: the gateway logged no admission bound "
+                                    f"(admission_images: {limit!r}); give the limit in calls")
+            self.front_proxy_limits.append(limit)
+            with FrontProxy(gateway.grpc_url, gateway.http_url, limit,
                             cores=self.pinning.servers if self.pinning else None,
                             template=self.front_proxy_template) as proxy:
                 yield gateway, proxy.grpc_url, Servers(gateway.process.pid, gateway.metrics_url, proxy_pid=proxy.pid)
