@@ -168,6 +168,24 @@ def test_overload_phase_records_the_generator_and_the_split(tiny_repository, tmp
         assert document["cpu_pinning"]["phases"] == ["capacity", "overload"]
     assert {"overload_offered_3x", "overload_served", "overload_admitted_p99_ms", "overload_refusal_p99_ms",
             "overload_memory_after_settle"} <= set(document["targets"])
+    memory = overload["memory_mb"]
+    for split in (memory["split_baseline"], memory["split_after_settle"]):  # the heap apart from mapped files
+        assert split["anon"] > 0 and split["file"] > 0
+        assert split["anon"] + split["file"] <= split["rss"] + 0.2
+
+
+def test_resident_memory_splits_into_heap_and_mapped_files():
+    """/proc/PID/status's split: growing this process's heap by 64 MB shows in `anon`, not in `file`."""
+    from benchmarks.robustness.measure import rss_mb, rss_split_mb
+
+    before = rss_split_mb(os.getpid())
+    held = np.ones(64 * 2**20 // 8)  # touched: resident
+    after = rss_split_mb(os.getpid())
+    assert after["anon"] - before["anon"] >= 60
+    assert abs(after["file"] - before["file"]) < 30
+    assert abs(rss_mb(os.getpid()) - after["rss"]) < 30
+    assert rss_split_mb(2**22 + 12345) == {}  # no such process
+    del held
 
 
 # -- the budget policy: deeper stages are optional work ------------------------------------------

@@ -45,11 +45,12 @@ from benchmarks.robustness.measure import (
     percentiles,
     refusal_cost,
     rss_mb,
+    rss_split_mb,
     status_name,
     target,
 )
 from benchmarks.robustness.runner import ISSUE_DURATIONS, PHASES, QUICK_DURATIONS, Run, load_workload, run
 
 __all__ = ["FUZZ_TARGET_REQUESTS", "ISSUE_DURATIONS", "PHASES", "QUICK_DURATIONS", "Caller", "Run", "counts",
-           "entry_images", "load_workload", "main", "metric", "percentiles", "refusal_cost", "rss_mb", "run",
-           "status_name", "target"]
+           "entry_images", "load_workload", "main", "metric", "percentiles", "refusal_cost", "rss_mb", "rss_split_mb",
+           "run", "status_name", "target"]

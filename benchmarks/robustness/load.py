@@ -13,7 +13,7 @@ import numpy as np
 
 from benchmarks.cpu import CpuMeter, pinned_self
 from benchmarks.loadgen import closed_loop, infer_messages, raw_open_loop
-from benchmarks.robustness.measure import counts, metric, percentiles, refusal_cost, rss_mb, target
+from benchmarks.robustness.measure import counts, metric, percentiles, refusal_cost, rss_mb, rss_split_mb, target
 from benchmarks.robustness.session import Session
 from benchmarks.servers import GatewayServer
 from common.manifest import read_manifest
@@ -57,6 +57,7 @@ class LoadPhases(Session):
             asyncio.run(raw_open_loop(url, messages, rate, warm_s, seed=1))
             time.sleep(settle)
             baseline = rss_mb(pid)
+            baseline_split = rss_split_mb(pid)
             meter = CpuMeter(servers)
             before = gateway.metrics()
             load, peak = asyncio.run(self._open_loop(gateway, url, messages, rate, seconds, meter))
@@ -68,6 +69,7 @@ class LoadPhases(Session):
                 time.sleep(min(1.0, settle - elapsed))
                 settling.append((round(time.monotonic() - settle_started, 2), rss_mb(pid)))
             settled = settling[-1][1]
+            settled_split = rss_split_mb(pid)
         outcomes = load.outcomes
         ok = [ms for outcome, ms in zip(outcomes, load.latency_ms) if outcome == "ok"]
         refused = [ms for outcome, ms in zip(outcomes, load.latency_ms) if outcome == "RESOURCE_EXHAUSTED"]
@@ -94,7 +96,10 @@ class LoadPhases(Session):
                   "refusal_latency_from_send_ms": percentiles(refused_service),
                   "memory_mb": {"after_start": started, "warm_up_s": warm_s, "baseline": baseline,
                                 "peak": peak, "end_of_load": end, "after_settle": settled,
-                                "settling": settling}}
+                                "settling": settling,
+                                "split_baseline": baseline_split, "split_after_settle": settled_split,
+                                "split_definition": "VmRSS / RssAnon (heap) / RssFile (mapped files) from "
+                                                    "/proc/PID/status"}}
         result["refusal_cost_estimate"] = refusal_cost(self.results.get("capacity", {}).get("cpu"), load.cpu,
                                                       len(ok), len(outcomes) - len(ok))
         self.targets += [

@@ -14,13 +14,22 @@ from prometheus_client.parser import text_string_to_metric_families
 
 def rss_mb(pid: int) -> float | None:
     """Resident memory of a process, MB (Linux)."""
+    return rss_split_mb(pid).get("rss")
+
+
+def rss_split_mb(pid: int) -> dict[str, float]:
+    """Resident memory of a process, MB (Linux): `rss` in all, `anon` (heaps, arenas: what a process
+    holds on to) and `file` (mapped files such as shared libraries' code: clean pages the kernel may drop)."""
+    fields = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file"}
+    split = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+            name = fields.get(line.split(maxsplit=1)[0] if line else "")
+            if name:
+                split[name] = round(int(line.split()[1]) / 1024, 1)
     except OSError:
-        return None
-    return None
+        return {}
+    return split
 
 
 def percentiles(values: list[float]) -> dict:
