@@ -15,6 +15,7 @@ from pathlib import Path
 
 from common.errors import UserError
 from common.manifest import Manifest, ManifestError, read_manifest
+from serving import heap
 from serving.backends import OnnxRuntimeBackend, StageBackend, TritonBackend
 from serving.cascade import Cascade, CascadeSettings, default_queue_images
 from serving.dataplane import DataPlane
@@ -200,6 +201,8 @@ class Gateway:
 
     def __init__(self, settings: Settings, backend: StageBackend | None = None) -> None:
         self.settings = settings
+        # before the backends and front ends allocate: large buffers get pages of their own (serving/heap.py)
+        self.mmap_threshold_fixed = heap.fix_mmap_threshold(settings.mmap_threshold_kb * 1024)
         self.metrics = GatewayMetrics()
         self._given_backend = backend  # a caller's backend: the first model's
         self.store = ModelStore(settings.model_repository, self.build, self.make_dataplane, self.metrics,
@@ -310,7 +313,8 @@ class Gateway:
             "grpc": f"{self.settings.host}:{self.settings.grpc_port}" if self.grpc_server else None,
             # images admitted into the cascades at once (None: unbounded): a front proxy's limit on requests
             # in flight (deploy/nginx) goes at or below it, so that the proxy refuses first
-            "admission_images": admission_images(self.store)}})
+            "admission_images": admission_images(self.store),
+            "mmap_threshold_kb": self.settings.mmap_threshold_kb if self.mmap_threshold_fixed else None}})
         try:
             yield
         finally:

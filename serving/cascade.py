@@ -58,8 +58,6 @@ batches, backend threads, dispatch) and `cascade_estimates` (time estimates for 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import heapq
 import itertools
 import logging
@@ -71,6 +69,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serving import heap
 from serving.backends import StageBackend
 from serving.cascade_admission import _Admission, default_queue_images, until_quiet
 from serving.cascade_estimates import _BudgetEstimates
@@ -82,26 +81,13 @@ from serving.metrics import GatewayMetrics
 from serving.policy import ExitPlan, RequestOptions
 
 # Every name that other modules and tests import from here, wherever it lives now.
-__all__ = ["CONTINUE_ALPHA", "MALLOC_TRIM", "NO_DEADLINE_ORDER_S", "OPTIONAL_ORDER_S", "TRIM_AFTER_IDLE_S",
+__all__ = ["CONTINUE_ALPHA", "NO_DEADLINE_ORDER_S", "OPTIONAL_ORDER_S", "TRIM_AFTER_IDLE_S",
            "TRIM_AFTER_IMAGES", "Cascade", "CascadeResult", "CascadeSettings", "Lane", "LaneCost", "_Backlog",
            "_BatchScores", "_Group", "_Request", "default_queue_images", "until_quiet"]
 
 log = logging.getLogger("gateway.cascade")
 TRIM_AFTER_IDLE_S = 1.0  # an idle cascade gives freed heap memory back to the system after this
 TRIM_AFTER_IMAGES = 256  # ... when at least this many images went through since the last time
-
-
-def _malloc_trim():
-    """glibc's malloc_trim, or None elsewhere: returns the heap's free pages to the system (the
-    arenas of the backend threads keep what bursts of requests freed, otherwise)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-MALLOC_TRIM = _malloc_trim()
 
 
 @dataclass(frozen=True)
@@ -388,8 +374,7 @@ class Cascade(_Scheduler, _BudgetEstimates, _Admission):
                     release()
                 except Exception:  # a best effort: memory stays, requests are unaffected
                     log.warning("releasing the backend's memory failed", exc_info=True)
-        if MALLOC_TRIM is not None:
-            MALLOC_TRIM(0)
+        heap.trim()  # the arenas of the backend threads keep what bursts of requests freed, otherwise
 
     def _expire(self, request: _Request) -> None:
         """Its deadline passed: answered DeadlineExceeded and taken out of every queue."""

@@ -97,6 +97,10 @@ class Settings(BaseSettings):
                                   "front end's queue (requests in flight x the measured CPU per request outside "
                                   "backend calls): "
                                   "a request goes on to the next stage only if it would finish before the rest")
+    mmap_threshold_kb: int = Field(128, ge=0, le=32768, description="allocations of this many KiB and more get "
+                                   "memory of their own, given back when freed (glibc's mmap threshold, fixed: "
+                                   "its moving default let bursts of large batches leave the heap at 1.1-1.2x "
+                                   "its baseline after an overload); 0: glibc's default")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may run "
                                     "before they are answered UNAVAILABLE (exit status 3 if any)")
     health_interval_ms: float = Field(250.0, gt=0, le=10000, description="how often the Triton backend's "
