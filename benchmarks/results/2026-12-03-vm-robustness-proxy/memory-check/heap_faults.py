@@ -1,8 +1,14 @@
 """Minor page faults and CPU per call of the gateway at 82 calls at once over 4 channels, per --mmap-threshold-kb."""
-import asyncio, json, sys, os
+import asyncio
+import json
+import os
+import sys
 from pathlib import Path
-import grpc, numpy as np
-from benchmarks.loadgen import infer_messages, MODEL_INFER
+
+import grpc
+import numpy as np
+
+from benchmarks.loadgen import MODEL_INFER, infer_messages
 from benchmarks.servers import GatewayServer
 
 repo = Path("model_repository")

@@ -1,11 +1,16 @@
 """Does the gateway hold heap per open gRPC connection? Baseline (warm, few connections), then N channels
 sending calls at once (kept open, the idle trim passes), then closed and another trim."""
-import asyncio, json, sys, time
+import asyncio
+import json
+import sys
 from pathlib import Path
-import grpc, numpy as np
-from benchmarks.loadgen import infer_messages, MODEL_INFER
-from benchmarks.servers import GatewayServer
+
+import grpc
+import numpy as np
+
+from benchmarks.loadgen import MODEL_INFER, infer_messages
 from benchmarks.robustness.measure import rss_split_mb
+from benchmarks.servers import GatewayServer
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 82
 repo = Path("model_repository")
