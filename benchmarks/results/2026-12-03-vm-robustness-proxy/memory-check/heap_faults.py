@@ -1,4 +1,5 @@
-"""Minor page faults and CPU per call of the gateway at 82 calls at once over 4 channels, per --mmap-threshold-kb."""
+"""Minor page faults and CPU per call of the gateway at C calls at once (environment C, default 82) over 4 channels, per
+--mmap-threshold-kb."""
 import asyncio
 import json
 import os
@@ -14,6 +15,7 @@ from benchmarks.servers import GatewayServer
 repo = Path("model_repository")
 model = json.loads((repo / "manifest.json").read_text())["model"]
 msgs = infer_messages(model, np.random.default_rng(0).standard_normal((64, 3, 32, 32)).astype(np.float32), 64)
+C = int(os.environ.get("C", "82"))
 TICKS = os.sysconf("SC_CLK_TCK")
 
 def stat(pid):
@@ -24,7 +26,7 @@ async def load(url, rounds):
     chans = [grpc.aio.insecure_channel(url) for _ in range(4)]
     stubs = [c.unary_unary(MODEL_INFER) for c in chans]
     for r in range(rounds):
-        await asyncio.gather(*(stubs[i % 4](msgs[(i + r) % 64]) for i in range(82)))
+        await asyncio.gather(*(stubs[i % 4](msgs[(i + r) % 64]) for i in range(C)))
     for c in chans:
         await c.close()
 
@@ -35,5 +37,5 @@ for kb in sys.argv[1:]:
         f0, c0 = stat(gw.process.pid)
         asyncio.run(load(url, 60))
         f1, c1 = stat(gw.process.pid)
-        n = 82 * 60
+        n = C * 60
         print(kb, "minflt/call", round((f1 - f0) / n, 1), "cpu ms/call", round((c1 - c0) / n * 1000, 3), flush=True)
