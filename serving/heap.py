@@ -1,12 +1,14 @@
 """The gateway's heap and the system (glibc on Linux; elsewhere every call here does nothing).
 
 - `trim()`: free heap pages back to the system (the cascade calls it when idle after load).
-- `fix_mmap_threshold(size)`: allocations of `size` bytes and more get pages of their own (mmap) and give
-  them back when freed. glibc's default threshold moves: each time such a block is freed, the threshold rises
-  to its size (up to 32 MB), so later blocks of that size come from the heap instead, where a burst of
-  large batches leaves holes that trimming cannot return (issue 25: the gateway's memory 1.10-1.23x its
-  baseline after an overload, all of it heap). A fixed threshold (glibc's starting value, 128 KiB) keeps
-  batches' buffers out of the heap.
+- `fix_mmap_threshold(size)`: allocations of `size` bytes and more get pages of their own (mmap), and
+  freed memory at the top of every arena goes back to the system as it is freed. glibc's defaults move:
+  each large block freed raises the mmap threshold to its size (up to 32 MB) and the trim threshold to
+  twice that, and `malloc_trim` shrinks only the main arena's top, so what a burst of large batches
+  freed at the top of the backend threads' own arenas stayed resident (issue 25: the gateway's memory
+  1.05-1.23x its baseline after an overload, all of it heap). Fixing the threshold fixes both (glibc's
+  starting values, 128 KiB). The price: large buffers are faulted in afresh (about 20-30 minor page
+  faults a request, a few per cent of its CPU at most; benchmarks/results/2026-12-03-vm-robustness-proxy).
 """
 
 from __future__ import annotations
