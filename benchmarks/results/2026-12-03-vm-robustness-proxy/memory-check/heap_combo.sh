@@ -1,6 +1,6 @@
 #!/bin/sh
 # combo MMAP TRIM: residue harness + faults with glibc's thresholds from the environment (gateway flag 0)
-cd /work/main
+cd "$(git rev-parse --show-toplevel)"
 [ "$1" != - ] && export MALLOC_MMAP_THRESHOLD_=$1; [ "$2" != - ] && export MALLOC_TRIM_THRESHOLD_=$2; [ -n "$3" ] && export MALLOC_ARENA_MAX=$3
 echo "== mmap $1 trim $2 arenas $3"
 PYTHONPATH=. timeout 300 .venv/bin/python - 0 <<'PY' 2>&1 | grep closed | sed 's/.*anon/anon/'
