@@ -14,6 +14,12 @@ the CPU seconds spent in the window and milliseconds per request:
 - `tritonserver`: the tritonserver process alone,
 - `triton_stubs`: its Python-backend stubs (`triton_python_backend_stub` children),
 - `loadgen`: this process, the load generator.
+
+It also reports how each core spent the window (`cores_s`, from /proc/stat): `busy`
+(user, nice, system), `irq` (hard and soft interrupts), `idle` (idle and iowait) and
+`steal` (time the hypervisor gave to another guest), so that a slow window can be told
+apart: servers' cores idle (the servers waited), stolen (the host was busy elsewhere) or
+busy with something other than the servers.
 """
 
 from __future__ import annotations
@@ -76,6 +82,30 @@ def tree_cpu_s(pid: int) -> float:
     return process_cpu_s(pid) + sum(process_cpu_s(child) for child in descendants(pid))
 
 
+def cores_cpu_s() -> dict[str, dict[str, float]]:
+    """Per core (`cpu0`, `cpu1`, ...): seconds busy, in interrupts, idle and stolen since boot (/proc/stat)."""
+    cores = {}
+    try:
+        lines = (PROC / "stat").read_text().splitlines()
+    except OSError:
+        return cores
+    for line in lines:
+        name, *fields = line.split()
+        if not (name.startswith("cpu") and name[3:].isdigit()):
+            continue
+        ticks = [int(value) for value in fields[:8]] + [0] * (8 - len(fields[:8]))
+        user, nice, system, idle, iowait, irq, softirq, steal = ticks
+        cores[name] = {"busy": (user + nice + system) / TICKS_PER_SECOND, "irq": (irq + softirq) / TICKS_PER_SECOND,
+                       "idle": (idle + iowait) / TICKS_PER_SECOND, "steal": steal / TICKS_PER_SECOND}
+    return cores
+
+
+def cores_record(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict:
+    """Seconds per core and kind between two `cores_cpu_s()` samples."""
+    return {core: {kind: round(max(0.0, after[core][kind] - before[core].get(kind, 0.0)), 2) for kind in after[core]}
+            for core in after if core in before}
+
+
 def backend_cpu_s(metrics_url: str) -> float | None:
     """The gateway's `gateway_backend_cpu_seconds_total`, summed over its labels (None: not exported)."""
     try:
@@ -104,6 +134,7 @@ class CpuMeter:
     def __init__(self, servers: Servers) -> None:
         self.servers = servers
         self._before: dict[str, float | None] | None = None
+        self._cores: dict[str, dict[str, float]] = {}
         self._started = 0.0
 
     def _sample(self) -> dict[str, float | None]:
@@ -120,6 +151,7 @@ class CpuMeter:
     def start(self) -> None:
         backend = backend_cpu_s(self.servers.gateway_metrics_url) if self.servers.gateway_metrics_url else None
         self._before = {**self._sample(), "gateway_backend": backend}  # /metrics read before the CPU
+        self._cores = cores_cpu_s()
         self._started = time.perf_counter()
 
     def stop(self, requests: int) -> dict:
@@ -127,9 +159,10 @@ class CpuMeter:
             raise RuntimeError("CpuMeter.stop() before start()")
         window = time.perf_counter() - self._started
         after = self._sample()  # the CPU read before /metrics: scraping it is not counted
+        cores = cores_cpu_s()
         url = self.servers.gateway_metrics_url
         after["gateway_backend"] = backend_cpu_s(url) if url else None
-        return cpu_record(self._before, after, requests, window)
+        return cpu_record(self._before, after, requests, window) | {"cores_s": cores_record(self._cores, cores)}
 
 
 def cpu_record(before: dict[str, float | None], after: dict[str, float | None], requests: int,

@@ -3,11 +3,21 @@
 import asyncio
 import json
 import os
+import time
 
 import numpy as np
 import pytest
 
-from benchmarks.cpu import CpuMeter, Servers, backend_cpu_s, cpu_record, process_cpu_s, split_cores
+from benchmarks.cpu import (
+    CpuMeter,
+    Servers,
+    backend_cpu_s,
+    cores_cpu_s,
+    cores_record,
+    cpu_record,
+    process_cpu_s,
+    split_cores,
+)
 from benchmarks.exit_outputs import compute_exit_outputs, load_images
 from benchmarks.loadgen import Target, closed_loop, open_loop
 from benchmarks.run import Plan, run_benchmark
@@ -154,6 +164,20 @@ def test_process_cpu_counts_this_process():
     assert process_cpu_s(os.getpid()) > before and process_cpu_s(2**22 + 12345) == 0.0  # no such process
 
 
+def test_cores_record_accounts_every_core_of_a_window():
+    before = cores_cpu_s()
+    assert set(before) == {f"cpu{index}" for index in range(len(before))} and len(before) >= 1
+    sum(i * i for i in range(2_000_000))
+    time.sleep(0.2)
+    record = cores_record(before, cores_cpu_s())
+    assert set(record) == set(before)
+    for core in record.values():
+        assert set(core) == {"busy", "irq", "idle", "steal"} and all(value >= 0 for value in core.values())
+    # The kernel counts every core in ticks: each core's kinds add up to about the window (0.2 s and more).
+    assert all(0.05 < sum(core.values()) < 30 for core in record.values())
+    assert sum(core["busy"] for core in record.values()) > 0  # the loop above ran somewhere
+
+
 def test_split_cores_is_disjoint_and_none_on_one_core():
     assert split_cores({0}) is None
     assert split_cores({0, 1}).servers == (0,) and split_cores({0, 1}).loadgen == (1,)
@@ -175,6 +199,7 @@ def test_cpu_accounting_adds_up(gateway, test_images, batch):
     assert cpu["requests"] == result.sent and cpu["window_s"] > 0
     assert {"gateway", "loadgen"} <= set(cpu["cpu_s"]) and "tritonserver" not in cpu["cpu_s"]
     assert all(seconds >= 0 for seconds in cpu["cpu_s"].values())
+    assert set(cpu["cores_s"]) == set(cores_cpu_s())  # how each core spent the window
     for role, seconds in cpu["cpu_s"].items():
         assert cpu["ms_per_request"][role] == pytest.approx(seconds * 1000 / 40, abs=1e-3)
     if backend_cpu_s(gateway.metrics_url) is None:

@@ -168,6 +168,14 @@ def test_overload_phase_records_the_generator_and_the_split(tiny_repository, tmp
         assert document["cpu_pinning"]["phases"] == ["capacity", "overload"]
     assert {"overload_offered_3x", "overload_served", "overload_admitted_p99_ms", "overload_refusal_p99_ms",
             "overload_memory_after_settle"} <= set(document["targets"])
+    # Capacity measured on both sides of the overload; the target judges the served rate by their mean.
+    after = overload["capacity_after"]
+    assert after["errors"] == 0 and after["throughput_rps"] > 0 and after["cpu"]["cpu_s"]["gateway"] > 0
+    bracket = (overload["capacity_rps"] + after["throughput_rps"]) / 2
+    assert overload["capacity_bracket_rps"] == pytest.approx(bracket, abs=0.06)
+    assert overload["served_of_capacity_bracket"] == pytest.approx(overload["served_rps"] / bracket, abs=0.01)
+    assert document["targets"]["overload_served"]["measured"] == overload["served_of_capacity_bracket"]
+    assert set(overload["cpu"]["cores_s"]) == {f"cpu{core}" for core in range(len(overload["cpu"]["cores_s"]))}
     memory = overload["memory_mb"]
     for split in (memory["split_baseline"], memory["split_after_settle"]):  # the heap apart from mapped files
         assert split["anon"] > 0 and split["file"] > 0

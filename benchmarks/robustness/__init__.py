@@ -11,7 +11,9 @@ Phases:
 - capacity: closed loop at c=32 (one image a request): the throughput the others scale from;
 - overload: open loop at 3x capacity for --overload-s: successes per second against capacity,
   p99 of admitted requests, how fast refusals (429 / RESOURCE_EXHAUSTED) come, and the
-  gateway's memory before, at the end, and --settle-s after the load stops;
+  gateway's memory before, at the end, and --settle-s after the load stops; then the capacity
+  closed loop again on the same gateway: the served share is judged against the mean of the
+  windows before and after (the host's speed drifts over minutes);
 - cancellation: 200 gRPC calls x 16 images at once with a 300 ms deadline: the share of the
   expired requests' images the gateway still computed (stage-0 samples from /metrics);
 - shutdown: a backlog of --backlog-s of work, SIGTERM, grace --grace-s: every request must be

@@ -70,6 +70,11 @@ class LoadPhases(Session):
                 settling.append((round(time.monotonic() - settle_started, 2), rss_mb(pid)))
             settled = settling[-1][1]
             settled_split = rss_split_mb(pid)
+            # The same closed loop as the capacity phase, now after the overload: the host's speed drifts
+            # over minutes, so capacity is judged from the windows on both sides of the overload minute.
+            after_meter = CpuMeter(servers)
+            capacity_after = asyncio.run(closed_loop(self.loadgen_target(url), self.images, self.labels_or_dummy(),
+                                                     32, 10**9, self.durations["capacity_s"], meter=after_meter))
         outcomes = load.outcomes
         ok = [ms for outcome, ms in zip(outcomes, load.latency_ms) if outcome == "ok"]
         refused = [ms for outcome, ms in zip(outcomes, load.latency_ms) if outcome == "RESOURCE_EXHAUSTED"]
@@ -77,6 +82,7 @@ class LoadPhases(Session):
         refused_service = [ms for outcome, ms in zip(outcomes, load.service_ms) if outcome == "RESOURCE_EXHAUSTED"]
         served_rps = len(ok) / seconds
         achieved = load.achieved_rps
+        bracket = (capacity + capacity_after.throughput) / 2
         refusals = {name: metric(after, "gateway_errors_total", error=name, protocol="grpc")
                     - metric(before, "gateway_errors_total", error=name, protocol="grpc")
                     for name in ("Overloaded", "ConcurrentRpcLimit")}
@@ -89,6 +95,14 @@ class LoadPhases(Session):
                   "cpu_pinning": self.pinning.as_dict() if self.pinning else None, "cpu": load.cpu,
                   "outcomes": counts(outcomes), "gateway_refusals": refusals, "served_rps": round(served_rps, 1),
                   "served_of_capacity": round(served_rps / capacity, 3) if capacity else None,
+                  "capacity_after": {"concurrency": 32, "throughput_rps": round(capacity_after.throughput, 1),
+                                     "errors": capacity_after.errors, "latency_ms": capacity_after.latency_ms,
+                                     "cpu": capacity_after.cpu},
+                  "capacity_bracket_rps": round(bracket, 1),
+                  "served_of_capacity_bracket": round(served_rps / bracket, 3) if bracket else None,
+                  "capacity_definition": "capacity_rps: the capacity phase's closed loop (c=32), which sets the "
+                                         "offered rate; capacity_after: the same closed loop on this gateway after "
+                                         "the overload and its settling; the target divides by their mean",
                   "admitted_latency_ms": percentiles(ok), "refusal_latency_ms": percentiles(refused),
                   "latency_definition": "from each call's scheduled arrival (open loop); *_from_send_ms: from the "
                                         "moment the generator sent it",
@@ -105,8 +119,9 @@ class LoadPhases(Session):
         self.targets += [
             target("overload_offered_3x", ">= 0.95 of 3x capacity really sent (the generator kept up)",
                    round(achieved / rate, 3), achieved >= 0.95 * rate),
-            target("overload_served", ">= 0.9 of capacity", result["served_of_capacity"],
-                   bool(result["served_of_capacity"] and result["served_of_capacity"] >= 0.9)),
+            target("overload_served", ">= 0.9 of capacity (the mean of the closed-loop windows before and after "
+                   "the overload)", result["served_of_capacity_bracket"],
+                   bool(result["served_of_capacity_bracket"] and result["served_of_capacity_bracket"] >= 0.9)),
             target("overload_admitted_p99_ms", "< 1000", result["admitted_latency_ms"].get("p99"),
                    bool(ok) and result["admitted_latency_ms"]["p99"] < 1000),
             target("overload_refusal_p99_ms", "< 10", result["refusal_latency_ms"].get("p99"),
