@@ -16,8 +16,8 @@ the CPU seconds spent in the window and milliseconds per request:
 - `loadgen`: this process, the load generator.
 
 It also reports how each core spent the window (`cores_s`, from /proc/stat): `busy`
-(user, system), `nice` (niced processes: a background job), `irq` (hard and soft interrupts), `idle` (idle and iowait) and
-`steal` (time the hypervisor gave to another guest), so that a slow window can be told
+(user, system), `nice` (niced processes: a background job), `irq` (hard and soft
+interrupts), `idle` (idle and iowait) and `steal` (time the hypervisor gave to another guest), so that a slow window can be told
 apart: servers' cores idle (the servers waited), stolen (the host was busy elsewhere) or
 busy with something other than the servers.
 """
@@ -95,7 +95,8 @@ def cores_cpu_s() -> dict[str, dict[str, float]]:
             continue
         ticks = [int(value) for value in fields[:8]] + [0] * (8 - len(fields[:8]))
         user, nice, system, idle, iowait, irq, softirq, steal = ticks
-        cores[name] = {"busy": (user + system) / TICKS_PER_SECOND, "nice": nice / TICKS_PER_SECOND, "irq": (irq + softirq) / TICKS_PER_SECOND,
+        cores[name] = {"busy": (user + system) / TICKS_PER_SECOND, "nice": nice / TICKS_PER_SECOND,
+                       "irq": (irq + softirq) / TICKS_PER_SECOND,
                        "idle": (idle + iowait) / TICKS_PER_SECOND, "steal": steal / TICKS_PER_SECOND}
     return cores
 
