@@ -17,9 +17,10 @@ the CPU seconds spent in the window and milliseconds per request:
 
 It also reports how each core spent the window (`cores_s`, from /proc/stat): `busy`
 (user, system), `nice` (niced processes: a background job), `irq` (hard and soft
-interrupts), `idle` (idle and iowait) and `steal` (time the hypervisor gave to another guest), so that a slow window can be told
-apart: servers' cores idle (the servers waited), stolen (the host was busy elsewhere) or
-busy with something other than the servers.
+interrupts), `idle` (idle and iowait) and `steal` (time the hypervisor gave to another
+guest), so that a slow window can be told apart: servers' cores idle (the servers
+waited), stolen (the host was busy elsewhere) or busy with something other than the
+servers.
 """
 
 from __future__ import annotations
