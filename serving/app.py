@@ -203,6 +203,7 @@ class Gateway:
         self.settings = settings
         # before the backends and front ends allocate: large buffers get pages of their own (serving/heap.py)
         self.mmap_threshold_fixed = heap.fix_mmap_threshold(settings.mmap_threshold_kb * 1024)
+        self.malloc_arenas_limited = heap.limit_arenas(settings.malloc_arenas)  # and the threads share arenas
         self.metrics = GatewayMetrics()
         self._given_backend = backend  # a caller's backend: the first model's
         self.store = ModelStore(settings.model_repository, self.build, self.make_dataplane, self.metrics,
@@ -314,7 +315,8 @@ class Gateway:
             # images admitted into the cascades at once (None: unbounded): a front proxy's limit on requests
             # in flight (deploy/nginx) goes at or below it, so that the proxy refuses first
             "admission_images": admission_images(self.store),
-            "mmap_threshold_kb": self.settings.mmap_threshold_kb if self.mmap_threshold_fixed else None}})
+            "mmap_threshold_kb": self.settings.mmap_threshold_kb if self.mmap_threshold_fixed else None,
+            "malloc_arenas": self.settings.malloc_arenas if self.malloc_arenas_limited else None}})
         try:
             yield
         finally:

@@ -9,6 +9,11 @@
   1.05-1.23x its baseline after an overload, all of it heap). Fixing the threshold fixes both (glibc's
   starting values, 128 KiB). The price: large buffers are faulted in afresh (about 20-30 minor page
   faults a request, a few per cent of its CPU at most; benchmarks/results/2026-12-03-vm-robustness-proxy).
+- `limit_arenas(count)`: at most `count` malloc arenas. glibc gives threads arenas of their own (up to 8
+  per core); small blocks freed by the backend, front-end and gRPC threads leave their arenas fragmented,
+  and neither the threshold nor `malloc_trim` gives that back (issue 25: the heap 16-28 MB over its
+  baseline 10 s after an overload with the distilled front network's higher rate, against 3 MB with one
+  arena, at the same CPU per request; benchmarks/results/2026-12-04-vm-robustness-2/README.md).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import ctypes
 import ctypes.util
 import logging
 
-M_MMAP_THRESHOLD = -3  # mallopt's parameter (glibc malloc.h)
+M_MMAP_THRESHOLD = -3  # mallopt's parameters (glibc malloc.h)
+M_ARENA_MAX = -8
 DEFAULT_MMAP_THRESHOLD = 128 * 1024
 log = logging.getLogger("gateway.heap")
 
@@ -48,5 +54,16 @@ def fix_mmap_threshold(size: int) -> bool:
         return False
     if LIBC.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(size)) != 1:
         log.warning("glibc refused an mmap threshold of %d bytes; its default stays", size)
+        return False
+    return True
+
+
+def limit_arenas(count: int) -> bool:
+    """At most `count` malloc arenas (see the module's doc; before threads allocate); 0 leaves glibc's
+    default. True when set."""
+    if not count or LIBC is None:
+        return False
+    if LIBC.mallopt(M_ARENA_MAX, ctypes.c_int(count)) != 1:
+        log.warning("glibc refused an arena limit of %d; its default stays", count)
         return False
     return True

@@ -1,4 +1,5 @@
-"""serving/heap.py: the gateway fixes glibc's mmap threshold so that large buffers never settle in the heap
+"""serving/heap.py: the gateway fixes glibc's mmap threshold so that large buffers never settle in the heap, and limits
+its arenas so that the threads' small blocks do not fragment arenas of their own
 (issue 25: memory after an overload)."""
 
 from __future__ import annotations
@@ -57,3 +58,47 @@ def test_the_gateway_fixes_it_unless_told_not_to(tiny_repository, tmp_path):
     for extra, expected in (((), 128), (("--mmap-threshold-kb", "0"), None), (("--mmap-threshold-kb", "256"), 256)):
         with GatewayServer(tiny_repository, *extra, log_path=tmp_path / "gateway.log") as gateway:
             assert gateway.ready_fields()["mmap_threshold_kb"] == expected
+
+
+# In a fresh process: a thread allocates small blocks (glibc gives a new thread an arena of its own, up to
+# 8 per core); prints how many arenas malloc_info lists.
+ARENAS_PROBE = textwrap.dedent("""
+    import ctypes, re, sys, tempfile, threading
+    from serving import heap
+
+    if sys.argv[1] != "0":
+        assert heap.limit_arenas(int(sys.argv[1]))
+    heap.LIBC.malloc.restype = ctypes.c_void_p
+    heap.LIBC.fopen.restype = ctypes.c_void_p
+    heap.LIBC.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    heap.LIBC.fclose.argtypes = [ctypes.c_void_p]
+    heap.LIBC.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    blocks = []
+    thread = threading.Thread(target=lambda: blocks.extend(heap.LIBC.malloc(512) for _ in range(1000)))
+    thread.start()
+    thread.join()
+    with tempfile.NamedTemporaryFile(suffix=".xml") as out:
+        stream = heap.LIBC.fopen(out.name.encode(), b"w")
+        heap.LIBC.malloc_info(0, stream)
+        heap.LIBC.fclose(stream)
+        print(len(re.findall(r"<heap nr=", open(out.name).read())))
+""")
+
+
+def arenas(limit: int) -> int:
+    done = subprocess.run([sys.executable, "-c", ARENAS_PROBE, str(limit)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)
+
+
+def test_limited_arenas_are_shared_by_the_threads():
+    assert arenas(0) >= 2  # glibc's default: the thread allocated in an arena of its own
+    assert arenas(1) == 1  # limited: the main arena serves it too
+    assert heap.limit_arenas(0) is False
+
+
+def test_the_gateway_limits_arenas_unless_told_not_to(tiny_repository, tmp_path):
+    for extra, expected in (((), 1), (("--malloc-arenas", "0"), None), (("--malloc-arenas", "2"), 2)):
+        with GatewayServer(tiny_repository, *extra, log_path=tmp_path / "gateway.log") as gateway:
+            assert gateway.ready_fields()["malloc_arenas"] == expected
