@@ -48,23 +48,23 @@ def trim() -> bool:
     return True
 
 
+def _mallopt(parameter: int, value: int, what: str) -> bool:
+    """Set one of glibc's malloc parameters; 0 (or no glibc) leaves its default. True when set."""
+    if not value or LIBC is None:
+        return False
+    if LIBC.mallopt(parameter, ctypes.c_int(value)) != 1:
+        log.warning("glibc refused %s of %d; its default stays", what, value)
+        return False
+    return True
+
+
 def fix_mmap_threshold(size: int) -> bool:
     """Fix glibc's mmap threshold at `size` bytes (see the module's doc); 0 leaves glibc's moving default.
     True when set."""
-    if not size or LIBC is None:
-        return False
-    if LIBC.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(size)) != 1:
-        log.warning("glibc refused an mmap threshold of %d bytes; its default stays", size)
-        return False
-    return True
+    return _mallopt(M_MMAP_THRESHOLD, size, "an mmap threshold in bytes")
 
 
 def limit_arenas(count: int) -> bool:
     """At most `count` malloc arenas (see the module's doc; before threads allocate); 0 leaves glibc's
     default. True when set."""
-    if not count or LIBC is None:
-        return False
-    if LIBC.mallopt(M_ARENA_MAX, ctypes.c_int(count)) != 1:
-        log.warning("glibc refused an arena limit of %d; its default stays", count)
-        return False
-    return True
+    return _mallopt(M_ARENA_MAX, count, "an arena limit")
