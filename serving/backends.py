@@ -61,7 +61,8 @@ class OnnxRuntimeBackend:
             path = Path(repository) / model.name / str(model.version) / "model.onnx"
             if not path.exists():
                 raise FileNotFoundError(f"{path} not found: the onnxruntime backend needs the ONNX files")
-            return create_session(path, intra_op_threads, device, model.parallel_branches)
+            # one CPU arena for all, whose growth the idle shrinkage gives back (common/onnxruntime_session.py)
+            return create_session(path, intra_op_threads, device, model.parallel_branches, shared_arena=True)
 
         self.sessions = [session(entry.segment_model) for entry in manifest.exits]
         self.outputs = [_output_names(entry.segment_model) for entry in manifest.exits]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from benchmarks.servers import GatewayServer
@@ -102,3 +103,26 @@ def test_the_gateway_limits_arenas_unless_told_not_to(tiny_repository, tmp_path)
     for extra, expected in (((), 1), (("--malloc-arenas", "0"), None), (("--malloc-arenas", "2"), 2)):
         with GatewayServer(tiny_repository, *extra, log_path=tmp_path / "gateway.log") as gateway:
             assert gateway.ready_fields()["malloc_arenas"] == expected
+
+
+def test_the_gateway_sessions_share_one_cpu_arena_with_the_same_answers(tiny_repository):
+    """ONNX Runtime: the gateway's sessions use the process's shared CPU arena (regions the size of what
+    was asked, which the idle shrinkage frees), registered once, with the same outputs as a session's own."""
+    from common.manifest import read_manifest
+    from common.onnxruntime_session import create_session, share_cpu_arena
+    from serving.backends import OnnxRuntimeBackend
+
+    manifest = read_manifest(tiny_repository)
+    backend = OnnxRuntimeBackend(tiny_repository, manifest, device="cpu")
+    share_cpu_arena()  # again: registered once, no error
+    options = backend.sessions[0].get_session_options()
+    assert options.get_session_config_entry("session.use_env_allocators") == "1"
+    segment = manifest.exits[0].segment_model
+    own = create_session(tiny_repository / segment.name / str(segment.version) / "model.onnx")
+    images = np.random.default_rng(0).standard_normal((5, *manifest.input.shape)).astype(np.float32)
+    logits, features = backend.run(0, images)
+    expected = own.run(None, {segment.inputs[0].name: images})
+    np.testing.assert_array_equal(logits, expected[0])
+    if features is not None:
+        np.testing.assert_array_equal(features, expected[1])
+    backend.release_memory()  # the idle shrinkage runs on the shared arena
