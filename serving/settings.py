@@ -102,8 +102,8 @@ class Settings(BaseSettings):
                                    "its moving default let bursts of large batches leave the heap at 1.1-1.2x "
                                    "its baseline after an overload); 0: glibc's default")
     malloc_arenas: int = Field(1, ge=0, le=1024, description="at most this many glibc malloc arenas (its default, "
-                               "8 per core, let the threads' fragmented arenas keep the heap 1.1-1.2x its baseline "
-                               "after an overload); 0: glibc's default")
+                               "8 per core, lets each thread's arena fragment and keep more of the heap after an "
+                               "overload); 0: glibc's default")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may run "
                                     "before they are answered UNAVAILABLE (exit status 3 if any)")
     health_interval_ms: float = Field(250.0, gt=0, le=10000, description="how often the Triton backend's "
