@@ -23,7 +23,7 @@ import os
 import threading
 
 _shared_arena_lock = threading.Lock()
-_shared_arena: list[bool] = []  # registered once per process
+_shared_arena_registered = False  # once per process
 
 DEVICES = ("auto", "cpu", "cuda")
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -43,15 +43,16 @@ def execution_providers(device: str = "cpu") -> list[str]:
 
 def share_cpu_arena() -> None:
     """Register the process's shared CPU arena (see the module's doc) once."""
+    global _shared_arena_registered
     import onnxruntime
 
     with _shared_arena_lock:
-        if not _shared_arena:
+        if not _shared_arena_registered:
             info = onnxruntime.OrtMemoryInfo("Cpu", onnxruntime.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
                                              onnxruntime.OrtMemType.DEFAULT)
             # arena_extend_strategy 1: kSameAsRequested (0, the default, doubles each new region)
             onnxruntime.create_and_register_allocator(info, onnxruntime.OrtArenaCfg({"arena_extend_strategy": 1}))
-            _shared_arena.append(True)
+            _shared_arena_registered = True
 
 
 def session_options(intra_op_threads: int = 1, parallel_branches: int = 1, shared_arena: bool = False):

@@ -10,11 +10,10 @@
   starting values, 128 KiB). The price: large buffers are faulted in afresh (about 20-30 minor page
   faults a request, a few per cent of its CPU at most; benchmarks/results/2026-12-03-vm-robustness-proxy).
 - `limit_arenas(count)`: at most `count` malloc arenas. glibc gives threads arenas of their own (up to 8
-  per core); small blocks freed by the backend, front-end and gRPC threads leave their arenas fragmented,
-  and neither the threshold nor `malloc_trim` gives that back (issue 25: the heap 1.10-1.18x its baseline
-  10 s after an overload at the distilled front network's higher rate, 1.03-1.10x with one arena, at the
-  same CPU per request; it lowers what is kept, it does not remove all of it:
-  benchmarks/results/2026-12-04-vm-robustness-2/README.md).
+  per core), which the backend, front-end and gRPC threads' small blocks can leave fragmented (issue 25:
+  the memory 10 s after an overload 1.03-1.10x its baseline with one arena against 1.10-1.18x without, at
+  the same CPU per request; most of what stayed was ONNX Runtime's arena, which common/onnxruntime_session.py
+  deals with; benchmarks/results/2026-12-04-vm-robustness-2/README.md).
 """
 
 from __future__ import annotations
