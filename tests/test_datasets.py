@@ -96,6 +96,17 @@ def test_normalisation_and_augmentation():
     assert mean == [1.0, 1.0, 1.0] and std == [0.0, 0.0, 0.0]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_normalisation_and_augmentation_stay_on_the_gpu():
+    """The training set lives on the GPU there: the mean and std follow the batch (a CUDA run once
+    failed on CPU constants)."""
+    images = torch.zeros((2, 4, 4, 3), dtype=torch.uint8, device="cuda")
+    batch = to_normalized(images, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    assert batch.device.type == "cuda" and torch.allclose(batch, torch.full_like(batch, -2.0))
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    assert augment(batch, generator, cutout=2).device.type == "cuda"
+
+
 def test_cutout_zeroes_one_clipped_square_per_image_in_every_channel():
     batch = torch.ones(256, 3, 32, 32)
     out = apply_cutout(batch, torch.Generator().manual_seed(0), 16)

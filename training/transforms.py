@@ -13,8 +13,8 @@ import torch
 def to_normalized(images: np.ndarray | torch.Tensor, mean, std) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float32, scaled to 0..1 then normalised."""
     batch = torch.as_tensor(images).permute(0, 3, 1, 2).float().div_(255.0)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
     return batch.sub_(mean_t).div_(std_t)
 
 
