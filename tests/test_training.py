@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -288,3 +289,20 @@ def test_a_teacher_checkpoint_distils_every_exit_and_is_recorded(imagefolder, tm
         result = run_module("training.train", *TINY, "--data", str(imagefolder), "--output",
                             str(tmp_path / "x.safetensors"), "--teacher", str(teacher), *extra)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_training_with_a_teacher_matches_eager(imagefolder, tmp_path):
+    teacher = tmp_path / "teacher.safetensors"
+    train(imagefolder, teacher, "--epochs", "1", "--model", "mwresnet20_3")
+    runs = {}
+    for mode in ("off", "on"):
+        runs[mode] = tmp_path / mode / "m.safetensors"
+        train(imagefolder, runs[mode], "--epochs", "1", "--teacher", str(teacher), "--compile", mode)
+    assert load_metadata(runs["on"]).training["compile"] == "on"
+    eager, compiled = load_file(str(runs["off"])), load_file(str(runs["on"]))
+    assert eager.keys() == compiled.keys()  # the uncompiled module is saved: no wrapper prefixes
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-3, atol=1e-4)
+    losses = [json.loads(runs[m].with_suffix(".log.jsonl").read_text())["train_loss"] for m in ("off", "on")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)

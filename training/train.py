@@ -149,6 +149,11 @@ class Trainer:
         if self.world > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.network = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        self.teacher_forward = self.teacher
+        if self.config.compile == "on":  # the uncompiled modules share the parameters: saving and evaluation use them
+            self.network = torch.compile(self.network)
+            if self.teacher is not None:
+                self.teacher_forward = torch.compile(self.teacher)
         amp_dtype = self.amp_dtype
         device_type = self.device.type
         self.autocast = (lambda: torch.autocast(device_type, dtype=amp_dtype)) if amp_dtype else nullcontext
@@ -257,7 +262,8 @@ class Trainer:
             for module in (self.model.stem, *self.model.segments):
                 module.eval()
         num_exits = len(self.model.exits)
-        loss_sum, seen = 0.0, 0
+        seen = 0  # the sums stay on the device: no synchronisation a step (progress bars read them every 10)
+        loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros(num_exits, device=self.device)
         progress = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}",
                         disable=config.no_progress or self.rank != 0, dynamic_ncols=True)
@@ -281,7 +287,7 @@ class Trainer:
                         loss = self.loss(logits, target)
                     else:
                         with torch.no_grad():
-                            teacher_logits = self.teacher(batch)[-1]
+                            teacher_logits = self.teacher_forward(batch)[-1]
                         loss = self.loss(logits, target, teacher_logits)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -291,12 +297,12 @@ class Trainer:
             with torch.no_grad():
                 for k, out in enumerate(logits):
                     correct[k] += (out.argmax(1) == target).sum()
-            loss_sum += loss.item() * len(index)
+                loss_sum += loss.detach().float() * len(index)
             seen += len(index)
-            if step % 10 == 0 or step == self.steps_per_epoch - 1:
+            if not progress.disable and (step % 10 == 0 or step == self.steps_per_epoch - 1):
                 accs = (correct / seen * 100).tolist()
-                progress.set_postfix_str(f"loss {loss_sum / seen:.3f} acc " + "/".join(f"{a:.0f}" for a in accs))
-        return {"train_loss": loss_sum / max(1, seen),
+                progress.set_postfix_str(f"loss {loss_sum.item() / seen:.3f} acc " + "/".join(f"{a:.0f}" for a in accs))
+        return {"train_loss": loss_sum.item() / max(1, seen),
                 "train_acc": (correct / max(1, seen)).tolist(),
                 "lr": self.scheduler.get_last_lr()[0]}
 

@@ -66,6 +66,7 @@ class TrainConfig:
     threads: int = 0
     channels_last: str = "auto"
     amp: str = "auto"
+    compile: str = "off"  # torch.compile the network (and the teacher): fewer kernel launches a step on a GPU
     init_from: Path | None = None
     pretrained: Path | None = None
     snapshots: bool = False
@@ -239,6 +240,10 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"),
                      help="mixed precision (auto: bf16 or fp16 on CUDA, off on CPU; bf16 on a CPU with "
                           "AVX-512 BF16/AMX trains ~1.6x faster)")
+    run.add_argument("--compile", choices=("off", "on"),
+                     help="torch.compile the network and the teacher (default off). On a GPU a small network's "
+                          "step is bound by Python's per-layer kernel launches (an H200 ran a ResNet-56 epoch in "
+                          "14 s eagerly); compiling fuses them, after a compilation of about a minute")
     run.add_argument("--init-from", type=Path,
                      help="start from this checkpoint's weights with a fresh optimiser and schedule "
                           "(recorded in the checkpoint)")
