@@ -1,0 +1,27 @@
+"""benchmarks/profiles/ort_node_profile.py on a real exported segment: every convolution's MACs are
+found, and the printed shares are of the kernels' total (no timing assertions)."""
+
+import re
+import sys
+from pathlib import Path
+
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks" / "profiles"))
+
+import ort_node_profile  # noqa: E402
+
+
+def test_conv_macs_and_the_printed_table(tiny_repository, capsys):
+    segment = next(tiny_repository.glob("*_seg0to*/1/model.onnx"))
+    model = onnx.load(segment)
+    macs = ort_node_profile.conv_macs(model, batch=2)
+    assert len(macs) == sum(node.op_type == "Conv" for node in model.graph.node)
+    assert all(value > 0 and value % 2 == 0 for value in macs.values())  # batch 2: every count doubles
+    assert ort_node_profile.main([str(segment), "--batch", "2", "--runs", "3", "--top", "100"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{segment}, batch 2, 3 runs")
+    shares = [float(m.group(1)) for m in (re.search(r" ([0-9.]+)%", line) for line in lines[1:]) if m]
+    assert shares and abs(sum(shares) - 100) < 1.0
+    assert any("GMAC/s" in line and " Conv " in line for line in lines[1:])
