@@ -25,3 +25,12 @@ def test_conv_macs_and_the_printed_table(tiny_repository, capsys):
     shares = [float(m.group(1)) for m in (re.search(r" ([0-9.]+)%", line) for line in lines[1:]) if m]
     assert shares and abs(sum(shares) - 100) < 1.0
     assert any("GMAC/s" in line and " Conv " in line for line in lines[1:])
+
+
+def test_int8_copy_is_profiled_after_the_float_line(tiny_repository, capsys):
+    segment = next(tiny_repository.glob("*_seg0to*/1/model.onnx"))
+    assert ort_node_profile.main([str(segment), "--batch", "2", "--runs", "3", "--int8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{segment} (float), batch 2, 3 runs: model_run median")
+    assert lines[1].startswith(f"{segment} (int8), batch 2")
+    assert any("QLinearConv" in line or "QuantizeLinear" in line for line in lines[2:])
