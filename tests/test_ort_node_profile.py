@@ -34,3 +34,14 @@ def test_int8_copy_is_profiled_after_the_float_line(tiny_repository, capsys):
     assert lines[0].startswith(f"{segment} (float), batch 2, 3 runs: model_run median")
     assert lines[1].startswith(f"{segment} (int8), batch 2")
     assert any("QLinearConv" in line or "QuantizeLinear" in line for line in lines[2:])
+
+
+def test_front_candidates_exports_and_profiles_each_segment(imagefolder, tmp_path, capsys):
+    import front_candidates
+
+    assert front_candidates.main(["--candidate", "mwresnet8_3:4", "--data", str(imagefolder), "--batch", "2",
+                                  "--repeats", "2", "--output", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"mwresnet8_3_w4 exit {d}" for d in (3, 5, 8)]
+    assert all(re.search(r"segment [0-9.]+ MMAC .* at batch 2, [0-9.]+ us/MMAC$", line) for line in lines)
+    assert (tmp_path / "mwresnet8_3_w4.safetensors").exists()
