@@ -61,8 +61,8 @@ def quantise_int8(source: str, output: str, batch: int) -> None:
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
-def profile(path: str, batch: int, runs: int) -> tuple[list[dict], dict]:
-    """ONNX Runtime's profile events of `runs` runs on random inputs, and the inputs."""
+def profile(path: str, batch: int, runs: int) -> list[dict]:
+    """ONNX Runtime's profile events of `runs` runs on random inputs."""
     options = session_options(1)
     options.enable_profiling = True
     options.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
@@ -72,7 +72,7 @@ def profile(path: str, batch: int, runs: int) -> tuple[list[dict], dict]:
     for _ in range(runs):
         session.run(None, inputs)
     with open(session.end_profiling()) as file:
-        return json.load(file), inputs
+        return json.load(file)
 
 
 def median_run_us(events: list[dict]) -> float:
@@ -89,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     path = args.model
     if args.int8:
-        float_events, _ = profile(args.model, args.batch, args.runs)
+        float_events = profile(args.model, args.batch, args.runs)
         print(f"{args.model} (float), batch {args.batch}, {args.runs} runs: model_run median "
               f"{median_run_us(float_events):.0f} us")
         path = os.path.join(tempfile.mkdtemp(), "int8.onnx")
         quantise_int8(args.model, path, args.batch)
     model = onnx.load(args.model)
-    events, _ = profile(path, args.batch, args.runs)
+    events = profile(path, args.batch, args.runs)
     times, ops = Counter(), {}
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
