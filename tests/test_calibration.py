@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 
 from benchmarks.calibration import (
     NEVER,
+    OUT_OF_FOLD_WITHIN,
     binomial_cdf,
     calibrate_accuracy_drop,
     calibrate_compute_budget,
@@ -13,6 +14,7 @@ from benchmarks.calibration import (
     evaluate,
     exits_taken,
     fold_curves,
+    holds_out_of_fold,
     oracle,
     out_of_fold,
     pick_accuracy_drop,
@@ -98,20 +100,44 @@ def loosely_scored(n=3000, seed=0):
 
 def test_the_margin_is_the_smallest_that_holds_the_target_out_of_fold():
     scores, correct = loosely_scored()
-    margin, tried = select_margin(scores, correct, MACS, 0.01, repeats=4)
+    margin, tried = select_margin(scores, correct, MACS, 0.01, repeats=4, within=None)  # the mean rule
     curves = fold_curves(scores, correct, MACS, repeats=4)
     assert len(curves) == 8 and all(len(c.drop) == len(c.fit_drop) == len(c.macs) for c in curves)
     assert [t["margin"] for t in tried][-1] == margin
     assert tried[-1]["out_of_fold_drop"] <= 0.01 + 1e-12 or margin == 4.0
     for earlier in tried[:-1]:  # every smaller margin let more through out of fold
         assert earlier["out_of_fold_drop"] > 0.01
-    assert out_of_fold(curves, 0.01, margin) == (tried[-1]["out_of_fold_drop"], tried[-1]["out_of_fold_macs"])
+    assert out_of_fold(curves, 0.01, margin) == (tried[-1]["out_of_fold_drop"], tried[-1]["out_of_fold_macs"],
+                                                 tried[-1]["out_of_fold_within"])
     # A larger margin never costs fewer MACs out of fold.
     spent = [out_of_fold(curves, 0.01, m)[1] for m in (0.0, 1.0, 2.0, 4.0)]
     assert spent == sorted(spent)
     # Exits whose scores say exactly when they are right need no margin.
     exact_scores, exact_correct = synthetic()
     assert select_margin(exact_scores, exact_correct, MACS, 0.0, repeats=2)[0] == 0.0
+
+
+def test_the_default_margin_holds_the_target_in_four_out_of_fold_trials_out_of_five():
+    scores, correct = loosely_scored()
+    curves = fold_curves(scores, correct, MACS, repeats=4)
+    margin, tried = select_margin(scores, correct, MACS, 0.01, repeats=4)
+    assert OUT_OF_FOLD_WITHIN == 0.8 and tried[-1]["margin"] == margin
+    for trial in tried:  # the share is counted over the 8 trials, the same halves as the mean
+        drops = []
+        for curve in curves:
+            feasible = np.flatnonzero(curve.fit_drop + trial["margin"] * curve.fit_se <= 0.01 + 1e-12)
+            drops.append(curve.drop[int(feasible[0]) if len(feasible) else -1])
+        assert trial["out_of_fold_within"] == pytest.approx(np.mean(np.array(drops) <= 0.01 + 1e-12))
+    assert tried[-1]["out_of_fold_within"] >= 0.8 or margin == 4.0
+    assert all(earlier["out_of_fold_within"] < 0.8 for earlier in tried[:-1])
+    # Asking the target to hold in most trials never needs a smaller margin than holding it on the mean
+    # here, and a stricter share never a smaller one than a looser share.
+    mean_margin, _ = select_margin(scores, correct, MACS, 0.01, repeats=4, within=None)
+    chosen = [select_margin(scores, correct, MACS, 0.01, repeats=4, within=w)[0] for w in (0.5, 0.8, 1.0)]
+    assert chosen == sorted(chosen) and chosen[1] >= mean_margin
+    assert holds_out_of_fold({"out_of_fold_drop": 0.02, "out_of_fold_within": 0.8}, 0.01)
+    assert not holds_out_of_fold({"out_of_fold_drop": 0.02, "out_of_fold_within": 0.8}, 0.01, within=None)
+    assert not holds_out_of_fold({"out_of_fold_drop": 0.0, "out_of_fold_within": 0.75}, 0.01)
 
 
 def test_compute_budget_is_met_with_the_best_accuracy_available():

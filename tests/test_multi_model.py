@@ -224,6 +224,15 @@ def test_profile_and_calibrate_write_the_manifest_of_the_model_named(two_models,
     assert second.calibration["drop_measure"] == "net"
     selection = second.calibration["margin_selection"]  # --margin auto, the default: chosen out of fold
     assert selection["tried"][-1]["margin"] == second.calibration["margin_standard_errors"]
+    assert selection["within"] == 0.8 and "in at least 0.8 of those 20 trials" in selection["rule"]
+    assert all(0 <= trial["out_of_fold_within"] <= 1 for trial in selection["tried"])
+    assert calibrate_main(["--model-repository", str(repository), "--model", SECOND, "--max-drop", "5",
+                           "--within", "mean", "--threads", "1"]) == 0
+    selection = read_manifest(repository, SECOND).calibration["margin_selection"]
+    assert selection["within"] is None and "keep the mean drop within" in selection["rule"]
+    for bad in ("0", "1.5", "most"):
+        with pytest.raises(SystemExit):
+            calibrate_main(["--model-repository", str(repository), "--model", SECOND, "--within", bad])
     assert calibrate_main(["--model-repository", str(repository), "--model", SECOND, "--max-drop", "5",
                            "--drop-measure", "lost", "--threads", "1"]) == 0
     assert read_manifest(repository, SECOND).calibration["drop_measure"] == "lost"
