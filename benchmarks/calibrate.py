@@ -30,9 +30,9 @@ import numpy as np
 
 from benchmarks.calibration import (
     DROP_MEASURES,
+    OUT_OF_FOLD_WITHIN,
     calibrate_accuracy_drop,
     calibrate_compute_budget,
-    OUT_OF_FOLD_WITHIN,
     calibrate_with_guarantee,
     evaluate,
     holds_out_of_fold,
