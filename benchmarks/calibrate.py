@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="standard errors by which the held-out drop must clear --max-drop: the cheapest of "
                              "many feasible thresholds tends to be one whose drop the held-out split underestimates; "
                              "auto (default): the smallest of 0, 0.5, ..., 4 whose thresholds keep the drop within "
-                             "--max-drop out of fold (repeated 2-fold on the held-out split); 0 = the drop as "
-                             "measured")
+                             "--max-drop out of fold (repeated 2-fold on the held-out split; how often: --within); "
+                             "0 = the drop as measured")
     parser.add_argument("--within", type=_within, default=OUT_OF_FOLD_WITHIN,
                         help="with --margin auto: the share of the 20 out-of-fold trials in which the drop must stay "
                              f"within --max-drop (default {OUT_OF_FOLD_WITHIN:g}: four in five); mean: the mean "

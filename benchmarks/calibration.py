@@ -357,17 +357,22 @@ def fold_curves(scores, correct, macs, repeats: int = 10, seed: int = 0, measure
     return curves
 
 
-def out_of_fold(curves: list[FoldCurve], max_drop: float, margin: float) -> tuple[float, float, float]:
-    """Mean drop, mean MACs and the share of halves whose drop is at most `max_drop`, on the other halves
-    when each half picks as `pick_accuracy_drop` does."""
+def out_of_fold_trials(curves: list[FoldCurve], max_drop: float, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per trial, the drop and mean MACs on the other half when the calibration half picks as
+    `pick_accuracy_drop` does."""
     drops, spent = [], []
     for curve in curves:
         feasible = np.flatnonzero(curve.fit_drop + margin * curve.fit_se <= max_drop + 1e-12)
         index = int(feasible[0]) if len(feasible) else len(curve.drop) - 1
         drops.append(curve.drop[index])
         spent.append(curve.macs[index])
-    within = float(np.mean(np.asarray(drops) <= max_drop + 1e-12))
-    return float(np.mean(drops)), float(np.mean(spent)), within
+    return np.asarray(drops), np.asarray(spent)
+
+
+def out_of_fold(curves: list[FoldCurve], max_drop: float, margin: float) -> tuple[float, float, float]:
+    """Mean drop, mean MACs and the share of trials whose drop is at most `max_drop` (`out_of_fold_trials`)."""
+    drops, spent = out_of_fold_trials(curves, max_drop, margin)
+    return float(drops.mean()), float(spent.mean()), float(np.mean(drops <= max_drop + 1e-12))
 
 
 OUT_OF_FOLD_WITHIN = 0.8  # select_margin's default: the target holds in four out-of-fold trials out of five

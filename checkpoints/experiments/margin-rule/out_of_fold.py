@@ -20,7 +20,7 @@ from scipy.optimize import minimize
 from scipy.special import expit, softmax
 
 from benchmarks.calibrate import _refit_ensembles
-from benchmarks.calibration import MARGIN_GRID, fold_curves
+from benchmarks.calibration import MARGIN_GRID, fold_curves, out_of_fold_trials
 from benchmarks.ensembles import fit_ensembles
 from benchmarks.exit_outputs import ExitOutputs, compute_exit_outputs, load_images
 from common.manifest import read_manifest
@@ -72,13 +72,8 @@ def gate_refit(plain: ExitOutputs):
 def table(name: str, scores, correct, macs, full_macs: float, refit) -> None:
     curves = fold_curves(scores, correct, macs, 10, refit=refit)
     for margin in MARGIN_GRID[:7]:
-        drops, spent = [], []
-        for curve in curves:
-            feasible = np.flatnonzero(curve.fit_drop + margin * curve.fit_se <= TARGET + 1e-12)
-            index = int(feasible[0]) if len(feasible) else len(curve.drop) - 1
-            drops.append(curve.drop[index] * 100)
-            spent.append(curve.macs[index] / full_macs * 100)
-        drops = np.array(drops)
+        drops, spent = out_of_fold_trials(curves, TARGET, margin)
+        drops, spent = drops * 100, spent / full_macs * 100
         print(f"| {name} | {margin:g} | {drops.mean():.2f} | {drops.std():.2f} | {(drops > TARGET * 100).sum()} "
               f"| {np.mean(drops <= TARGET * 100 + 1e-10) * 100:.0f}% | {np.mean(spent):.1f}% |", flush=True)
 
